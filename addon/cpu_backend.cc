@@ -1,0 +1,192 @@
+// CPU backend: the reference implementation of the model step over the unified pool.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+
+#include "addon/backend.h"
+#include "kernels/cpu/kernels.h"
+
+namespace loraplex {
+
+size_t kv_page_bytes(const ModelSpec& s, int block_size) {
+  const size_t bytes = size_t(s.n_layers) * 2 * block_size * s.n_kv_heads * s.head_dim * sizeof(float);
+  return (bytes + 63) & ~size_t(63);
+}
+
+namespace {
+
+struct InstalledAdapter {
+  std::vector<int64_t> rows;  // byte offsets of every row, in place_rows() order
+};
+
+class CpuBackend final : public Backend {
+ public:
+  CpuBackend(std::shared_ptr<Model> model, int block_size, int num_pages, int max_slots)
+      : model_(std::move(model)), max_slots_(max_slots) {
+    const ModelSpec& s = model_->spec;
+    pool_info_.block_size = block_size;
+    pool_info_.num_pages = num_pages;
+    pool_info_.page_bytes = kv_page_bytes(s, block_size);
+    layout_ = {s.n_layers, block_size, s.n_kv_heads, s.head_dim, pool_info_.page_bytes};
+    const size_t total = pool_info_.page_bytes * size_t(num_pages);
+    pool_ = static_cast<uint8_t*>(std::aligned_alloc(64, total));
+    if (!pool_) throw std::runtime_error("cannot allocate the memory pool (" + std::to_string(total) + " bytes)");
+    refs_.assign(size_t(s.n_layers) * kNumProj * max_slots_, cpu::LoraRef{});
+    installed_.resize(max_slots_);
+  }
+  ~CpuBackend() override { std::free(pool_); }
+
+  std::string name() const override { return "cpu"; }
+  const Model& model() const override { return *model_; }
+  const PoolInfo& pool() const override { return pool_info_; }
+
+  void install_adapter(int slot, const ParsedAdapter& a, const std::vector<int32_t>& pages) override {
+    if (slot <= 0 || slot >= max_slots_) throw std::runtime_error("adapter slot " + std::to_string(slot) + " out of range");
+    auto placement = place_rows(a, pool_info_.page_bytes);
+    const int need = placement.empty() ? 0 : placement.back().page_index + 1;
+    if (int(pages.size()) != need)
+      throw std::runtime_error("adapter needs " + std::to_string(need) + " pages, got " + std::to_string(pages.size()));
+    for (int32_t p : pages)
+      if (p < 0 || p >= pool_info_.num_pages) throw std::runtime_error("page id " + std::to_string(p) + " out of range");
+    remove_adapter(slot);
+    InstalledAdapter& ia = installed_[slot];
+    ia.rows.resize(placement.size());
+    size_t r = 0;
+    for (const auto& m : a.modules) {
+      const size_t in = m.a.size() / m.rank, out = m.bt.size() / m.rank;
+      const size_t first = r;
+      for (int j = 0; j < m.rank; j++, r++) copy_row(ia.rows[r], placement[r], pages, m.a.data() + j * in, in);
+      for (int j = 0; j < m.rank; j++, r++) copy_row(ia.rows[r], placement[r], pages, m.bt.data() + j * out, out);
+      cpu::LoraRef& ref = ref_at(m.layer, m.proj, slot);
+      ref.rank = m.rank;
+      ref.scale = m.scale;
+      ref.a_rows = ia.rows.data() + first;
+      ref.b_rows = ia.rows.data() + first + m.rank;
+    }
+  }
+
+  void remove_adapter(int slot) override {
+    if (slot <= 0 || slot >= max_slots_) return;
+    for (int l = 0; l < model_->spec.n_layers; l++)
+      for (int p = 0; p < kNumProj; p++) ref_at(l, p, slot) = cpu::LoraRef{};
+    installed_[slot].rows.clear();
+  }
+
+  void forward(const StepBatch& b, float* logits) override;
+
+ private:
+  cpu::LoraRef& ref_at(int layer, int proj, int slot) {
+    return refs_[(size_t(layer) * kNumProj + proj) * max_slots_ + slot];
+  }
+  void copy_row(int64_t& off, const RowPlacement& pl, const std::vector<int32_t>& pages, const float* src, size_t n) {
+    off = int64_t(pages[pl.page_index]) * int64_t(pool_info_.page_bytes) + int64_t(pl.offset);
+    std::memcpy(pool_ + off, src, n * sizeof(float));
+  }
+  // y[T, out] += LoRA of projection p for each token's adapter.
+  void apply_lora(int layer, int p, const float* x, float* y);
+  void project(int layer, int p, const float* x, float* y, const std::vector<float>* bias);
+
+  std::shared_ptr<Model> model_;
+  int max_slots_;
+  PoolInfo pool_info_;
+  cpu::KvLayout layout_{};
+  uint8_t* pool_ = nullptr;
+  std::vector<cpu::LoraRef> refs_;           // [layer][proj][slot]
+  std::vector<InstalledAdapter> installed_;  // [slot]
+
+  // Per-step state and scratch (reused across steps to avoid allocation in the hot loop).
+  const StepBatch* batch_ = nullptr;
+  std::vector<cpu::LoraSegment> segs_;
+  bool any_lora_ = false, decode_only_ = false;
+  std::vector<float> x_, h_, q_, k_, v_, att_, o_, gate_, up_, act_, z_, last_;
+};
+
+void CpuBackend::project(int layer, int p, const float* x, float* y, const std::vector<float>* bias) {
+  const Weight& w = model_->layers[layer].proj[p];
+  cpu::matmul(x, batch_->n_tokens, w.cols, w.data, w.type, w.rows, bias && !bias->empty() ? bias->data() : nullptr, y);
+  if (any_lora_) apply_lora(layer, p, x, y);
+}
+
+void CpuBackend::apply_lora(int layer, int p, const float* x, float* y) {
+  const cpu::LoraRef* refs = &ref_at(layer, p, 0);
+  const int in = model_->proj_in(p), out = model_->proj_out(p);
+  if (decode_only_) {
+    cpu::lora_bgmv(pool_, refs, batch_->token_slots.data(), batch_->n_tokens, x, in, y, out, z_.data());
+  } else {
+    cpu::lora_sgmv(pool_, refs, segs_.data(), int(segs_.size()), x, in, y, out, z_.data());
+  }
+}
+
+void CpuBackend::forward(const StepBatch& b, float* logits) {
+  const Model& m = *model_;
+  const ModelSpec& s = m.spec;
+  const int T = b.n_tokens, H = s.hidden, QD = m.q_dim(), KD = m.kv_dim(), I = s.intermediate;
+  batch_ = &b;
+  // Segments of consecutive tokens sharing an adapter (the scheduler orders sequences by adapter).
+  segs_.clear();
+  any_lora_ = false;
+  int max_rank = 0;
+  for (int t = 0; t < T; t++) {
+    const int slot = b.token_slots[t];
+    if (slot != 0) any_lora_ = true;
+    if (segs_.empty() || segs_.back().slot != slot) segs_.push_back({t, t + 1, slot});
+    else segs_.back().end = t + 1;
+  }
+  if (any_lora_) {
+    for (int l = 0; l < s.n_layers; l++)
+      for (int p = 0; p < kNumProj; p++)
+        for (auto& sg : segs_) max_rank = std::max(max_rank, ref_at(l, p, sg.slot).rank);
+    // Decode-only batches (one token per sequence) take the per-token gather path.
+    decode_only_ = b.n_seqs == T;
+    z_.resize(size_t(T) * std::max(max_rank, 1));
+  }
+  x_.resize(size_t(T) * H); h_.resize(size_t(T) * H); o_.resize(size_t(T) * H);
+  q_.resize(size_t(T) * QD); att_.resize(size_t(T) * QD);
+  k_.resize(size_t(T) * KD); v_.resize(size_t(T) * KD);
+  gate_.resize(size_t(T) * I); up_.resize(size_t(T) * I); act_.resize(size_t(T) * I);
+
+  cpu::AttnBatch ab{b.n_seqs, b.query_start.data(), b.context_lens.data(), b.block_tables.data(), b.max_blocks,
+                    s.sliding_window};
+  const float scale = 1.0f / std::sqrt(float(s.head_dim));
+  cpu::embed(b.tokens.data(), T, m.embed.data, m.embed.type, H, x_.data());
+  for (int l = 0; l < s.n_layers; l++) {
+    const Layer& L = m.layers[l];
+    cpu::rmsnorm(x_.data(), L.attn_norm.data(), T, H, s.rms_eps, h_.data());
+    project(l, kQ, h_.data(), q_.data(), &L.q_bias);
+    project(l, kK, h_.data(), k_.data(), &L.k_bias);
+    project(l, kV, h_.data(), v_.data(), &L.v_bias);
+    cpu::rope(q_.data(), T, s.n_heads, s.head_dim, b.positions.data(), m.inv_freq.data(), m.attn_scaling);
+    cpu::rope(k_.data(), T, s.n_kv_heads, s.head_dim, b.positions.data(), m.inv_freq.data(), m.attn_scaling);
+    cpu::kv_write(pool_, layout_, l, ab, k_.data(), v_.data());
+    cpu::paged_attention(pool_, layout_, l, ab, q_.data(), s.n_heads, scale, att_.data());
+    project(l, kO, att_.data(), o_.data(), nullptr);
+    for (size_t i = 0; i < x_.size(); i++) x_[i] += o_[i];
+    cpu::rmsnorm(x_.data(), L.mlp_norm.data(), T, H, s.rms_eps, h_.data());
+    project(l, kGate, h_.data(), gate_.data(), nullptr);
+    project(l, kUp, h_.data(), up_.data(), nullptr);
+    cpu::silu_mul(gate_.data(), up_.data(), T, I, act_.data());
+    project(l, kDown, act_.data(), o_.data(), nullptr);
+    for (size_t i = 0; i < x_.size(); i++) x_[i] += o_[i];
+  }
+  // Final norm and lm_head only on the last position of each sequence that samples.
+  const int n = int(b.sample_seqs.size());
+  if (n == 0) return;
+  last_.resize(size_t(n) * H);
+  for (int i = 0; i < n; i++) {
+    const int t = b.query_start[b.sample_seqs[i] + 1] - 1;
+    std::memcpy(last_.data() + size_t(i) * H, x_.data() + size_t(t) * H, H * sizeof(float));
+  }
+  cpu::rmsnorm(last_.data(), m.final_norm.data(), n, H, s.rms_eps, last_.data());
+  cpu::matmul(last_.data(), n, H, m.lm_head.data, m.lm_head.type, s.vocab, nullptr, logits);
+}
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<Model> model, int block_size, int num_pages,
+                                          int max_slots) {
+  return std::make_unique<CpuBackend>(std::move(model), block_size, num_pages, max_slots);
+}
+
+}  // namespace loraplex

@@ -1,0 +1,475 @@
+#include "addon/engine.h"
+
+#include <omp.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+namespace loraplex {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double ms_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+[[noreturn]] void type_error(Napi::Env env, const std::string& m) { throw Napi::TypeError::New(env, m); }
+
+Napi::Object get_object(Napi::Env env, Napi::Object o, const char* key) {
+  Napi::Value v = o.Get(key);
+  if (!v.IsObject()) type_error(env, std::string(key) + " must be an object");
+  return v.As<Napi::Object>();
+}
+
+double get_number(Napi::Env env, Napi::Object o, const char* key) {
+  Napi::Value v = o.Get(key);
+  if (!v.IsNumber()) type_error(env, std::string(key) + " must be a number");
+  return v.As<Napi::Number>().DoubleValue();
+}
+
+int get_int(Napi::Env env, Napi::Object o, const char* key) {
+  double d = get_number(env, o, key);
+  if (d != std::floor(d) || d < -2147483648.0 || d > 2147483647.0) type_error(env, std::string(key) + " must be an integer");
+  return int(d);
+}
+
+template <typename T, napi_typedarray_type kType>
+std::vector<T> get_array(Napi::Env env, Napi::Object o, const char* key, long expect = -1) {
+  Napi::Value v = o.Get(key);
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != kType)
+    type_error(env, std::string(key) + " has the wrong typed-array type");
+  auto a = v.As<Napi::TypedArrayOf<T>>();
+  if (expect >= 0 && long(a.ElementLength()) != expect)
+    type_error(env, std::string(key) + " has " + std::to_string(a.ElementLength()) + " elements, expected " +
+                        std::to_string(expect));
+  return std::vector<T>(a.Data(), a.Data() + a.ElementLength());
+}
+
+#define I32(o, k, n) get_array<int32_t, napi_int32_array>(env, o, k, n)
+#define U32(o, k, n) get_array<uint32_t, napi_uint32_array>(env, o, k, n)
+#define F32(o, k, n) get_array<float, napi_float32_array>(env, o, k, n)
+#define F64(o, k, n) get_array<double, napi_float64_array>(env, o, k, n)
+#define U8(o, k, n) get_array<uint8_t, napi_uint8_array>(env, o, k, n)
+
+template <typename T, typename TA>
+TA to_typed(Napi::Env env, const std::vector<T>& v) {
+  TA a = TA::New(env, v.size());
+  if (!v.empty()) std::memcpy(a.Data(), v.data(), v.size() * sizeof(T));
+  return a;
+}
+
+ModelSpec parse_spec(Napi::Env env, Napi::Object o) {
+  ModelSpec s;
+  Napi::Value arch = o.Get("arch");
+  if (!arch.IsString()) type_error(env, "arch must be a string");
+  s.arch = arch.As<Napi::String>().Utf8Value();
+  s.hidden = get_int(env, o, "hiddenSize");
+  s.intermediate = get_int(env, o, "intermediateSize");
+  s.n_layers = get_int(env, o, "numLayers");
+  s.n_heads = get_int(env, o, "numHeads");
+  s.n_kv_heads = get_int(env, o, "numKvHeads");
+  s.head_dim = get_int(env, o, "headDim");
+  s.vocab = get_int(env, o, "vocabSize");
+  s.rms_eps = float(get_number(env, o, "rmsNormEps"));
+  s.rope_theta = float(get_number(env, o, "ropeTheta"));
+  Napi::Object rope = get_object(env, o, "ropeScaling");
+  std::string rt = rope.Get("type").ToString().Utf8Value();
+  if (rt == "none") s.rope_type = RopeType::None;
+  else if (rt == "linear") s.rope_type = RopeType::Linear;
+  else if (rt == "llama3") s.rope_type = RopeType::Llama3;
+  else type_error(env, "unsupported rope scaling " + rt);
+  s.rope_factor = float(get_number(env, rope, "factor"));
+  s.rope_low_freq_factor = float(get_number(env, rope, "lowFreqFactor"));
+  s.rope_high_freq_factor = float(get_number(env, rope, "highFreqFactor"));
+  s.rope_original_max = get_int(env, rope, "originalMaxPositionEmbeddings");
+  s.tied_embeddings = o.Get("tiedEmbeddings").ToBoolean();
+  s.attn_bias = o.Get("attentionBias").ToBoolean();
+  s.sliding_window = get_int(env, o, "slidingWindow");
+  Napi::Value files = o.Get("files");
+  if (!files.IsArray()) type_error(env, "files must be an array");
+  auto arr = files.As<Napi::Array>();
+  for (uint32_t i = 0; i < arr.Length(); i++) s.files.push_back(arr.Get(i).ToString().Utf8Value());
+  return s;
+}
+
+}  // namespace
+
+struct EngineSampling {
+  std::vector<uint32_t> seq_ids;
+  std::vector<SamplingParams> params;  // aligned with batch.sample_seqs
+  std::vector<uint32_t> new_ids;
+  std::vector<double> new_seeds;
+  std::vector<int32_t> new_prompt_start, new_prompt_tokens;
+  std::vector<uint32_t> free_ids;
+};
+
+Napi::Function Engine::Init(Napi::Env env) {
+  return DefineClass(env, "Engine",
+                     {InstanceMethod("load", &Engine::Load), InstanceMethod("step", &Engine::Step),
+                      InstanceMethod("parseAdapter", &Engine::ParseAdapter),
+                      InstanceMethod("adapterPages", &Engine::AdapterPages),
+                      InstanceMethod("installAdapter", &Engine::InstallAdapter),
+                      InstanceMethod("removeAdapter", &Engine::RemoveAdapter), InstanceMethod("close", &Engine::Close)});
+}
+
+Engine::Engine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Engine>(info) {
+  thread_ = std::thread([this] { ThreadMain(); });
+}
+
+Engine::~Engine() { StopThread(); }
+
+void Engine::StopThread() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void Engine::ThreadMain() {
+  while (true) {
+    std::function<void()> job;
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_.wait(lk, [&] { return stopping_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stopping and drained
+      job = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    job();
+  }
+}
+
+struct Engine::Job {
+  Napi::Promise::Deferred deferred;
+  std::function<Napi::Value(Napi::Env)> to_js;
+  std::string error;
+  bool failed = false;
+};
+
+namespace {
+void settle_job(Napi::Env env, Napi::Function, std::nullptr_t*, void* data);
+}
+
+Napi::Promise Engine::Submit(Napi::Env env, std::function<void()> work, std::function<Napi::Value(Napi::Env)> to_js) {
+  auto* job = new Job{Napi::Promise::Deferred::New(env), std::move(to_js), {}, false};
+  Napi::Promise promise = job->deferred.Promise();
+  using Tsfn = Napi::TypedThreadSafeFunction<std::nullptr_t, void, settle_job>;
+  Tsfn tsfn = Tsfn::New(env, "loraplex-engine", 0, 1);
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (stopping_) {
+      delete job;
+      tsfn.Release();
+      throw Napi::Error::New(env, "engine is closed");
+    }
+    queue_.push_back([job, tsfn, work = std::move(work)]() mutable {
+      try {
+        work();
+      } catch (const std::exception& e) {
+        job->failed = true;
+        job->error = e.what();
+      }
+      tsfn.BlockingCall(static_cast<void*>(job));
+      tsfn.Release();
+    });
+  }
+  cv_.notify_one();
+  return promise;
+}
+
+namespace {
+void settle_job(Napi::Env env, Napi::Function, std::nullptr_t*, void* data) {
+  std::unique_ptr<Engine::Job> job(static_cast<Engine::Job*>(data));
+  if (env == nullptr) return;  // environment is shutting down
+  if (job->failed) {
+    job->deferred.Reject(Napi::Error::New(env, job->error).Value());
+    return;
+  }
+  try {
+    job->deferred.Resolve(job->to_js ? job->to_js(env) : env.Undefined());
+  } catch (const Napi::Error& e) {
+    job->deferred.Reject(e.Value());
+  }
+}
+}  // namespace
+
+void Engine::RequireLoaded(Napi::Env env) const {
+  if (!model_) throw Napi::Error::New(env, "no model loaded");
+}
+
+Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (model_ || backend_) throw Napi::Error::New(env, "model already loaded");
+  if (info.Length() < 2 || !info[0].IsObject() || !info[1].IsObject())
+    type_error(env, "load(spec, options) expects two objects");
+  ModelSpec spec = parse_spec(env, info[0].As<Napi::Object>());
+  Napi::Object opt = info[1].As<Napi::Object>();
+  const int block_size = get_int(env, opt, "blockSize");
+  const int num_pages = get_int(env, opt, "numPages");
+  const int max_slots = get_int(env, opt, "maxSlots");
+  const int threads = opt.Get("threads").IsNumber() ? get_int(env, opt, "threads") : 0;
+  std::vector<int32_t> eos = I32(opt, "eosIds", -1);
+  if (block_size < 1 || block_size > 1024) type_error(env, "blockSize must be in 1..1024");
+  if (num_pages < 1) type_error(env, "numPages must be positive");
+  if (max_slots < 1) type_error(env, "maxSlots must be positive");
+  auto result = std::make_shared<PoolInfo>();
+  return Submit(
+      env,
+      [this, spec, block_size, num_pages, max_slots, threads, eos, result] {
+        if (threads > 0) omp_set_num_threads(threads);
+        auto model = load_model(spec);
+        backend_ = make_cpu_backend(model, block_size, num_pages, max_slots + 1);
+        sampler_ = std::make_unique<Sampler>(spec.vocab, eos);
+        *result = backend_->pool();
+        page_bytes_ = result->page_bytes;
+        model_ = model;
+      },
+      [result](Napi::Env env) {
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("pageBytes", double(result->page_bytes));
+        o.Set("numPages", result->num_pages);
+        o.Set("blockSize", result->block_size);
+        o.Set("backend", "cpu");
+        o.Set("threads", omp_get_max_threads());
+        return o;
+      });
+}
+
+Napi::Value Engine::Step(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  RequireLoaded(env);
+  if (info.Length() < 1 || !info[0].IsObject()) type_error(env, "step(batch) expects an object");
+  Napi::Object o = info[0].As<Napi::Object>();
+  auto b = std::make_shared<StepBatch>();
+  auto sp = std::make_shared<EngineSampling>();
+  b->tokens = I32(o, "tokens", -1);
+  const long T = long(b->tokens.size());
+  b->n_tokens = int(T);
+  b->positions = I32(o, "positions", T);
+  b->token_slots = I32(o, "tokenSlots", T);
+  b->query_start = I32(o, "queryStart", -1);
+  if (b->query_start.empty()) type_error(env, "queryStart must have S+1 entries");
+  const long S = long(b->query_start.size()) - 1;
+  b->n_seqs = int(S);
+  b->context_lens = I32(o, "contextLens", S);
+  b->max_blocks = get_int(env, o, "maxBlocks");
+  b->block_tables = I32(o, "blockTables", S * long(b->max_blocks));
+  sp->seq_ids = U32(o, "seqIds", S);
+  b->sample_seqs = I32(o, "sampleSeqs", -1);
+  const long N = long(b->sample_seqs.size());
+  auto temp = F32(o, "temperature", N), top_p = F32(o, "topP", N), min_p = F32(o, "minP", N),
+       rep = F32(o, "repetitionPenalty", N), pres = F32(o, "presencePenalty", N), freq = F32(o, "frequencyPenalty", N);
+  auto top_k = I32(o, "topK", N), nlp = I32(o, "numLogprobs", N);
+  auto sup = U8(o, "suppressEos", N);
+  sp->params.resize(N);
+  for (long i = 0; i < N; i++)
+    sp->params[i] = {temp[i], top_p[i], top_k[i], min_p[i], rep[i], pres[i], freq[i], std::min(std::max(nlp[i], 0), 20),
+                     sup[i] != 0};
+  sp->new_ids = U32(o, "newSeqIds", -1);
+  sp->new_seeds = F64(o, "newSeeds", long(sp->new_ids.size()));
+  sp->new_prompt_start = I32(o, "newPromptStart", long(sp->new_ids.size()) + 1);
+  sp->new_prompt_tokens = I32(o, "newPromptTokens", -1);
+  sp->free_ids = U32(o, "freeSeqIds", -1);
+
+  // Validate everything the kernels index with, so bad input is an error and never a crash.
+  const ModelSpec& spec = model_->spec;
+  const PoolInfo& pool = backend_->pool();
+  if (b->query_start[0] != 0 || b->query_start[S] != T) type_error(env, "queryStart must run from 0 to the token count");
+  for (long s = 0; s < S; s++) {
+    const int q0 = b->query_start[s], q1 = b->query_start[s + 1];
+    if (q1 < q0) type_error(env, "queryStart must be non-decreasing");
+    const int ctx = b->context_lens[s];
+    if (ctx < q1 - q0) type_error(env, "contextLens shorter than the new tokens of sequence " + std::to_string(s));
+    if (ctx > long(b->max_blocks) * pool.block_size) type_error(env, "contextLens exceeds the block table capacity");
+    const int used_blocks = (ctx + pool.block_size - 1) / pool.block_size;
+    for (int k = 0; k < used_blocks; k++) {
+      const int page = b->block_tables[s * long(b->max_blocks) + k];
+      if (page < 0 || page >= pool.num_pages) type_error(env, "block table entry out of range");
+    }
+    for (int t = q0; t < q1; t++)
+      if (b->positions[t] != ctx - (q1 - q0) + (t - q0)) type_error(env, "positions inconsistent with contextLens");
+  }
+  for (long t = 0; t < T; t++) {
+    if (b->tokens[t] < 0 || b->tokens[t] >= spec.vocab) type_error(env, "token id out of the vocabulary");
+    if (b->token_slots[t] < 0) type_error(env, "negative adapter slot");
+  }
+  for (long i = 0; i < N; i++) {
+    const int s = b->sample_seqs[i];
+    if (s < 0 || s >= S || b->query_start[s + 1] == b->query_start[s]) type_error(env, "sampleSeqs entry out of range");
+  }
+  const long n_new = long(sp->new_ids.size());
+  if (sp->new_prompt_start[0] != 0 || sp->new_prompt_start[n_new] != long(sp->new_prompt_tokens.size()))
+    type_error(env, "newPromptStart must run from 0 to the prompt token count");
+
+  auto res = std::make_shared<std::tuple<std::vector<int32_t>, std::vector<float>, std::vector<int32_t>,
+                                         std::vector<float>, int, double, double>>();
+  return Submit(
+      env,
+      [this, b, sp, res] {
+        const int V = model_->spec.vocab;
+        for (uint32_t id : sp->free_ids) sampler_->remove_sequence(id);
+        for (size_t i = 0; i < sp->new_ids.size(); i++) {
+          const int32_t a = sp->new_prompt_start[i], z = sp->new_prompt_start[i + 1];
+          const double seed = sp->new_seeds[i];
+          sampler_->add_sequence(sp->new_ids[i], seed >= 0 ? int64_t(seed) : -1, sp->new_prompt_tokens.data() + a, z - a);
+        }
+        const size_t n = b->sample_seqs.size();
+        auto t0 = Clock::now();
+        if (b->n_tokens > 0) {
+          logits_.resize(n * size_t(V));
+          backend_->forward(*b, logits_.data());
+        }
+        const double fwd_ms = ms_since(t0);
+        auto& [tok, lp, top_ids, top_lp, max_n, fwd, smp] = *res;
+        max_n = 0;
+        for (auto& p : sp->params) max_n = std::max(max_n, p.num_logprobs);
+        tok.assign(n, -1);
+        lp.assign(n, 0.f);
+        top_ids.assign(n * max_n, -1);
+        top_lp.assign(n * max_n, 0.f);
+        auto t1 = Clock::now();
+        for (size_t i = 0; i < n; i++) {
+          const uint32_t id = sp->seq_ids[b->sample_seqs[i]];
+          if (!sampler_->has_sequence(id)) sampler_->add_sequence(id, -1, nullptr, 0);
+          SampleResult r = sampler_->sample(id, logits_.data() + i * V, sp->params[i]);
+          tok[i] = r.token;
+          lp[i] = r.logprob;
+          for (size_t k = 0; k < r.top_ids.size(); k++) {
+            top_ids[i * max_n + k] = r.top_ids[k];
+            top_lp[i * max_n + k] = r.top_logprobs[k];
+          }
+        }
+        fwd = fwd_ms;
+        smp = ms_since(t1);
+      },
+      [res](Napi::Env env) {
+        auto& [tok, lp, top_ids, top_lp, max_n, fwd, smp] = *res;
+        Napi::Object out = Napi::Object::New(env);
+        out.Set("tokens", to_typed<int32_t, Napi::Int32Array>(env, tok));
+        out.Set("logprobs", to_typed<float, Napi::Float32Array>(env, lp));
+        out.Set("topIds", to_typed<int32_t, Napi::Int32Array>(env, top_ids));
+        out.Set("topLogprobs", to_typed<float, Napi::Float32Array>(env, top_lp));
+        out.Set("numTop", max_n);
+        out.Set("forwardMs", fwd);
+        out.Set("sampleMs", smp);
+        return out;
+      });
+}
+
+namespace {
+
+struct AdapterHolder {
+  std::shared_ptr<ParsedAdapter> adapter;
+};
+
+class ParseWorker : public Napi::AsyncWorker {
+ public:
+  ParseWorker(Napi::Env env, std::shared_ptr<Model> model, std::string path, std::vector<LoraPlanEntry> plan,
+              int max_rank)
+      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), model_(std::move(model)),
+        path_(std::move(path)), plan_(std::move(plan)), max_rank_(max_rank) {}
+  Napi::Promise Promise() { return deferred_.Promise(); }
+  void Execute() override {
+    try {
+      result_ = parse_adapter(path_, plan_, *model_, max_rank_);
+    } catch (const std::exception& e) {
+      SetError(e.what());
+    }
+  }
+  void OnOK() override {
+    Napi::Env env = Env();
+    auto* holder = new AdapterHolder{result_};
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("handle", Napi::External<AdapterHolder>::New(env, holder, [](Napi::Env, AdapterHolder* h) { delete h; }));
+    o.Set("bytes", double(result_->bytes));
+    o.Set("maxRank", result_->max_rank);
+    o.Set("numModules", double(result_->modules.size()));
+    deferred_.Resolve(o);
+  }
+  void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  std::shared_ptr<Model> model_;
+  std::string path_;
+  std::vector<LoraPlanEntry> plan_;
+  int max_rank_;
+  std::shared_ptr<ParsedAdapter> result_;
+};
+
+std::shared_ptr<ParsedAdapter> adapter_of(Napi::Env env, Napi::Value v) {
+  if (!v.IsObject()) type_error(env, "expected an adapter object from parseAdapter()");
+  Napi::Value h = v.As<Napi::Object>().Get("handle");
+  if (!h.IsExternal()) type_error(env, "expected an adapter object from parseAdapter()");
+  return h.As<Napi::External<AdapterHolder>>().Data()->adapter;
+}
+
+}  // namespace
+
+// parseAdapter(path, plan: {layers: Int32Array, projs: Int32Array, ranks: Int32Array, scales: Float32Array}, maxRank)
+Napi::Value Engine::ParseAdapter(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  RequireLoaded(env);
+  if (info.Length() < 3 || !info[0].IsString() || !info[1].IsObject() || !info[2].IsNumber())
+    type_error(env, "parseAdapter(path, plan, maxRank)");
+  Napi::Object p = info[1].As<Napi::Object>();
+  auto layers = I32(p, "layers", -1);
+  const long n = long(layers.size());
+  auto projs = I32(p, "projs", n), ranks = I32(p, "ranks", n);
+  auto scales = F32(p, "scales", n);
+  std::vector<LoraPlanEntry> plan(n);
+  for (long i = 0; i < n; i++) plan[i] = {layers[i], projs[i], ranks[i], scales[i]};
+  auto* w = new ParseWorker(env, model_, info[0].As<Napi::String>().Utf8Value(), std::move(plan),
+                            info[2].As<Napi::Number>().Int32Value());
+  Napi::Promise promise = w->Promise();
+  w->Queue();
+  return promise;
+}
+
+Napi::Value Engine::AdapterPages(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  RequireLoaded(env);
+  auto a = adapter_of(env, info[0]);
+  try {
+    return Napi::Number::New(env, pages_needed(*a, page_bytes_));
+  } catch (const std::exception& e) {
+    throw Napi::Error::New(env, e.what());
+  }
+}
+
+Napi::Value Engine::InstallAdapter(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  RequireLoaded(env);
+  if (info.Length() < 3 || !info[0].IsNumber() || !info[2].IsTypedArray()) type_error(env, "installAdapter(slot, adapter, pages)");
+  const int slot = info[0].As<Napi::Number>().Int32Value();
+  auto a = adapter_of(env, info[1]);
+  auto arr = info[2].As<Napi::TypedArray>();
+  if (arr.TypedArrayType() != napi_int32_array) type_error(env, "pages must be an Int32Array");
+  auto pa = arr.As<Napi::Int32Array>();
+  std::vector<int32_t> pages(pa.Data(), pa.Data() + pa.ElementLength());
+  return Submit(env, [this, slot, a, pages] { backend_->install_adapter(slot, *a, pages); }, nullptr);
+}
+
+Napi::Value Engine::RemoveAdapter(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  RequireLoaded(env);
+  if (info.Length() < 1 || !info[0].IsNumber()) type_error(env, "removeAdapter(slot)");
+  const int slot = info[0].As<Napi::Number>().Int32Value();
+  return Submit(env, [this, slot] { backend_->remove_adapter(slot); }, nullptr);
+}
+
+Napi::Value Engine::Close(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  // Runs after every queued job; frees the pool on the engine thread.
+  return Submit(env, [this] {
+    backend_.reset();
+    sampler_.reset();
+  }, nullptr);
+}
+
+}  // namespace loraplex

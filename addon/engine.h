@@ -1,0 +1,60 @@
+// The native engine as seen from JavaScript. It owns one engine thread; every model step, adapter
+// install/remove and the model load itself run there, in submission order, and each call returns a
+// Promise that is settled back on the JS thread. Adapter parsing (disk -> host memory) runs on a
+// libuv worker instead, so it overlaps with running steps.
+// Thread safety: the Napi methods run on the JS thread; backend_, sampler_ and everything they own
+// are touched only by the engine thread; the Model is immutable and shared read-only.
+#pragma once
+#include <napi.h>
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+#include "addon/backend.h"
+#include "addon/sampler.h"
+
+namespace loraplex {
+
+class Engine : public Napi::ObjectWrap<Engine> {
+ public:
+  static Napi::Function Init(Napi::Env env);
+  explicit Engine(const Napi::CallbackInfo& info);
+  ~Engine() override;
+
+  struct Job;  // a queued call's promise and result builder (public for the settle callback)
+
+ private:
+  Napi::Value Load(const Napi::CallbackInfo& info);
+  Napi::Value Step(const Napi::CallbackInfo& info);
+  Napi::Value ParseAdapter(const Napi::CallbackInfo& info);
+  Napi::Value AdapterPages(const Napi::CallbackInfo& info);
+  Napi::Value InstallAdapter(const Napi::CallbackInfo& info);
+  Napi::Value RemoveAdapter(const Napi::CallbackInfo& info);
+  Napi::Value Close(const Napi::CallbackInfo& info);
+
+  // Queues work for the engine thread. `work` runs there and may throw; `to_js` runs on the JS
+  // thread afterwards to build the resolved value.
+  Napi::Promise Submit(Napi::Env env, std::function<void()> work, std::function<Napi::Value(Napi::Env)> to_js);
+  void ThreadMain();
+  void StopThread();
+  void RequireLoaded(Napi::Env env) const;
+
+  std::thread thread_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;
+  bool stopping_ = false;
+
+  // Set by Load on the engine thread; read on the JS thread only after Load's promise resolved.
+  std::shared_ptr<Model> model_;
+  size_t page_bytes_ = 0;
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<Sampler> sampler_;
+  std::vector<float> logits_;
+};
+
+}  // namespace loraplex

@@ -1,0 +1,130 @@
+#include "addon/lora_adapter.h"
+
+#include <cmath>
+#include <set>
+#include <stdexcept>
+
+namespace loraplex {
+
+namespace {
+
+std::string module_prefix(int layer, int proj) {
+  return "base_model.model.model.layers." + std::to_string(layer) + (proj <= kO ? ".self_attn." : ".mlp.") +
+         proj_name(proj);
+}
+
+// PEFT writes `<module>.lora_A.weight`; some tools keep the adapter name: `<module>.lora_A.<name>.weight`.
+const TensorView* find_lora(const SafetensorsFile& f, const std::string& prefix, const char* which,
+                            std::set<std::string>& used) {
+  const std::string plain = prefix + "." + which + ".weight";
+  if (auto* t = f.find(plain)) {
+    used.insert(plain);
+    return t;
+  }
+  const std::string head = prefix + "." + which + ".";
+  const TensorView* hit = nullptr;
+  for (auto it = f.tensors().lower_bound(head); it != f.tensors().end() && it->first.compare(0, head.size(), head) == 0;
+       ++it) {
+    const std::string rest = it->first.substr(head.size());
+    if (rest.size() > 7 && rest.compare(rest.size() - 7, 7, ".weight") == 0 &&
+        rest.find('.') == rest.size() - 7) {
+      if (hit) throw std::runtime_error(f.path() + ": several adapter names for '" + plain + "'");
+      hit = &it->second;
+      used.insert(it->first);
+    }
+  }
+  return hit;
+}
+
+void to_f32(const TensorView& t, float* out) {
+  const size_t n = size_t(t.numel());
+  switch (t.dtype) {
+    case DType::F32: cpu::convert_row(t.data, cpu::WType::F32, 0, int(n), out); break;
+    case DType::BF16: cpu::convert_row(t.data, cpu::WType::BF16, 0, int(n), out); break;
+    case DType::F16: cpu::convert_row(t.data, cpu::WType::F16, 0, int(n), out); break;
+    default: throw std::runtime_error("unsupported dtype");
+  }
+}
+
+}  // namespace
+
+std::shared_ptr<ParsedAdapter> parse_adapter(const std::string& path, const std::vector<LoraPlanEntry>& plan,
+                                             const Model& model, int max_rank) {
+  auto f = SafetensorsFile::open(path);
+  auto out = std::make_shared<ParsedAdapter>();
+  std::set<std::string> used;
+  for (const auto& e : plan) {
+    if (e.layer < 0 || e.layer >= model.spec.n_layers || e.proj < 0 || e.proj >= kNumProj)
+      throw std::runtime_error(path + ": plan names layer " + std::to_string(e.layer) + " outside the model");
+    if (e.rank < 1 || e.rank > max_rank)
+      throw std::runtime_error(path + ": rank " + std::to_string(e.rank) + " of " + module_prefix(e.layer, e.proj) +
+                               " is outside 1.." + std::to_string(max_rank) + " (--max-lora-rank)");
+    const std::string prefix = module_prefix(e.layer, e.proj);
+    const TensorView* a = find_lora(*f, prefix, "lora_A", used);
+    const TensorView* b = find_lora(*f, prefix, "lora_B", used);
+    if (!a || !b)
+      throw std::runtime_error(path + ": missing tensor '" + prefix + (a ? ".lora_B" : ".lora_A") + ".weight'");
+    const int in = model.proj_in(e.proj), outw = model.proj_out(e.proj);
+    for (const TensorView* t : {a, b}) {
+      if (t->dtype != DType::F32 && t->dtype != DType::BF16 && t->dtype != DType::F16)
+        throw std::runtime_error(path + ": tensor '" + t->name + "' has unsupported dtype " + dtype_name(t->dtype));
+    }
+    const std::vector<int64_t> want_a{e.rank, in}, want_b{outw, e.rank};
+    if (a->shape != want_a)
+      throw std::runtime_error(path + ": tensor '" + a->name + "' has shape " + a->shape_str() + ", expected [" +
+                               std::to_string(e.rank) + ", " + std::to_string(in) + "] (rank x input width)");
+    if (b->shape != want_b)
+      throw std::runtime_error(path + ": tensor '" + b->name + "' has shape " + b->shape_str() + ", expected [" +
+                               std::to_string(outw) + ", " + std::to_string(e.rank) + "] (output width x rank)");
+    LoraModule m{e.layer, e.proj, e.rank, e.scale, std::vector<float>(size_t(e.rank) * in),
+                 std::vector<float>(size_t(e.rank) * outw)};
+    to_f32(*a, m.a.data());
+    std::vector<float> bw(size_t(outw) * e.rank);
+    to_f32(*b, bw.data());
+    for (int o = 0; o < outw; o++)
+      for (int j = 0; j < e.rank; j++) m.bt[size_t(j) * outw + o] = bw[size_t(o) * e.rank + j];
+    for (const auto* v : {&m.a, &bw})
+      for (float x : *v)
+        if (!std::isfinite(x)) throw std::runtime_error(path + ": non-finite value in '" + prefix + "' LoRA weights");
+    out->bytes += (m.a.size() + m.bt.size()) * sizeof(float);
+    out->max_rank = std::max(out->max_rank, e.rank);
+    out->modules.push_back(std::move(m));
+  }
+  for (const auto& [name, t] : f->tensors()) {
+    if (!used.count(name))
+      throw std::runtime_error(path + ": tensor '" + name +
+                               "' is not a LoRA A/B weight of a module targeted by adapter_config.json");
+  }
+  return out;
+}
+
+std::vector<RowPlacement> place_rows(const ParsedAdapter& a, size_t page_bytes) {
+  std::vector<RowPlacement> rows;
+  int page = 0;
+  size_t used = 0;
+  auto place = [&](size_t bytes) {
+    if (bytes > page_bytes)
+      throw std::runtime_error("adapter row of " + std::to_string(bytes) + " bytes exceeds the page size " +
+                               std::to_string(page_bytes));
+    size_t start = (used + 63) & ~size_t(63);  // 64-byte aligned rows for SIMD loads
+    if (start + bytes > page_bytes) {
+      page++;
+      start = 0;
+    }
+    rows.push_back({page, start});
+    used = start + bytes;
+  };
+  for (const auto& m : a.modules) {
+    const size_t in = m.a.size() / m.rank, out = m.bt.size() / m.rank;
+    for (int j = 0; j < m.rank; j++) place(in * sizeof(float));
+    for (int j = 0; j < m.rank; j++) place(out * sizeof(float));
+  }
+  return rows;
+}
+
+int pages_needed(const ParsedAdapter& a, size_t page_bytes) {
+  auto rows = place_rows(a, page_bytes);
+  return rows.empty() ? 0 : rows.back().page_index + 1;
+}
+
+}  // namespace loraplex

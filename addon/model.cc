@@ -1,0 +1,168 @@
+#include "addon/model.h"
+
+#include <cmath>
+#include <stdexcept>
+
+namespace loraplex {
+
+const char* proj_name(int p) {
+  static const char* kNames[kNumProj] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  return kNames[p];
+}
+
+int Model::proj_in(int p) const {
+  switch (p) {
+    case kO: return q_dim();
+    case kDown: return spec.intermediate;
+    default: return spec.hidden;
+  }
+}
+
+int Model::proj_out(int p) const {
+  switch (p) {
+    case kQ: return q_dim();
+    case kK: case kV: return kv_dim();
+    case kGate: case kUp: return spec.intermediate;
+    default: return spec.hidden;
+  }
+}
+
+namespace {
+
+void check_spec(const ModelSpec& s) {
+  auto bad = [](const std::string& m) { throw std::runtime_error("config.json: " + m); };
+  if (s.arch != "llama" && s.arch != "mistral" && s.arch != "qwen2") bad("unsupported architecture " + s.arch);
+  if (s.hidden <= 0 || s.intermediate <= 0 || s.n_layers <= 0 || s.n_heads <= 0 || s.n_kv_heads <= 0 ||
+      s.head_dim <= 0 || s.vocab <= 0)
+    bad("dimensions must be positive");
+  if (s.n_heads % s.n_kv_heads != 0) bad("num_attention_heads must be a multiple of num_key_value_heads");
+  if (s.head_dim % 2 != 0 || s.head_dim > 1024) bad("head_dim must be even and at most 1024");
+  if (s.files.empty()) bad("no safetensors files");
+}
+
+class TensorIndex {
+ public:
+  explicit TensorIndex(const std::vector<std::shared_ptr<SafetensorsFile>>& files) : files_(files) {}
+
+  const TensorView& get(const std::string& name, std::vector<int64_t> shape) const {
+    const TensorView* t = find(name);
+    if (!t) throw std::runtime_error("missing tensor '" + name + "' (looked in " + shard_list() + ")");
+    if (t->shape != shape) {
+      TensorView want;
+      want.shape = shape;
+      throw std::runtime_error(where_(name) + ": tensor '" + name + "' has shape " + t->shape_str() +
+                               " but the config implies " + want.shape_str());
+    }
+    if (t->dtype != DType::F32 && t->dtype != DType::BF16 && t->dtype != DType::F16)
+      throw std::runtime_error(where_(name) + ": tensor '" + name + "' has unsupported dtype " +
+                               dtype_name(t->dtype) + " (F32, BF16 and F16 are supported)");
+    return *t;
+  }
+  const TensorView* find(const std::string& name) const {
+    for (auto& f : files_)
+      if (auto* t = f->find(name)) return t;
+    return nullptr;
+  }
+
+ private:
+  std::string where_(const std::string& name) const {
+    for (auto& f : files_)
+      if (f->find(name)) return f->path();
+    return "?";
+  }
+  std::string shard_list() const {
+    std::string s;
+    for (auto& f : files_) s += (s.empty() ? "" : ", ") + f->path();
+    return s;
+  }
+  const std::vector<std::shared_ptr<SafetensorsFile>>& files_;
+};
+
+cpu::WType wtype_of(DType d) {
+  return d == DType::F32 ? cpu::WType::F32 : d == DType::BF16 ? cpu::WType::BF16 : cpu::WType::F16;
+}
+
+Weight weight(const TensorView& t) {
+  Weight w;
+  w.data = t.data;
+  w.type = wtype_of(t.dtype);
+  w.rows = int(t.shape[0]);
+  w.cols = t.shape.size() > 1 ? int(t.shape[1]) : 1;
+  return w;
+}
+
+std::vector<float> vec_f32(const TensorView& t) {
+  std::vector<float> v(size_t(t.numel()));
+  cpu::convert_row(t.data, wtype_of(t.dtype), 0, int(v.size()), v.data());
+  return v;
+}
+
+void compute_inv_freq(Model& m) {
+  const ModelSpec& s = m.spec;
+  const int half = s.head_dim / 2;
+  m.inv_freq.resize(half);
+  for (int i = 0; i < half; i++) {
+    // fp32 arithmetic, as the reference builds its inv_freq buffer
+    const float e = float(2 * i) / float(s.head_dim);
+    m.inv_freq[i] = 1.0f / std::pow(s.rope_theta, e);
+  }
+  if (s.rope_type == RopeType::Linear) {
+    for (auto& f : m.inv_freq) f /= s.rope_factor;
+  } else if (s.rope_type == RopeType::Llama3) {
+    const float old_ctx = float(s.rope_original_max);
+    const float low_wavelen = old_ctx / s.rope_low_freq_factor;
+    const float high_wavelen = old_ctx / s.rope_high_freq_factor;
+    const float pi = 3.141592653589793f;
+    for (auto& f : m.inv_freq) {
+      const float wavelen = 2.0f * pi / f;
+      float g = wavelen > low_wavelen ? f / s.rope_factor : f;
+      const bool medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+      if (medium) {
+        const float smooth = (old_ctx / wavelen - s.rope_low_freq_factor) /
+                             (s.rope_high_freq_factor - s.rope_low_freq_factor);
+        g = (1.0f - smooth) * g / s.rope_factor + smooth * g;
+      }
+      f = g;
+    }
+  }
+}
+
+}  // namespace
+
+std::shared_ptr<Model> load_model(const ModelSpec& spec) {
+  check_spec(spec);
+  auto m = std::make_shared<Model>();
+  m->spec = spec;
+  for (auto& path : spec.files) m->files.push_back(SafetensorsFile::open(path));
+  TensorIndex idx(m->files);
+  const int64_t H = spec.hidden, I = spec.intermediate, V = spec.vocab;
+  const int64_t QD = m->q_dim(), KD = m->kv_dim();
+  m->embed = weight(idx.get("model.embed_tokens.weight", {V, H}));
+  if (spec.tied_embeddings) {
+    m->lm_head = m->embed;
+  } else {
+    m->lm_head = weight(idx.get("lm_head.weight", {V, H}));
+  }
+  m->final_norm = vec_f32(idx.get("model.norm.weight", {H}));
+  m->layers.resize(spec.n_layers);
+  for (int l = 0; l < spec.n_layers; l++) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    Layer& L = m->layers[l];
+    L.attn_norm = vec_f32(idx.get(p + "input_layernorm.weight", {H}));
+    L.mlp_norm = vec_f32(idx.get(p + "post_attention_layernorm.weight", {H}));
+    for (int pr = 0; pr < kNumProj; pr++) {
+      const std::string mod = (pr <= kO ? "self_attn." : "mlp.") + std::string(proj_name(pr));
+      L.proj[pr] = weight(idx.get(p + mod + ".weight", {m->proj_out(pr), m->proj_in(pr)}));
+    }
+    if (spec.attn_bias) {
+      L.q_bias = vec_f32(idx.get(p + "self_attn.q_proj.bias", {QD}));
+      L.k_bias = vec_f32(idx.get(p + "self_attn.k_proj.bias", {KD}));
+      L.v_bias = vec_f32(idx.get(p + "self_attn.v_proj.bias", {KD}));
+    }
+  }
+  (void)I;
+  compute_inv_freq(*m);
+  return m;
+}
+
+}  // namespace loraplex

@@ -1,0 +1,130 @@
+#include "addon/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <stdexcept>
+
+namespace loraplex {
+
+void Sampler::add_sequence(uint32_t seq_id, int64_t seed, const int32_t* prompt, int n_prompt) {
+  SeqSamplingState st;
+  if (seed >= 0) {
+    st.rng.seed(uint64_t(seed));
+  } else {
+    std::random_device rd;
+    st.rng.seed((uint64_t(rd()) << 32) ^ rd());
+  }
+  st.in_prompt.assign(vocab_, 0);
+  for (int i = 0; i < n_prompt; i++)
+    if (prompt[i] >= 0 && prompt[i] < vocab_) st.in_prompt[prompt[i]] = 1;
+  states_[seq_id] = std::move(st);
+}
+
+SampleResult Sampler::sample(uint32_t seq_id, float* logits, const SamplingParams& p) {
+  auto it = states_.find(seq_id);
+  if (it == states_.end()) throw std::runtime_error("sampling for unknown sequence " + std::to_string(seq_id));
+  SeqSamplingState& st = it->second;
+  const int V = vocab_;
+  SampleResult r;
+
+  // Raw logprobs: log_softmax of the unprocessed logits.
+  float mx = -INFINITY;
+  for (int i = 0; i < V; i++) mx = std::max(mx, logits[i]);
+  double sum = 0.0;
+  for (int i = 0; i < V; i++) sum += std::exp(double(logits[i]) - mx);
+  const float lse = mx + float(std::log(sum));
+  std::vector<int32_t> top;
+  if (p.num_logprobs > 0) {
+    const int n = std::min(p.num_logprobs, V);
+    top.resize(V);
+    std::iota(top.begin(), top.end(), 0);
+    std::partial_sort(top.begin(), top.begin() + n, top.end(), [&](int a, int b) {
+      return logits[a] != logits[b] ? logits[a] > logits[b] : a < b;
+    });
+    top.resize(n);
+  }
+  std::vector<float> raw_top(top.size());
+  for (size_t i = 0; i < top.size(); i++) raw_top[i] = logits[top[i]] - lse;
+  // The chosen token's raw logprob needs its unprocessed logit; keep a copy only when processing
+  // will change the logits.
+  const bool modifies = p.temperature >= 1e-5f || p.repetition_penalty != 1.f || p.presence_penalty != 0.f ||
+                        p.frequency_penalty != 0.f || p.suppress_eos;
+  std::vector<float> raw;
+  if (modifies) raw.assign(logits, logits + V);
+
+  // Penalties (vLLM semantics): repetition over prompt + output, presence/frequency over output.
+  if (p.repetition_penalty != 1.f) {
+    auto pen = [&](int t) {
+      logits[t] = logits[t] > 0 ? logits[t] / p.repetition_penalty : logits[t] * p.repetition_penalty;
+    };
+    for (int t = 0; t < V; t++)
+      if (st.in_prompt[t] || st.out_counts.count(t)) pen(t);
+  }
+  if (p.presence_penalty != 0.f || p.frequency_penalty != 0.f)
+    for (auto& [t, c] : st.out_counts) logits[t] -= p.frequency_penalty * float(c) + p.presence_penalty;
+  if (p.suppress_eos)
+    for (int32_t e : eos_ids_)
+      if (e >= 0 && e < V) logits[e] = -INFINITY;
+
+  int32_t chosen = 0;
+  if (p.temperature < 1e-5f) {
+    // Greedy: first maximum, as argmax does.
+    for (int i = 1; i < V; i++)
+      if (logits[i] > logits[chosen]) chosen = i;
+  } else {
+    for (int i = 0; i < V; i++) logits[i] /= p.temperature;
+    std::vector<int32_t> idx(V);
+    std::iota(idx.begin(), idx.end(), 0);
+    int keep = V;
+    if (p.top_k > 0 && p.top_k < V) {
+      keep = p.top_k;
+      std::partial_sort(idx.begin(), idx.begin() + keep, idx.end(),
+                        [&](int a, int b) { return logits[a] != logits[b] ? logits[a] > logits[b] : a < b; });
+    } else {
+      std::sort(idx.begin(), idx.end(),
+                [&](int a, int b) { return logits[a] != logits[b] ? logits[a] > logits[b] : a < b; });
+    }
+    // Softmax over the kept candidates (sorted descending).
+    std::vector<double> prob(keep);
+    const double top_logit = logits[idx[0]];
+    double z = 0.0;
+    for (int i = 0; i < keep; i++) z += (prob[i] = std::exp(double(logits[idx[i]]) - top_logit));
+    for (auto& x : prob) x /= z;
+    if (p.top_p < 1.f) {  // smallest prefix whose mass reaches top_p (at least one token)
+      double cum = 0.0;
+      int n = 0;
+      while (n < keep) {
+        cum += prob[n++];
+        if (cum >= p.top_p) break;
+      }
+      keep = n;
+    }
+    if (p.min_p > 0.f) {
+      const double thr = p.min_p * prob[0];
+      int n = 1;
+      while (n < keep && prob[n] >= thr) n++;
+      keep = n;
+    }
+    double mass = 0.0;
+    for (int i = 0; i < keep; i++) mass += prob[i];
+    std::uniform_real_distribution<double> U(0.0, mass);
+    double u = U(st.rng), cum = 0.0;
+    chosen = idx[keep - 1];
+    for (int i = 0; i < keep; i++) {
+      cum += prob[i];
+      if (u < cum) {
+        chosen = idx[i];
+        break;
+      }
+    }
+  }
+  st.out_counts[chosen]++;
+  r.token = chosen;
+  r.logprob = (modifies ? raw[chosen] : logits[chosen]) - lse;
+  r.top_ids = std::move(top);
+  r.top_logprobs = std::move(raw_top);
+  return r;
+}
+
+}  // namespace loraplex

@@ -1,0 +1,95 @@
+// CPU compute kernels. Each operation has a plain-loop reference (`*_ref`, the oracle for tests)
+// and an optimised version (SIMD chosen at run time, OpenMP across cores).
+// Thread safety: kernels are re-entrant; the optimised ones open their own OpenMP parallel region,
+// so call them from one thread at a time (the engine thread).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace loraplex::cpu {
+
+enum class WType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+size_t wtype_size(WType t);
+float bf16_to_f32(uint16_t h);
+float f16_to_f32(uint16_t h);
+// Converts n weights of type t starting at element offset `off` into fp32.
+void convert_row(const void* w, WType t, size_t off, int n, float* out);
+
+// y[T, N] = x[T, K] . W[N, K]^T (+ bias[N]); fp32 accumulation. W in its stored dtype.
+void matmul(const float* x, int T, int K, const void* W, WType wt, int N, const float* bias, float* y);
+void matmul_ref(const float* x, int T, int K, const void* W, WType wt, int N, const float* bias, float* y);
+
+// y[T, H] = x / rms(x) * w, rms over H with eps (HF LlamaRMSNorm: fp32 variance).
+void rmsnorm(const float* x, const float* w, int T, int H, float eps, float* y);
+
+// out[T, H] = embedding rows of ids, converted to fp32.
+void embed(const int32_t* ids, int T, const void* table, WType wt, int H, float* out);
+
+// In-place rotary embedding (rotate-half convention, as HF Llama/Qwen2/Mistral).
+// x: [T, n_heads, head_dim]; inv_freq: [head_dim/2]; scale multiplies cos and sin.
+void rope(float* x, int T, int n_heads, int head_dim, const int32_t* positions, const float* inv_freq,
+          float attn_scale);
+
+// act[T, I] = silu(gate[T, I]) * up[T, I]  (gate_up: [T, 2, I] is not used; two buffers)
+void silu_mul(const float* gate, const float* up, int T, int I, float* act);
+
+// Paged KV-cache layout inside one page (one block of `block_size` tokens, all layers):
+//   [layer][k|v][block_size][n_kv_heads][head_dim] fp32.
+struct KvLayout {
+  int n_layers, block_size, n_kv_heads, head_dim;
+  size_t page_bytes;  // page stride in the pool (>= floats_per_block * 4)
+  size_t layer_stride() const { return size_t(2) * block_size * n_kv_heads * head_dim; }  // floats
+};
+
+// The batch geometry shared by KV writes and attention.
+struct AttnBatch {
+  int n_seqs;
+  const int32_t* query_start;   // [S+1] token offsets of each sequence's new tokens
+  const int32_t* context_lens;  // [S] tokens in the KV cache after this step (incl. new ones)
+  const int32_t* block_tables;  // [S, max_blocks]
+  int max_blocks;
+  int sliding_window;           // 0 = none; else attend to keys in (p - window, p]
+};
+
+// Writes k, v ([T, n_kv, hd]) of layer `layer` into their pages.
+void kv_write(uint8_t* pool, const KvLayout& L, int layer, const AttnBatch& B, const float* k, const float* v);
+
+// out[T, n_heads, hd] = causal softmax(q k^T * scale) v over the paged cache of each sequence.
+void paged_attention(const uint8_t* pool, const KvLayout& L, int layer, const AttnBatch& B, const float* q,
+                     int n_heads, float scale, float* out);
+void paged_attention_ref(const uint8_t* pool, const KvLayout& L, int layer, const AttnBatch& B,
+                         const float* q, int n_heads, float scale, float* out);
+
+}  // namespace loraplex::cpu
+
+namespace loraplex::cpu {
+
+// LoRA for one projection of one layer, y[T, out] += s_a * (x[T, in] . A_a^T) . B_a for each token's
+// adapter a. Adapter rows live in the unified pool: A_a has r_a rows of length `in`, B_a^T has r_a
+// rows of length `out`; row j of each is reached through a byte-offset table into the pool.
+struct LoraRef {
+  int rank = 0;                  // 0: this adapter does not touch this projection
+  float scale = 0.f;             // alpha / r (or alpha / sqrt(r) with rsLoRA)
+  const int64_t* a_rows = nullptr;  // [rank] byte offsets of A rows (length in)
+  const int64_t* b_rows = nullptr;  // [rank] byte offsets of B^T rows (length out)
+};
+
+// A run of consecutive tokens that share one adapter (SGMV's segment).
+struct LoraSegment {
+  int start, end;  // token range [start, end)
+  int slot;        // index into the LoraRef array; refs[slot].rank == 0 means no LoRA
+};
+
+// SGMV-style: per segment, A rows are read once and applied to every token of the segment.
+// z: scratch of at least T * max_rank floats.
+void lora_sgmv(const uint8_t* pool, const LoraRef* refs, const LoraSegment* segs, int n_segs, const float* x,
+               int in, float* y, int out, float* z);
+// BGMV-style: per-token gather of the adapter (token_slot[t] indexes refs), for decode batches.
+void lora_bgmv(const uint8_t* pool, const LoraRef* refs, const int32_t* token_slot, int T, const float* x, int in,
+               float* y, int out, float* z);
+// Plain loops over every token: the oracle for both.
+void lora_ref(const uint8_t* pool, const LoraRef* refs, const int32_t* token_slot, int T, const float* x, int in,
+              float* y, int out);
+
+}  // namespace loraplex::cpu

@@ -1,0 +1,344 @@
+// The engine: owns the native engine, the paging manager, the scheduler and the adapter cache, and
+// runs the loop `schedule -> step -> postprocess` while there is work.
+import { totalmem } from 'node:os';
+import { loadNative, type NativeEngine, type NativePoolInfo, type NativeStepBatch } from '../native/addon.js';
+import { AdapterCache, type AdapterCacheStats } from './adapter-cache.js';
+import { LoraplexError } from './errors.js';
+import { readModelDir, type ModelInfo } from './model-config.js';
+import { PagingManager, type PoolStats } from './paging-manager.js';
+import { makeSamplingParams, type SamplingParams } from './sampling-params.js';
+import { Scheduler, type ScheduledSeq } from './scheduler.js';
+import { Sequence, SeqState, type SeqOutput, type TokenEvent } from './sequence.js';
+import { TextTokenizer } from './tokenizer.js';
+
+export interface EngineOptions {
+  model: string;
+  servedModelName?: string;
+  adapterDir?: string;
+  memoryBudget?: number; // bytes of the unified pool
+  blockSize?: number;
+  maxNumSeqs?: number;
+  maxBatchTokens?: number;
+  maxLoraRank?: number;
+  maxLoras?: number; // adapter slots resident at once
+  maxModelLen?: number;
+  threads?: number;
+}
+
+export interface EngineStats extends PoolStats {
+  waiting: number;
+  running: number;
+  preemptions: number;
+  steps: number;
+  adapters: AdapterCacheStats;
+}
+
+export interface GenerateOptions {
+  adapter?: string | null;
+  signal?: AbortSignal;
+}
+
+const MiB = 1024 * 1024;
+
+/** Default pool size: room for maxNumSeqs sequences of 512 tokens, at least 64 MiB, at most 1/4 of RAM. */
+export function defaultMemoryBudget(pageBytes: number, blockSize: number, maxNumSeqs: number): number {
+  const want = pageBytes * Math.ceil((maxNumSeqs * 512) / blockSize);
+  return Math.min(Math.max(want, 64 * MiB), Math.floor(totalmem() / 4));
+}
+
+export class Engine {
+  readonly model: ModelInfo;
+  readonly tokenizer: TextTokenizer;
+  readonly paging: PagingManager;
+  readonly scheduler: Scheduler;
+  readonly adapters: AdapterCache;
+  readonly maxModelLen: number;
+  private readonly native: NativeEngine;
+  private nextSeqId = 1;
+  private loop: Promise<void> | null = null;
+  private freeSeqIds: number[] = [];
+  private steps = 0;
+  private closed = false;
+  /** Called after every step (tests check pool invariants here). */
+  onStep: (() => void) | null = null;
+
+  private constructor(model: ModelInfo, tokenizer: TextTokenizer, native: NativeEngine, pool: NativePoolInfo, opts: EngineOptions) {
+    this.model = model;
+    this.tokenizer = tokenizer;
+    this.native = native;
+    this.maxModelLen = Math.min(opts.maxModelLen ?? model.maxPositionEmbeddings, model.maxPositionEmbeddings);
+    this.paging = new PagingManager(pool.numPages, pool.pageBytes, pool.blockSize);
+    this.adapters = new AdapterCache(native, this.paging, model, {
+      adapterDir: opts.adapterDir ?? null,
+      maxLoraRank: opts.maxLoraRank ?? 64,
+      maxSlots: opts.maxLoras ?? 32,
+    });
+    this.scheduler = new Scheduler(
+      this.paging,
+      { maxNumSeqs: opts.maxNumSeqs ?? 64, maxBatchTokens: opts.maxBatchTokens ?? 2048 },
+      (seq) => this.adapters.admit(seq),
+      (pages) => this.adapters.reclaim(pages),
+    );
+    this.adapters.pinnedSlots = () => new Set(this.scheduler.running.map((q) => q.adapterSlot).filter((x) => x > 0));
+    this.adapters.onLoadFailed = (id, err) => {
+      for (const q of [...this.scheduler.waiting]) if (q.adapterId === id) this.finishSeq(q, 'error', err);
+    };
+  }
+
+  static async create(opts: EngineOptions): Promise<Engine> {
+    const model = readModelDir(opts.model, opts.servedModelName);
+    const tokenizer = new TextTokenizer(model.dir);
+    const { Engine: NativeEngineCtor } = loadNative();
+    const native = new NativeEngineCtor();
+    const blockSize = opts.blockSize ?? 16;
+    const maxNumSeqs = opts.maxNumSeqs ?? 64;
+    const s = model.spec;
+    const pageBytes = Math.ceil((s.numLayers * 2 * blockSize * s.numKvHeads * s.headDim * 4) / 64) * 64;
+    const budget = opts.memoryBudget ?? defaultMemoryBudget(pageBytes, blockSize, maxNumSeqs);
+    const numPages = Math.floor(budget / pageBytes);
+    if (numPages < 2)
+      throw new LoraplexError(`--memory-budget ${budget} bytes holds fewer than 2 pages of ${pageBytes} bytes`, 400, 'invalid_request_error', 'memory_budget');
+    const maxSlots = opts.maxLoras ?? 32;
+    let pool: NativePoolInfo;
+    try {
+      pool = await native.load(s, {
+        blockSize,
+        numPages,
+        maxSlots,
+        eosIds: Int32Array.from(model.eosTokenIds),
+        threads: opts.threads,
+      });
+    } catch (e) {
+      await native.close().catch(() => undefined);
+      throw new LoraplexError((e as Error).message, 400, 'invalid_request_error', null, 'invalid_model');
+    }
+    return new Engine(model, tokenizer, native, pool, opts);
+  }
+
+  /**
+   * Starts a generation and yields its tokens as they are sampled. Several generations run at
+   * once and are batched together by the scheduler.
+   */
+  async *generate(promptIds: number[], params: Partial<SamplingParams> = {}, opts: GenerateOptions = {}): AsyncGenerator<TokenEvent, SeqOutput['finishReason']> {
+    const seq = this.submit(promptIds, params, opts);
+    try {
+      while (true) {
+        const out = await seq.next();
+        for (const t of out.tokens) yield t;
+        if (out.finishReason) {
+          if (out.error) throw out.error;
+          return out.finishReason;
+        }
+      }
+    } finally {
+      if (!seq.isFinished) this.abort(seq);
+    }
+  }
+
+  /** Validates and enqueues a request; the returned Sequence delivers its tokens. */
+  submit(promptIds: number[], paramsIn: Partial<SamplingParams> = {}, opts: GenerateOptions = {}): Sequence {
+    if (this.closed) throw new LoraplexError('engine is shutting down', 503, 'server_error', null, 'shutting_down');
+    const params = makeSamplingParams(paramsIn);
+    if (promptIds.length === 0) throw new LoraplexError('prompt must not be empty', 400, 'invalid_request_error', 'prompt', 'invalid_value');
+    const V = this.model.spec.vocabSize;
+    for (const id of promptIds)
+      if (!Number.isInteger(id) || id < 0 || id >= V)
+        throw new LoraplexError(`token id ${id} is outside the vocabulary [0, ${V})`, 400, 'invalid_request_error', 'prompt', 'invalid_value');
+    const total = promptIds.length + params.maxTokens;
+    if (total > this.maxModelLen)
+      throw new LoraplexError(
+        `this model's maximum context length is ${this.maxModelLen} tokens; the request asks for ${total} (${promptIds.length} in the prompt, ${params.maxTokens} to generate)`,
+        400, 'invalid_request_error', 'max_tokens', 'context_length_exceeded');
+    const adapterId = opts.adapter ?? null;
+    const slot = adapterId === null ? 0 : this.adapters.acquire(adapterId); // throws 404 if unknown
+    const kvCapacity = this.paging.totalPages - this.adapters.pagesFor(adapterId);
+    if (this.paging.blocksFor(total) > kvCapacity) {
+      if (adapterId !== null) this.adapters.releaseRef(adapterId);
+      throw new LoraplexError(
+        `the request needs ${this.paging.blocksFor(total)} KV pages but the memory pool holds only ${kvCapacity}`,
+        400, 'invalid_request_error', 'max_tokens', 'context_length_exceeded');
+    }
+    const seq = new Sequence(this.nextSeqId++, promptIds.slice(), params, adapterId, slot);
+    if (opts.signal) {
+      if (opts.signal.aborted) {
+        if (adapterId !== null) this.adapters.releaseRef(adapterId);
+        throw new LoraplexError('request aborted', 400, 'invalid_request_error', null, 'aborted');
+      }
+      opts.signal.addEventListener('abort', () => this.abort(seq), { once: true });
+    }
+    this.scheduler.add(seq);
+    this.kick();
+    return seq;
+  }
+
+  /** Cancels a sequence: frees its pages now, ends its stream with finish reason "abort". */
+  abort(seq: Sequence): void {
+    if (seq.isFinished) return;
+    this.finishSeq(seq, 'abort');
+  }
+
+  stats(): EngineStats {
+    return {
+      ...this.paging.stats(),
+      waiting: this.scheduler.waiting.length,
+      running: this.scheduler.running.length,
+      preemptions: this.scheduler.numPreemptions,
+      steps: this.steps,
+      adapters: this.adapters.stats(),
+    };
+  }
+
+  /** Resolves when every queued request has finished. */
+  async idle(): Promise<void> {
+    while (this.loop) await this.loop;
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    for (const s of [...this.scheduler.running, ...this.scheduler.waiting]) this.abort(s);
+    await this.idle();
+    await this.native.close();
+  }
+
+  private kick(): void {
+    if (!this.loop) {
+      this.loop = this.runLoop().finally(() => {
+        this.loop = null;
+        if (this.scheduler.hasWork) this.kick();
+      });
+    }
+  }
+
+  private async runLoop(): Promise<void> {
+    while (this.scheduler.hasWork) {
+      const plan = this.scheduler.schedule();
+      if (plan.length === 0) {
+        // Everything waits on something outside the step (an adapter load): yield and retry.
+        await this.adapters.waitForProgress();
+        continue;
+      }
+      const batch = this.buildBatch(plan);
+      let result;
+      try {
+        result = await this.native.step(batch);
+      } catch (e) {
+        // A step that fails fails its sequences, never the server.
+        for (const p of plan) this.finishSeq(p.seq, 'error', e as Error);
+        continue;
+      }
+      this.steps++;
+      this.postprocess(plan, result.tokens, result.logprobs, result.topIds, result.topLogprobs, result.numTop);
+      this.onStep?.();
+    }
+  }
+
+  private buildBatch(plan: ScheduledSeq[]): NativeStepBatch {
+    // Group sequences by adapter so each adapter's tokens form one SGMV segment.
+    plan.sort((a, b) => a.seq.adapterSlot - b.seq.adapterSlot);
+    const S = plan.length;
+    let T = 0;
+    let maxBlocks = 1;
+    for (const p of plan) {
+      T += p.numNew;
+      maxBlocks = Math.max(maxBlocks, p.seq.blocks.length);
+    }
+    const tokens = new Int32Array(T);
+    const positions = new Int32Array(T);
+    const tokenSlots = new Int32Array(T);
+    const queryStart = new Int32Array(S + 1);
+    const contextLens = new Int32Array(S);
+    const blockTables = new Int32Array(S * maxBlocks);
+    const seqIds = new Uint32Array(S);
+    const samples = plan.map((p, i) => (p.sample ? i : -1)).filter((i) => i >= 0);
+    const N = samples.length;
+    const b: NativeStepBatch = {
+      tokens, positions, tokenSlots, queryStart, contextLens, blockTables, maxBlocks, seqIds,
+      sampleSeqs: Int32Array.from(samples),
+      temperature: new Float32Array(N), topP: new Float32Array(N), minP: new Float32Array(N),
+      repetitionPenalty: new Float32Array(N), presencePenalty: new Float32Array(N), frequencyPenalty: new Float32Array(N),
+      topK: new Int32Array(N), numLogprobs: new Int32Array(N), suppressEos: new Uint8Array(N),
+      newSeqIds: new Uint32Array(0), newSeeds: new Float64Array(0), newPromptStart: new Int32Array(1), newPromptTokens: new Int32Array(0),
+      freeSeqIds: Uint32Array.from(this.freeSeqIds),
+    };
+    this.freeSeqIds = [];
+    let t = 0;
+    const fresh: Sequence[] = [];
+    plan.forEach((p, i) => {
+      const seq = p.seq;
+      queryStart[i] = t;
+      for (let k = 0; k < p.numNew; k++, t++) {
+        const pos = seq.numComputed + k;
+        tokens[t] = seq.tokenAt(pos);
+        positions[t] = pos;
+        tokenSlots[t] = seq.adapterSlot;
+      }
+      contextLens[i] = seq.numComputed + p.numNew;
+      blockTables.set(seq.blocks, i * maxBlocks);
+      seqIds[i] = seq.id;
+      if (p.sample && !seq.registeredWithSampler) fresh.push(seq);
+    });
+    queryStart[S] = T;
+    samples.forEach((si, j) => {
+      const sp = plan[si].seq.params;
+      const seq = plan[si].seq;
+      b.temperature[j] = sp.temperature;
+      b.topP[j] = sp.topP;
+      b.minP[j] = sp.minP;
+      b.repetitionPenalty[j] = sp.repetitionPenalty;
+      b.presencePenalty[j] = sp.presencePenalty;
+      b.frequencyPenalty[j] = sp.frequencyPenalty;
+      b.topK[j] = sp.topK;
+      b.numLogprobs[j] = sp.logprobs ?? 0;
+      b.suppressEos[j] = !sp.ignoreEos && seq.outputIds.length < sp.minTokens ? 1 : 0;
+    });
+    if (fresh.length) {
+      b.newSeqIds = Uint32Array.from(fresh.map((s) => s.id));
+      b.newSeeds = Float64Array.from(fresh.map((s) => s.params.seed ?? -1));
+      b.newPromptStart = new Int32Array(fresh.length + 1);
+      let n = 0;
+      fresh.forEach((s, i) => {
+        b.newPromptStart[i] = n;
+        n += s.promptIds.length;
+      });
+      b.newPromptStart[fresh.length] = n;
+      b.newPromptTokens = new Int32Array(n);
+      fresh.forEach((s, i) => b.newPromptTokens.set(s.promptIds, b.newPromptStart[i]));
+      for (const s of fresh) s.registeredWithSampler = true;
+    }
+    return b;
+  }
+
+  private postprocess(plan: ScheduledSeq[], tokens: Int32Array, logprobs: Float32Array, topIds: Int32Array, topLps: Float32Array, numTop: number): void {
+    let j = 0;
+    for (const p of plan) {
+      const seq = p.seq;
+      if (!p.sample) {
+        if (!seq.isFinished) seq.numComputed += p.numNew;
+        continue;
+      }
+      const k = j++;
+      if (seq.isFinished) continue; // aborted while the step ran
+      seq.numComputed += p.numNew;
+      const id = tokens[k];
+      let top: Array<[number, number]> | null = null;
+      const nTop = seq.params.logprobs ?? 0;
+      if (seq.params.logprobs !== null) {
+        top = [];
+        for (let q = 0; q < nTop; q++) top.push([topIds[k * numTop + q], topLps[k * numTop + q]]);
+      }
+      seq.deliver({ token: id, logprob: logprobs[k], top });
+      const sp = seq.params;
+      const isEos = !sp.ignoreEos && this.model.eosTokenIds.includes(id);
+      if (isEos || sp.stopTokenIds.includes(id)) this.finishSeq(seq, 'stop');
+      else if (seq.outputIds.length >= sp.maxTokens) this.finishSeq(seq, 'length');
+    }
+  }
+
+  private finishSeq(seq: Sequence, reason: 'stop' | 'length' | 'abort' | 'error', error?: Error): void {
+    if (seq.isFinished) return;
+    this.scheduler.remove(seq);
+    if (seq.registeredWithSampler) this.freeSeqIds.push(seq.id);
+    if (seq.adapterId !== null) this.adapters.releaseRef(seq.adapterId);
+    seq.finish(reason, error);
+  }
+}

@@ -1,0 +1,130 @@
+// Iteration-level (continuous batching) scheduler with chunked prefill, FCFS admission under the
+// unified pool, and preemption by recompute when decode runs out of pages.
+import type { PagingManager } from './paging-manager.js';
+import { SeqState, type Sequence } from './sequence.js';
+
+export interface SchedulerLimits {
+  maxNumSeqs: number;
+  maxBatchTokens: number;
+}
+
+export interface ScheduledSeq {
+  seq: Sequence;
+  numNew: number; // tokens fed this step: [numComputed, numComputed + numNew)
+  sample: boolean; // the step ends at the sequence's last token, so it samples
+}
+
+/** Admission hook for the adapter a sequence needs (returns false: not yet, keep waiting). */
+export type AdmitHook = (seq: Sequence) => boolean;
+
+export class Scheduler {
+  readonly waiting: Sequence[] = [];
+  readonly running: Sequence[] = [];
+  numPreemptions = 0;
+
+  constructor(
+    private readonly paging: PagingManager,
+    readonly limits: SchedulerLimits,
+    private readonly canAdmit: AdmitHook = () => true,
+    /** Frees pool space held by something other than KV (unpinned adapters); returns pages freed. */
+    private readonly reclaim: (pagesNeeded: number) => number = () => 0,
+  ) {}
+
+  add(seq: Sequence): void {
+    seq.state = SeqState.Waiting;
+    this.waiting.push(seq);
+  }
+
+  get hasWork(): boolean {
+    return this.waiting.length > 0 || this.running.length > 0;
+  }
+
+  /** Removes a sequence wherever it is and frees its pages. */
+  remove(seq: Sequence): void {
+    const w = this.waiting.indexOf(seq);
+    if (w >= 0) this.waiting.splice(w, 1);
+    const r = this.running.indexOf(seq);
+    if (r >= 0) this.running.splice(r, 1);
+    this.freeBlocks(seq);
+  }
+
+  schedule(): ScheduledSeq[] {
+    let budget = this.limits.maxBatchTokens;
+    const plan: ScheduledSeq[] = [];
+    const planned = new Set<Sequence>();
+
+    // 1. Running sequences first, oldest first: decode tokens and unfinished prefill chunks.
+    for (let i = 0; i < this.running.length && budget > 0; i++) {
+      const seq = this.running[i];
+      const numNew = Math.min(seq.numTokens - seq.numComputed, budget);
+      if (!this.ensureBlocks(seq, seq.numComputed + numNew, planned)) {
+        // `seq` itself was the only candidate left and was preempted.
+        i--;
+        continue;
+      }
+      plan.push({ seq, numNew, sample: seq.numComputed + numNew === seq.numTokens });
+      planned.add(seq);
+      budget -= numNew;
+    }
+
+    // 2. Admit waiting sequences in arrival order while the pool holds their whole prompt.
+    while (this.waiting.length > 0 && budget > 0 && this.running.length < this.limits.maxNumSeqs) {
+      const seq = this.waiting[0];
+      const needAll = this.paging.blocksFor(seq.numTokens) - seq.blocks.length;
+      if (!this.paging.canAllocate(needAll)) this.reclaim(needAll - this.paging.freePages);
+      if (!this.paging.canAllocate(needAll)) break; // FCFS: nobody overtakes the head
+      if (!this.canAdmit(seq)) break;
+      const numNew = Math.min(seq.numTokens - seq.numComputed, budget);
+      this.waiting.shift();
+      seq.state = SeqState.Running;
+      this.running.push(seq);
+      this.grow(seq, seq.numComputed + numNew);
+      plan.push({ seq, numNew, sample: seq.numComputed + numNew === seq.numTokens });
+      planned.add(seq);
+      budget -= numNew;
+    }
+    return plan;
+  }
+
+  /**
+   * Makes `seq` hold pages for `tokens` tokens, preempting the newest running sequences not yet
+   * planned this step when the pool is short. Returns false if `seq` itself had to be preempted.
+   */
+  private ensureBlocks(seq: Sequence, tokens: number, planned: Set<Sequence>): boolean {
+    const need = () => this.paging.blocksFor(tokens) - seq.blocks.length;
+    while (!this.paging.canAllocate(need())) {
+      this.reclaim(need() - this.paging.freePages);
+      if (this.paging.canAllocate(need())) break;
+      const victim = [...this.running].reverse().find((s) => s !== seq && !planned.has(s));
+      if (!victim) {
+        this.preempt(seq);
+        return false;
+      }
+      this.preempt(victim);
+    }
+    this.grow(seq, tokens);
+    return true;
+  }
+
+  private grow(seq: Sequence, tokens: number): void {
+    const need = this.paging.blocksFor(tokens) - seq.blocks.length;
+    if (need > 0) seq.blocks.push(...this.paging.allocate(need, { kind: 'kv', seqId: seq.id }));
+  }
+
+  /** Recompute preemption: drop the KV cache, requeue at the front (it keeps its place in line). */
+  private preempt(seq: Sequence): void {
+    const i = this.running.indexOf(seq);
+    if (i >= 0) this.running.splice(i, 1);
+    this.freeBlocks(seq);
+    seq.numComputed = 0;
+    seq.state = SeqState.Waiting;
+    seq.numPreemptions++;
+    this.numPreemptions++;
+    this.waiting.unshift(seq);
+  }
+
+  private freeBlocks(seq: Sequence): void {
+    if (seq.blocks.length) this.paging.release(seq.blocks);
+    seq.blocks = [];
+  }
+}

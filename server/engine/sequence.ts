@@ -1,0 +1,93 @@
+// One generation request as the scheduler sees it: its tokens, KV pages, adapter and state.
+import type { SamplingParams } from './sampling-params.js';
+
+export enum SeqState {
+  Waiting = 'waiting',
+  Running = 'running',
+  Finished = 'finished',
+}
+
+export type FinishReason = 'stop' | 'length' | 'abort' | 'error';
+
+export interface TokenEvent {
+  token: number;
+  logprob: number;
+  top: Array<[number, number]> | null; // [id, logprob] best first, when logprobs were asked for
+}
+
+export interface SeqOutput {
+  /** Tokens sampled since the last delivery. */
+  tokens: TokenEvent[];
+  finishReason: FinishReason | null;
+  error?: Error;
+}
+
+export class Sequence {
+  state = SeqState.Waiting;
+  readonly outputIds: number[] = [];
+  /** Tokens whose K/V are in the cache. */
+  numComputed = 0;
+  /** KV pages, in order: block i holds positions [i*B, (i+1)*B). */
+  blocks: number[] = [];
+  registeredWithSampler = false;
+  finishReason: FinishReason | null = null;
+  error: Error | undefined;
+  numPreemptions = 0;
+  readonly arrival = performance.now();
+  firstTokenAt: number | null = null;
+
+  private pending: TokenEvent[] = [];
+  private wake: (() => void) | null = null;
+
+  constructor(
+    readonly id: number,
+    readonly promptIds: number[],
+    readonly params: SamplingParams,
+    readonly adapterId: string | null,
+    public adapterSlot: number,
+  ) {}
+
+  get numTokens(): number {
+    return this.promptIds.length + this.outputIds.length;
+  }
+
+  tokenAt(i: number): number {
+    return i < this.promptIds.length ? this.promptIds[i] : this.outputIds[i - this.promptIds.length];
+  }
+
+  get isFinished(): boolean {
+    return this.state === SeqState.Finished;
+  }
+
+  /** Called by the engine loop with each sampled token. */
+  deliver(ev: TokenEvent): void {
+    this.outputIds.push(ev.token);
+    if (this.firstTokenAt === null) this.firstTokenAt = performance.now();
+    this.pending.push(ev);
+    this.notify();
+  }
+
+  finish(reason: FinishReason, error?: Error): void {
+    if (this.state === SeqState.Finished) return;
+    this.state = SeqState.Finished;
+    this.finishReason = reason;
+    this.error = error;
+    this.notify();
+  }
+
+  private notify(): void {
+    const w = this.wake;
+    this.wake = null;
+    w?.();
+  }
+
+  /** Waits for new tokens or the end; returns what accumulated since the last call. */
+  async next(): Promise<SeqOutput> {
+    while (this.pending.length === 0 && !this.isFinished) {
+      await new Promise<void>((r) => (this.wake = r));
+    }
+    const tokens = this.pending;
+    this.pending = [];
+    return { tokens, finishReason: this.isFinished ? this.finishReason : null, error: this.error };
+  }
+}

@@ -1,0 +1,130 @@
+// Typed binding to the C++ addon (build/Release/loraplex_native.node).
+// Every method that computes returns a Promise settled on the JS thread; the work runs on the
+// engine's own C++ thread (model load, step, adapter install/remove) or a libuv worker (parse).
+import { createRequire } from 'node:module';
+import { existsSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export interface NativeModelSpec {
+  arch: 'llama' | 'mistral' | 'qwen2';
+  hiddenSize: number;
+  intermediateSize: number;
+  numLayers: number;
+  numHeads: number;
+  numKvHeads: number;
+  headDim: number;
+  vocabSize: number;
+  rmsNormEps: number;
+  ropeTheta: number;
+  ropeScaling: {
+    type: 'none' | 'linear' | 'llama3';
+    factor: number;
+    lowFreqFactor: number;
+    highFreqFactor: number;
+    originalMaxPositionEmbeddings: number;
+  };
+  tiedEmbeddings: boolean;
+  attentionBias: boolean;
+  slidingWindow: number;
+  files: string[];
+}
+
+export interface NativeLoadOptions {
+  blockSize: number;
+  numPages: number;
+  maxSlots: number;
+  eosIds: Int32Array;
+  threads?: number;
+}
+
+export interface NativePoolInfo {
+  pageBytes: number;
+  numPages: number;
+  blockSize: number;
+  backend: string;
+  threads: number;
+}
+
+/** One engine step as flat typed arrays; see addon/backend.h StepBatch for shapes. */
+export interface NativeStepBatch {
+  tokens: Int32Array; // [T]
+  positions: Int32Array; // [T]
+  tokenSlots: Int32Array; // [T]
+  queryStart: Int32Array; // [S+1]
+  contextLens: Int32Array; // [S]
+  blockTables: Int32Array; // [S * maxBlocks]
+  maxBlocks: number;
+  seqIds: Uint32Array; // [S]
+  sampleSeqs: Int32Array; // [N] indices into the S sequences
+  temperature: Float32Array; // [N]
+  topP: Float32Array;
+  minP: Float32Array;
+  repetitionPenalty: Float32Array;
+  presencePenalty: Float32Array;
+  frequencyPenalty: Float32Array;
+  topK: Int32Array;
+  numLogprobs: Int32Array;
+  suppressEos: Uint8Array;
+  newSeqIds: Uint32Array; // [K] sequences to register with the sampler this step
+  newSeeds: Float64Array; // [K] -1 = unseeded
+  newPromptStart: Int32Array; // [K+1]
+  newPromptTokens: Int32Array;
+  freeSeqIds: Uint32Array; // sampler states to drop
+}
+
+export interface NativeStepResult {
+  tokens: Int32Array; // [N]
+  logprobs: Float32Array; // [N]
+  topIds: Int32Array; // [N * numTop]
+  topLogprobs: Float32Array; // [N * numTop]
+  numTop: number;
+  forwardMs: number;
+  sampleMs: number;
+}
+
+export interface NativeAdapter {
+  handle: unknown;
+  bytes: number;
+  maxRank: number;
+  numModules: number;
+}
+
+export interface NativeLoraPlan {
+  layers: Int32Array;
+  projs: Int32Array;
+  ranks: Int32Array;
+  scales: Float32Array;
+}
+
+export interface NativeEngine {
+  load(spec: NativeModelSpec, options: NativeLoadOptions): Promise<NativePoolInfo>;
+  step(batch: NativeStepBatch): Promise<NativeStepResult>;
+  parseAdapter(path: string, plan: NativeLoraPlan, maxRank: number): Promise<NativeAdapter>;
+  adapterPages(adapter: NativeAdapter): number;
+  installAdapter(slot: number, adapter: NativeAdapter, pages: Int32Array): Promise<void>;
+  removeAdapter(slot: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+interface NativeModule {
+  Engine: new () => NativeEngine;
+}
+
+let cached: NativeModule | undefined;
+
+function findAddon(): string {
+  // Works from server/native (tsx, vitest) and dist/server/native (compiled).
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (let i = 0; i < 5; i++) {
+    const p = join(dir, 'build', 'Release', 'loraplex_native.node');
+    if (existsSync(p)) return p;
+    dir = dirname(dir);
+  }
+  throw new Error('native addon not built: run `npm run build` (cmake-js) first');
+}
+
+export function loadNative(): NativeModule {
+  if (!cached) cached = createRequire(import.meta.url)(findAddon()) as NativeModule;
+  return cached;
+}

@@ -1,0 +1,838 @@
+#!/usr/bin/env python3
+"""Generate the golden reference fixtures for loraplex.
+
+Run from anywhere:
+
+    python3 test/golden/make_golden.py
+
+Everything is written under test/golden/fixtures/ (the directory is wiped and
+rebuilt).  Nothing is downloaded: the tokenizer is trained here on an inline
+corpus and all models / adapters are random.  The output is deterministic: a
+re-run with the same library versions gives byte-identical files.
+
+The fixtures are a *reference*.  If a loraplex test disagrees with them, fix
+loraplex, never the fixtures.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+import warnings
+
+import numpy
+import peft
+import safetensors
+import safetensors.torch
+import tokenizers
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, get_peft_model
+from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+warnings.filterwarnings("ignore")
+transformers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+try:
+    import huggingface_hub.utils
+
+    huggingface_hub.utils.disable_progress_bars()
+except Exception:  # pragma: no cover - cosmetic only
+    pass
+
+# One thread: keeps CPU reductions in a fixed order (bit-reproducible output)
+# and is polite on a shared machine.  The models are tiny anyway.
+torch.set_num_threads(1)
+torch.use_deterministic_algorithms(True)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIX = os.path.join(HERE, "fixtures")
+
+N_NEW = 16  # greedy tokens per case
+TOP_K = 5
+
+SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
+BOS = "<|begin_of_text|>"
+EOT = "<|eot_id|>"
+
+# Llama-3 style chat template (written for this project).
+CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- endif %}"
+)
+
+# Training corpus for the tokenizer: original text written for this fixture.
+CORPUS = [
+    "Every morning the baker on Elm Street lights her oven at 4:15, long before "
+    "the first tram rattles past. By 6 o'clock the windows are fogged, and the "
+    "smell of warm bread drifts halfway down the block.",
+    "The little café next to the station serves a strong espresso, a naïve "
+    "attempt at a croissant, and, on Fridays, a surprisingly good crème brûlée. "
+    "Regulars pay 3.50 for coffee; tourists somehow pay 4.75.",
+    "Maria kept a notebook of train numbers: 1205, 1207, 3341 and the night "
+    "express 9902. She wrote them down in pencil, one per line, and never "
+    "explained why. Her brother said it was a code; she just laughed.",
+    "When the river flooded in 1998 the water rose 2.3 metres in a single night. "
+    "People carried chairs, lamps, and photo albums up to the second floor, "
+    "then sat on the stairs and waited for the morning.",
+    "A good recipe is short. Take 200 g of flour, 120 ml of water, 5 g of salt "
+    "and a pinch of yeast. Mix, wait, fold, wait again. Bake at 230 degrees "
+    "until the crust sings when you tap it.",
+    "On her first trip to 日本 she learned three words, bought too many "
+    "notebooks, and ate ramen at midnight in a tiny shop near the station. "
+    "The owner drew a smiling cat on the receipt. 🙂",
+    "Questions worth asking: What is the plan? Who pays for it? How long will "
+    "it take -- really? If nobody can answer, the plan is not ready yet!",
+    "The model reads tokens, one after another, and guesses what comes next. "
+    "It is not magic; it is arithmetic, repeated many thousands of times, with "
+    "numbers like 0.125, 42, and 1e-5 hiding in every layer.",
+    "Our garden has tomatoes, beans, and a stubborn lemon tree that gives "
+    "exactly four lemons each year. We name them. This year: Ada, Bruno, "
+    "Chloé and Dmitri.",
+    "Weather report for Tuesday: cloudy at dawn, sunny by noon, 18 to 24 "
+    "degrees, with a light wind from the west. Take a jacket anyway.",
+]
+
+TRAIN_VOCAB = 592  # + 5 special tokens = 597 -> model vocab padded to 600
+
+
+def rel(path):
+    return os.path.relpath(path, FIX).replace(os.sep, "/")
+
+
+def f9(x):
+    """A float32 value printed with 9 significant digits (exact round trip)."""
+    return float(f"{float(x):.9g}")
+
+
+# --------------------------------------------------------------------------
+# 1. Tokenizer
+# --------------------------------------------------------------------------
+
+
+def build_tokenizer():
+    tok = Tokenizer(tk_models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TRAIN_VOCAB,
+        min_frequency=1,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+        special_tokens=[],
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    # Special tokens come after the learned vocabulary, as in Llama 3.
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A",
+        pair=f"{BOS} $A {BOS} $B:1",
+        special_tokens=[(BOS, bos_id)],
+    )
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOT,
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        model_max_length=256,
+    )
+    return tok, hf
+
+
+def save_tokenizer(hf_tok, model_dir):
+    hf_tok.save_pretrained(model_dir, save_jinja_files=False)
+    cfg_path = os.path.join(model_dir, "tokenizer_config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    assert cfg.get("chat_template") == CHAT_TEMPLATE, "chat_template missing from tokenizer_config.json"
+    # The conventional class name for a tokenizer.json-only tokenizer.
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    write_json(cfg_path, cfg)
+    assert not os.path.exists(os.path.join(model_dir, "chat_template.jinja"))
+
+
+TOKENIZE_TEXTS = [
+    ("Hello, world!", True),
+    ("Hello, world!", False),
+    ("The café serves a naïve crème brûlée for 4.75 — 日本 🙂🦙", True),
+    ("Train 1205 left at 23:59; 3.14159 * 2 = 6.28318.", True),
+    ("  leading spaces,\tTabs\t\tand   runs   of spaces  \n\n\nthen newlines\n", True),
+    ("", True),
+    ("", False),
+    ("<|start_header_id|>user<|end_header_id|>\n\nHi there!<|eot_id|>", True),
+    ("<|begin_of_text|>already has bos<|end_of_text|>", False),
+    ("ÀÉÎÕÜ ñ ß Ω Ж 中文 한국어 🎉🎉 zwj: 👩‍💻", True),
+]
+
+CHATS = [
+    (
+        [
+            {"role": "system", "content": "You are a concise assistant."},
+            {"role": "user", "content": "What is 12 times 7?"},
+        ],
+        True,
+    ),
+    (
+        [
+            {"role": "user", "content": "  Recommend a café in 日本, please! 🙂  "},
+        ],
+        True,
+    ),
+    (
+        [
+            {"role": "system", "content": "Answer in one sentence."},
+            {"role": "user", "content": "Why does bread rise?"},
+            {"role": "assistant", "content": "Yeast makes gas, and the gas is trapped by gluten."},
+            {"role": "user", "content": "And at 230 degrees?\nIt bakes."},
+        ],
+        False,
+    ),
+]
+
+
+def check_tokenizer(raw_tok, hf_tok, model_dir):
+    """Reload from disk and check that the reloaded tokenizer agrees with the
+    raw `tokenizers` object and round-trips text.  Returns the JSON sections."""
+    # PreTrainedTokenizerFast loads tokenizer.json exactly as written.  (In
+    # transformers 5, AutoTokenizer picks a model-specific class from
+    # config.json's model_type, e.g. Qwen2Tokenizer, which may add tokens of
+    # its own; that path is only compared, see auto_tokenizer_diff below.)
+    re_hf = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    re_raw = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    bos_id = raw_tok.token_to_id(BOS)
+    assert re_hf.bos_token_id == bos_id and re_hf.eos_token_id == raw_tok.token_to_id(EOT)
+    assert len(re_hf) == len(hf_tok) == raw_tok.get_vocab_size(with_added_tokens=True)
+
+    tokenize = []
+    for text, add_special in TOKENIZE_TEXTS:
+        ids = re_hf(text, add_special_tokens=add_special)["input_ids"]
+        ids2 = re_raw.encode(text, add_special_tokens=add_special).ids
+        ids3 = raw_tok.encode(text, add_special_tokens=add_special).ids
+        assert ids == ids2 == ids3, (text, ids, ids2, ids3)
+        if add_special:
+            assert ids[:1] == [bos_id], (text, ids)
+        dec = re_hf.decode(ids, skip_special_tokens=False)
+        expect = (BOS if add_special else "") + text
+        assert dec == expect, (dec, expect)
+        tokenize.append({"text": text, "add_special_tokens": add_special, "ids": ids})
+
+    chat = []
+    for messages, agp in CHATS:
+        text = re_hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=agp)
+        assert isinstance(text, str)
+        assert text.startswith(BOS)
+        # The template already contains the BOS token: encode without adding it.
+        ids = re_hf(text, add_special_tokens=False)["input_ids"]
+        tok_out = re_hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=agp)
+        if not isinstance(tok_out, list):
+            tok_out = tok_out["input_ids"]
+        assert tok_out == ids, (tok_out, ids)
+        assert ids.count(bos_id) == 1
+        assert re_hf.decode(ids, skip_special_tokens=False) == text
+        chat.append({"messages": messages, "add_generation_prompt": agp, "text": text, "ids": ids})
+    return re_hf, tokenize, chat
+
+
+def auto_tokenizer_diff(model_dir, tokenize):
+    """Informational: does AutoTokenizer (model-type specific class in
+    transformers 5) agree with tokenizer.json on the fixture texts?"""
+    auto = AutoTokenizer.from_pretrained(model_dir)
+    bad = [
+        t["text"]
+        for t in tokenize
+        if auto(t["text"], add_special_tokens=t["add_special_tokens"])["input_ids"] != t["ids"]
+    ]
+    return type(auto).__name__, len(auto), bad
+
+
+# --------------------------------------------------------------------------
+# 2. Models
+# --------------------------------------------------------------------------
+
+
+def write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+
+
+def randomize_model(model, seed, n_real_vocab, std, emb_std, bias_std=0.1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied weights appear once
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".bias"):
+                p.copy_(bias_std * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name or "lm_head" in name:
+                p.copy_(emb_std * torch.randn(p.shape, generator=g))
+                p[n_real_vocab:].zero_()  # padding rows: never produced by the tokenizer
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+
+
+def legacy_rope_keys(config_path):
+    """transformers 5 writes `rope_parameters` (with rope_theta inside).  Real
+    checkpoints in the wild mostly carry the older `rope_theta` +
+    `rope_scaling` keys (and `torch_dtype`).  Write both spellings, with the
+    same meaning, so a loader reading either finds the right values."""
+    with open(config_path) as f:
+        cfg = json.load(f)
+    rp = dict(cfg["rope_parameters"])
+    cfg["rope_theta"] = rp.pop("rope_theta")
+    cfg["rope_scaling"] = None if rp.get("rope_type", "default") == "default" else rp
+    if "dtype" in cfg:
+        cfg["torch_dtype"] = cfg["dtype"]
+    write_json(config_path, cfg)
+
+
+def load_fp32(model_dir):
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    m.eval()
+    for p in m.parameters():
+        assert p.dtype == torch.float32
+    return m
+
+
+def pad8(n):
+    return (n + 7) // 8 * 8
+
+
+def model_specs(n_vocab, bos_id, eot_id, eot_alt_id):
+    V = pad8(n_vocab)
+    common = dict(vocab_size=V, bos_token_id=bos_id, eos_token_id=eot_id, pad_token_id=None)
+    return [
+        dict(
+            name="llama-gqa",
+            cls=LlamaForCausalLM,
+            config=LlamaConfig(
+                hidden_size=64,
+                intermediate_size=176,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                rms_norm_eps=1e-5,
+                max_position_embeddings=256,
+                **common,
+            ),
+            save_dtype=torch.float32,
+            seed=101,
+        ),
+        dict(
+            name="qwen2-tied",
+            cls=Qwen2ForCausalLM,
+            config=Qwen2Config(
+                hidden_size=64,
+                intermediate_size=160,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                tie_word_embeddings=True,
+                rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                use_sliding_window=False,
+                rms_norm_eps=1e-6,
+                max_position_embeddings=256,
+                **common,
+            ),
+            save_dtype=torch.float32,
+            seed=202,
+        ),
+        dict(
+            name="llama3-bf16",
+            cls=LlamaForCausalLM,
+            config=LlamaConfig(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                tie_word_embeddings=True,
+                rope_parameters={
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                    "rope_theta": 500000.0,
+                },
+                rms_norm_eps=1e-5,
+                max_position_embeddings=256,
+                **common,
+            ),
+            save_dtype=torch.bfloat16,
+            seed=303,
+            gen_eos=[eot_id, eot_alt_id],  # list form, as Llama 3.x ships it
+        ),
+        dict(
+            name="mistral-sharded",
+            cls=MistralForCausalLM,
+            config=MistralConfig(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=24,
+                sliding_window=16,
+                tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                rms_norm_eps=1e-5,
+                max_position_embeddings=256,
+                **common,
+            ),
+            save_dtype=torch.float32,
+            seed=404,
+            max_shard_size="300KB",
+        ),
+        dict(
+            name="llama-f16",
+            cls=LlamaForCausalLM,
+            config=LlamaConfig(
+                hidden_size=32,
+                intermediate_size=88,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                rms_norm_eps=1e-5,
+                max_position_embeddings=256,
+                **common,
+            ),
+            save_dtype=torch.float16,
+            seed=505,
+            std=0.1,
+            emb_std=0.3,
+        ),
+    ]
+
+
+def build_model(spec, hf_tok, n_vocab, bos_id, eot_id):
+    name = spec["name"]
+    model_dir = os.path.join(FIX, "models", name)
+    os.makedirs(model_dir)
+    torch.manual_seed(spec["seed"])
+    config = spec["config"]
+    config._attn_implementation = "eager"
+    model = spec["cls"](config)
+    # std 0.15 for the projections: with tied embeddings and smaller values the
+    # residual stream is dominated by the input embedding and greedy decoding
+    # degenerates into repeating one token.
+    randomize_model(model, spec["seed"], n_vocab, std=spec.get("std", 0.15), emb_std=spec.get("emb_std", 0.2))
+    model.generation_config = GenerationConfig(
+        bos_token_id=bos_id, eos_token_id=spec.get("gen_eos", eot_id), pad_token_id=None
+    )
+    model = model.to(spec["save_dtype"])
+    kw = {}
+    if "max_shard_size" in spec:
+        kw["max_shard_size"] = spec["max_shard_size"]
+    model.save_pretrained(model_dir, safe_serialization=True, **kw)
+    legacy_rope_keys(os.path.join(model_dir, "config.json"))
+    save_tokenizer(hf_tok, model_dir)
+
+    # Sanity: the reloaded config means what we asked for.
+    intended = config.rope_parameters
+    re_model = load_fp32(model_dir)
+    assert re_model.config.rope_parameters == intended, (re_model.config.rope_parameters, intended)
+    if "max_shard_size" in spec:
+        shards = [f for f in os.listdir(model_dir) if f.startswith("model-") and f.endswith(".safetensors")]
+        assert len(shards) >= 2 and os.path.exists(os.path.join(model_dir, "model.safetensors.index.json"))
+    # Saved dtype really is the requested one.
+    for fn in os.listdir(model_dir):
+        if fn.endswith(".safetensors"):
+            for t in safetensors.torch.load_file(os.path.join(model_dir, fn)).values():
+                assert t.dtype == spec["save_dtype"], (fn, t.dtype)
+    return model_dir, re_model
+
+
+def qwen_bias_check(model):
+    n = 0
+    for name, p in model.named_parameters():
+        if name.endswith(".bias"):
+            assert p.abs().min() > 0 and p.abs().mean() > 1e-2, name
+            n += 1
+    assert n > 0
+
+
+def sliding_window_check(model_dir, seq):
+    """Is the sliding window really applied by transformers?  Compare the
+    windowed model with the same weights loaded without a window."""
+    win = load_fp32(model_dir)
+    cfg = transformers.AutoConfig.from_pretrained(model_dir)
+    cfg.sliding_window = None
+    nowin = AutoModelForCausalLM.from_pretrained(model_dir, config=cfg, dtype=torch.float32, attn_implementation="eager").eval()
+    W = win.config.sliding_window
+    x = torch.tensor([seq])
+    with torch.no_grad():
+        a = win(x).logits[0]
+        b = nowin(x).logits[0]
+    short_same = torch.allclose(a[:W], b[:W], atol=1e-6, rtol=0)  # positions 0..W-1 see <= W keys
+    long_diff = (a[W:] - b[W:]).abs().max().item() > 1e-4
+    assert short_same, "windowed and non-windowed models differ inside the window"
+    if long_diff:
+        # Pin down the exact window semantics with a one-layer cut of the same
+        # weights: RoPE is relative, so with a window of W keys the windowed
+        # output at position i must equal the unwindowed output computed on
+        # tokens i-W+1 .. i alone.
+        cfg1 = transformers.AutoConfig.from_pretrained(model_dir)
+        cfg1.num_hidden_layers = 1
+        win1 = AutoModelForCausalLM.from_pretrained(model_dir, config=cfg1, dtype=torch.float32, attn_implementation="eager").eval()
+        cfg1n = transformers.AutoConfig.from_pretrained(model_dir)
+        cfg1n.num_hidden_layers = 1
+        cfg1n.sliding_window = None
+        nowin1 = AutoModelForCausalLM.from_pretrained(model_dir, config=cfg1n, dtype=torch.float32, attn_implementation="eager").eval()
+        with torch.no_grad():
+            full = win1(x).logits[0]
+            for i in range(W, len(seq)):
+                same = nowin1(torch.tensor([seq[i - W + 1 : i + 1]])).logits[0, -1]
+                wider = nowin1(torch.tensor([seq[i - W : i + 1]])).logits[0, -1]
+                assert torch.allclose(full[i], same, atol=1e-4, rtol=0), ("window semantics", i)
+                assert not torch.allclose(full[i], wider, atol=1e-4, rtol=0), ("window semantics", i)
+    return bool(long_diff)
+
+
+# --------------------------------------------------------------------------
+# 3. Adapters
+# --------------------------------------------------------------------------
+
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+ADAPTERS = {
+    "llama-gqa": [
+        dict(name="r8-all", lora=dict(r=8, lora_alpha=16, target_modules=ALL7)),
+        dict(name="r64-qv-rslora", lora=dict(r=64, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_rslora=True)),
+        dict(name="r4-mlp", lora=dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"])),
+        dict(
+            name="r2-attn-named-keys",
+            lora=dict(r=2, lora_alpha=5, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+            named_keys=True,
+        ),
+    ],
+    "qwen2-tied": [
+        dict(name="r2-all-layer1", lora=dict(r=2, lora_alpha=6, target_modules=ALL7, layers_to_transform=[1])),
+        dict(
+            name="r32-attn-patterns",
+            lora=dict(
+                r=32,
+                lora_alpha=16,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                rank_pattern={"v_proj": 4},
+                alpha_pattern={"model.layers.1.self_attn.q_proj": 64},
+            ),
+        ),
+    ],
+    "llama3-bf16": [
+        dict(name="r8-qv-rslora", lora=dict(r=8, lora_alpha=4, target_modules=["q_proj", "v_proj"], use_rslora=True)),
+        dict(
+            name="r16-mlp-patterns",
+            lora=dict(
+                r=16,
+                lora_alpha=32,
+                target_modules=["gate_proj", "up_proj", "down_proj"],
+                rank_pattern={"model.layers.0.mlp.down_proj": 2},
+                alpha_pattern={"down_proj": 64},
+            ),
+        ),
+    ],
+    "mistral-sharded": [
+        dict(name="r4-all", lora=dict(r=4, lora_alpha=12, target_modules=ALL7)),
+        dict(
+            name="r32-attn-rslora-pattern",
+            lora=dict(
+                r=32,
+                lora_alpha=12,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                use_rslora=True,
+                rank_pattern={"k_proj": 8},
+            ),
+        ),
+    ],
+    "llama-f16": [
+        dict(name="r1-o", lora=dict(r=1, lora_alpha=4, target_modules=["o_proj"])),
+        dict(name="r16-regex-qv", lora=dict(r=16, lora_alpha=8, target_modules=r".*\.(q_proj|v_proj)$")),
+    ],
+}
+
+LORA_STD = 0.15
+
+
+def lora_tensors(model):
+    return {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if ".lora_A." in n or ".lora_B." in n
+    }
+
+
+def build_adapter(model_name, model_dir, spec, seed, notes):
+    adir = os.path.join(FIX, "adapters", model_name, spec["name"])
+    os.makedirs(adir)
+    base = load_fp32(model_dir)
+    cfg = LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, bias="none", init_lora_weights=False, **spec["lora"])
+    pm = get_peft_model(base, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if ".lora_A." in n or ".lora_B." in n:
+                p.copy_(LORA_STD * torch.randn(p.shape, generator=g))
+    # Check ranks / alphas / scalings per module, to be sure the patterns bite.
+    ranks = {}
+    for n, mod in pm.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            short = n.replace("base_model.model.", "", 1)
+            ranks[short] = (mod.r["default"], mod.lora_alpha["default"], mod.scaling["default"])
+            assert mod.lora_alpha["default"] != mod.r["default"], (short, "alpha == r")
+    want = lora_tensors(pm)
+    pm.peft_config["default"].base_model_name_or_path = rel(model_dir)
+    pm.save_pretrained(adir, safe_serialization=True)
+    # PEFT turns a target_modules list into a set and writes it back in hash
+    # order, which changes from run to run: sort it.
+    acfg_path = os.path.join(adir, "adapter_config.json")
+    with open(acfg_path) as f:
+        acfg = json.load(f)
+    if isinstance(acfg.get("target_modules"), list):
+        acfg["target_modules"] = sorted(acfg["target_modules"])
+    write_json(acfg_path, acfg)
+    readme = os.path.join(adir, "README.md")
+    if os.path.exists(readme):
+        os.remove(readme)
+    st_path = os.path.join(adir, "adapter_model.safetensors")
+    saved = safetensors.torch.load_file(st_path)
+    for k, t in saved.items():
+        assert t.dtype == torch.float32, (k, t.dtype)
+        assert ".default." not in k
+
+    if spec.get("named_keys"):
+        renamed = {}
+        for k, t in saved.items():
+            k2 = k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+            assert k2 != k
+            renamed[k2] = t
+        safetensors.torch.save_file(renamed, st_path, metadata={"format": "pt"})
+
+    # Reload: fresh base + PeftModel.from_pretrained, and verify every LoRA
+    # tensor came back exactly (nothing silently re-initialised).
+    base2 = load_fp32(model_dir)
+    pm2 = PeftModel.from_pretrained(base2, adir)
+    pm2.eval()
+    got = lora_tensors(pm2)
+    ok = set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    if spec.get("named_keys") and not ok:
+        notes.append(
+            f"{model_name}/{spec['name']}: PEFT {peft.__version__} does not load tensor names with an "
+            "adapter-name segment (lora_A.default.weight); keys were written without it instead."
+        )
+        safetensors.torch.save_file(saved, st_path, metadata={"format": "pt"})
+        base2 = load_fp32(model_dir)
+        pm2 = PeftModel.from_pretrained(base2, adir).eval()
+        got = lora_tensors(pm2)
+        ok = set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert ok, f"adapter {adir} did not reload exactly"
+    n_modules = len(ranks)
+    return adir, pm2, ranks, n_modules
+
+
+# --------------------------------------------------------------------------
+# 4. Reference decoding
+# --------------------------------------------------------------------------
+
+BASE_PROMPTS = [  # 4, 19, 32 and 41 tokens with BOS
+    "Every morning",
+    "The café by the station opened at 7:30.",
+    "Weather report for Tuesday: cloudy at dawn, sunny by noon, 18 to 24 degrees.",
+    "In 1998 the river rose 2.3 metres; the old bridge, built in 1887, held.",
+]
+
+EXTRA_PROMPTS = [
+    "Take 200 g of flour and",
+    "Maria wrote the train numbers 1205, 1207 and",
+    "日本 🙂 café naïve",
+    "Questions worth asking: what is the plan, who pays, and",
+    "The model reads tokens one after another and",
+    "  Indented text\twith a tab",
+    "Our garden has tomatoes, beans, and a stubborn lemon tree that gives exactly four lemons each year.",
+]
+
+
+@torch.no_grad()
+def greedy(model, prompt_ids):
+    ids = list(prompt_ids)
+    steps = []
+    gen = []
+    for _ in range(N_NEW):
+        logits = model(torch.tensor([ids], dtype=torch.long)).logits[0, -1].float()
+        lp = torch.log_softmax(logits, dim=-1)
+        vals, idx = torch.topk(lp, TOP_K)
+        nxt = int(torch.argmax(logits).item())
+        assert nxt == int(idx[0]), "argmax/topk disagree"
+        top = [[int(i), f9(v)] for i, v in zip(idx.tolist(), vals.tolist())]
+        margin = float(vals[0].double() - vals[1].double())
+        steps.append({"top": top, "margin": f9(margin)})
+        gen.append(nxt)
+        ids.append(nxt)  # EOS is ignored on purpose
+    return gen, steps
+
+
+def run_cases(model, tok, prompts, adapter, n_real_vocab):
+    cases = []
+    for prompt in prompts:
+        pids = tok(prompt, add_special_tokens=True)["input_ids"]
+        gen, steps = greedy(model, pids)
+        for s in steps:
+            for i, _ in s["top"]:
+                assert i < n_real_vocab, "padding vocab row reached the top-k"
+        cases.append(
+            {"adapter": adapter, "prompt": prompt, "prompt_ids": pids, "greedy_ids": gen, "steps": steps}
+        )
+    return cases
+
+
+# --------------------------------------------------------------------------
+
+
+def versions():
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "safetensors": safetensors.__version__,
+        "tokenizers": tokenizers.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def main():
+    t0 = time.time()
+    vers = versions()
+    print("versions:", json.dumps(vers))
+    if os.path.exists(FIX):
+        shutil.rmtree(FIX)
+    os.makedirs(os.path.join(FIX, "models"))
+    os.makedirs(os.path.join(FIX, "adapters"))
+    write_json(os.path.join(FIX, "versions.json"), vers)
+
+    raw_tok, hf_tok = build_tokenizer()
+    n_vocab = len(hf_tok)
+    bos_id = raw_tok.token_to_id(BOS)
+    eot_id = raw_tok.token_to_id(EOT)
+    eot_alt_id = raw_tok.token_to_id("<|end_of_text|>")
+    print(f"tokenizer: {n_vocab} tokens (trained {raw_tok.get_vocab_size(with_added_tokens=False)}), "
+          f"bos={bos_id} eot={eot_id}; model vocab {pad8(n_vocab)}")
+    # Re-training must give the same vocabulary (determinism).
+    raw2, _ = build_tokenizer()
+    assert raw2.to_str() == raw_tok.to_str(), "tokenizer training is not deterministic"
+
+    notes = []
+    summary = {}
+    seed = 1000
+    for spec in model_specs(n_vocab, bos_id, eot_id, eot_alt_id):
+        name = spec["name"]
+        model_dir, model = build_model(spec, hf_tok, n_vocab, bos_id, eot_id)
+        tok, tokenize, chat = check_tokenizer(raw_tok, hf_tok, model_dir)
+        if name == "qwen2-tied":
+            qwen_bias_check(model)
+        cls_name, auto_len, bad = auto_tokenizer_diff(model_dir, tokenize)
+        if auto_len != n_vocab or bad:
+            notes.append(
+                f"{name}: AutoTokenizer resolves to {cls_name} with {auto_len} tokens "
+                f"(tokenizer.json has {n_vocab}); ids differ on {len(bad)} fixture texts {bad!r}"
+            )
+        out = {
+            "model": rel(model_dir),
+            "weights_dtype": str(spec["save_dtype"]).replace("torch.", ""),
+        }
+        if name == "mistral-sharded":
+            long_ids = tok(BASE_PROMPTS[3], add_special_tokens=True)["input_ids"] + list(range(100, 120))
+            assert len(long_ids) > 2 * spec["config"].sliding_window
+            applied = sliding_window_check(model_dir, long_ids)
+            out["sliding_window_applied"] = applied
+            out["sliding_window_semantics"] = (
+                "query at position i attends to key positions j with i - sliding_window < j <= i "
+                "(the current token plus the sliding_window - 1 previous ones)"
+            )
+            if not applied:
+                notes.append("mistral-sharded: transformers ignored sliding_window")
+        out["tokenize"] = tokenize
+        out["chat"] = chat
+
+        cases = run_cases(model, tok, BASE_PROMPTS, None, n_vocab)
+        base_by_prompt = {c["prompt"]: c["greedy_ids"] for c in cases}
+        adapter_info = []
+        for ai, aspec in enumerate(ADAPTERS[name]):
+            seed += 1
+            adir, pm, ranks, n_mod = build_adapter(name, model_dir, aspec, seed, notes)
+            prompts = [BASE_PROMPTS[1 + ai % 3], EXTRA_PROMPTS[(seed + ai) % len(EXTRA_PROMPTS)]]
+            acases = run_cases(pm, tok, prompts, rel(adir), n_vocab)
+            differs = 0
+            for c in acases:
+                if c["prompt"] not in base_by_prompt:
+                    bg, _ = greedy(model, c["prompt_ids"])
+                    base_by_prompt[c["prompt"]] = bg
+                differs += c["greedy_ids"] != base_by_prompt[c["prompt"]]
+            adapter_info.append((aspec["name"], n_mod, differs, sorted(set(v[:2] for v in ranks.values()))))
+            cases.extend(acases)
+        out["cases"] = cases
+        write_json(os.path.join(FIX, f"{name}.json"), out)
+
+        margins = [s["margin"] for c in cases for s in c["steps"]]
+        summary[name] = {
+            "min_margin": min(margins),
+            "frac_margin_gt_1e-2": sum(m > 1e-2 for m in margins) / len(margins),
+            "adapters": adapter_info,
+            "sliding_window_applied": out.get("sliding_window_applied"),
+        }
+        print(f"{name}: min margin {min(margins):.3g}, "
+              f"{summary[name]['frac_margin_gt_1e-2']:.0%} of steps with margin > 1e-2")
+        for an, nm, d, ra in adapter_info:
+            print(f"    adapter {an}: {nm} LoRA modules, (r, alpha) {ra}, greedy differs from base on {d}/2 prompts")
+
+    total = 0
+    for root, _, files in os.walk(FIX):
+        for fn in files:
+            total += os.path.getsize(os.path.join(root, fn))
+    print(f"fixtures total: {total / 1e6:.2f} MB")
+    assert total < 4 * 1024 * 1024, "fixtures exceed 4 MB"
+    for n in notes:
+        print("NOTE:", n)
+    print(f"done in {time.time() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
