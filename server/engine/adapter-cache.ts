@@ -2,7 +2,7 @@
 // validated, an LRU bounded in bytes) and the unified pool (packed into pages, addressable by a
 // slot). Running sequences pin their adapter; unpinned resident adapters are evicted LRU-first
 // when the pool or the slots run short.
-import { existsSync, statSync } from 'node:fs';
+import { existsSync, readdirSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import type { NativeAdapter, NativeEngine } from '../native/addon.js';
 import { AdapterError, planAdapter, toNativePlan, type AdapterPlan } from './adapter-config.js';
@@ -49,6 +49,7 @@ export interface AdapterCacheStats {
 
 export class AdapterCache {
   private readonly entries = new Map<string, AdapterEntry>();
+  private readonly retiring = new Set<string>();
   private readonly slots: Array<AdapterEntry | null>;
   private clock = 0;
   private loadsTotal = 0;
@@ -86,6 +87,7 @@ export class AdapterCache {
 
   /** Known adapter, or one found as `<adapter-dir>/<id>/adapter_config.json`. */
   lookup(id: string): AdapterEntry | null {
+    if (this.retiring.has(id)) return null;
     const e = this.entries.get(id);
     if (e) return e;
     if (!this.opts.adapterDir || !ADAPTER_ID_RE.test(id)) return null;
@@ -96,6 +98,15 @@ export class AdapterCache {
 
   list(): AdapterEntry[] {
     return [...this.entries.values()];
+  }
+
+  /** Every adapter that can be named: registered ones plus those found in the adapter directory. */
+  listKnown(): AdapterEntry[] {
+    const dir = this.opts.adapterDir;
+    if (dir && existsSync(dir)) {
+      for (const name of readdirSync(dir).sort()) if (!this.entries.has(name)) this.lookup(name);
+    }
+    return this.list().sort((a, b) => a.id.localeCompare(b.id));
   }
 
   /** A request names the adapter: count it and start loading it towards the pool. Throws 404. */
@@ -180,6 +191,23 @@ export class AdapterCache {
     while (e.tier === 'loading') await this.waitForProgress();
     if (e.lastError && e.tier === 'disk') throw e.lastError;
     return e;
+  }
+
+  /**
+   * Stops serving an adapter: new requests get 404 at once, requests already queued or running
+   * finish, then its pages and host copy are freed. Resolves when nothing uses it any more.
+   */
+  async retire(id: string): Promise<boolean> {
+    const e = this.entries.get(id) ?? this.lookup(id);
+    if (!e) return false;
+    this.retiring.add(id);
+    try {
+      while (e.refs > 0) await this.waitForProgress();
+      this.forget(id);
+    } finally {
+      this.retiring.delete(id);
+    }
+    return true;
   }
 
   /** Forgets an adapter: frees its pool pages and host copy. Callers ensure nothing runs on it. */

@@ -1,7 +1,7 @@
 // The engine: owns the native engine, the paging manager, the scheduler and the adapter cache, and
 // runs the loop `schedule -> step -> postprocess` while there is work.
 import { totalmem } from 'node:os';
-import { loadNative, type NativeEngine, type NativePoolInfo, type NativeStepBatch } from '../native/addon.js';
+import { loadNative, type NativeEngine, type NativeLoraPlan, type NativePoolInfo, type NativeStepBatch } from '../native/addon.js';
 import { AdapterCache, type AdapterCacheStats } from './adapter-cache.js';
 import { LoraplexError } from './errors.js';
 import { readModelDir, type ModelInfo } from './model-config.js';
@@ -58,6 +58,7 @@ export class Engine {
   private loop: Promise<void> | null = null;
   private freeSeqIds: number[] = [];
   private steps = 0;
+  private lastProgress = performance.now();
   private closed = false;
   /** Called after every step (tests check pool invariants here). */
   onStep: (() => void) | null = null;
@@ -188,6 +189,17 @@ export class Engine {
     };
   }
 
+  /** Seconds since the loop last finished a step while it had work (0 when idle). */
+  secondsSinceProgress(): number {
+    if (!this.scheduler.hasWork) return 0;
+    return (performance.now() - this.lastProgress) / 1000;
+  }
+
+  /** Parses and checks an adapter file against the base model without making it resident. */
+  async parseAdapterFile(path: string, plan: NativeLoraPlan, maxRank: number): Promise<void> {
+    await this.native.parseAdapter(path, plan, maxRank);
+  }
+
   /** Resolves when every queued request has finished. */
   async idle(): Promise<void> {
     while (this.loop) await this.loop;
@@ -202,6 +214,7 @@ export class Engine {
 
   private kick(): void {
     if (!this.loop) {
+      this.lastProgress = performance.now();
       this.loop = this.runLoop().finally(() => {
         this.loop = null;
         if (this.scheduler.hasWork) this.kick();
@@ -227,6 +240,7 @@ export class Engine {
         continue;
       }
       this.steps++;
+      this.lastProgress = performance.now();
       this.postprocess(plan, result.tokens, result.logprobs, result.topIds, result.topLogprobs, result.numTop);
       this.onStep?.();
     }

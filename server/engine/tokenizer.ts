@@ -68,6 +68,7 @@ export class TextTokenizer {
   }
 
   decode(ids: number[], skipSpecialTokens = true): string {
+    if (ids.length === 0) return '';
     return this.tok.decode(ids, { skip_special_tokens: skipSpecialTokens, clean_up_tokenization_spaces: false });
   }
 

@@ -1,0 +1,188 @@
+// The HTTP application: Fastify with the OpenAI, adapter and ops routes, one error path to the
+// OpenAI error shape, Bearer-key auth, backpressure and graceful drain on SIGTERM.
+import { createHash, timingSafeEqual } from 'node:crypto';
+import { mkdirSync } from 'node:fs';
+import { resolve } from 'node:path';
+import Fastify, { type FastifyError, type FastifyInstance } from 'fastify';
+import pino from 'pino';
+import type { ServeConfig } from './config.js';
+import { ensureDemoModel } from './demo/demo-model.js';
+import { Engine } from './engine/engine.js';
+import { LoraplexError } from './engine/errors.js';
+import { Metrics } from './metrics.js';
+import { adapterRoutes } from './routes/adapters.js';
+import { openaiRoutes } from './routes/openai.js';
+import { opsRoutes } from './routes/ops.js';
+import { createAdapterStore } from './stores/adapter-store.js';
+
+export interface AppState {
+  draining: boolean;
+}
+
+const OPEN_ROUTES = new Set(['/health', '/ready', '/metrics']);
+
+function errorBody(message: string, type: string, param: string | null, code: string | null) {
+  return { error: { message, type, param, code } };
+}
+
+/** Maps any error to (status, OpenAI error body). Bad input is a 4xx; only our own bugs are 500. */
+export function toOpenAIError(err: unknown): { status: number; body: ReturnType<typeof errorBody>; retryAfter?: number } {
+  if (err instanceof LoraplexError) {
+    const retry = err.status === 429 || err.status === 503 ? 5 : undefined;
+    return { status: err.status, body: errorBody(err.message, err.type, err.param, err.code), retryAfter: retry };
+  }
+  const e = err as FastifyError & { validation?: Array<{ instancePath?: string; params?: Record<string, unknown>; message?: string }> };
+  if (e.validation && e.validation.length) {
+    const v = e.validation[0];
+    const path = (v.instancePath ?? '').replace(/^\//, '').replace(/\//g, '.');
+    const missing = v.params?.missingProperty as string | undefined;
+    const param = missing ? (path ? `${path}.${missing}` : missing) : path || null;
+    const msg = missing ? `${param} is required` : `${param ?? 'body'} ${v.message ?? 'is invalid'}`;
+    return { status: 400, body: errorBody(msg, 'invalid_request_error', param, 'invalid_value') };
+  }
+  switch (e.code) {
+    case 'FST_ERR_CTP_BODY_TOO_LARGE':
+      return { status: 413, body: errorBody('request body is too large', 'invalid_request_error', null, 'request_too_large') };
+    case 'FST_ERR_CTP_INVALID_MEDIA_TYPE':
+      return { status: 415, body: errorBody(`unsupported content type; send application/json`, 'invalid_request_error', null, 'unsupported_media_type') };
+    case 'FST_ERR_CTP_EMPTY_JSON_BODY':
+    case 'FST_ERR_CTP_INVALID_JSON_BODY':
+      return { status: 400, body: errorBody(`request body is not valid JSON`, 'invalid_request_error', null, 'invalid_json') };
+  }
+  if (e.statusCode && e.statusCode >= 400 && e.statusCode < 500)
+    return { status: e.statusCode, body: errorBody(e.message, 'invalid_request_error', null, e.code ?? null) };
+  return { status: 500, body: errorBody('internal server error', 'server_error', null, null) };
+}
+
+function keyDigest(s: string): Buffer {
+  return createHash('sha256').update(s).digest();
+}
+
+export interface BuildOptions {
+  logger?: pino.Logger | false;
+  state?: AppState;
+}
+
+export async function buildApp(engine: Engine, cfg: ServeConfig, opts: BuildOptions = {}): Promise<FastifyInstance> {
+  const state = opts.state ?? { draining: false };
+  const app = Fastify({
+    loggerInstance: opts.logger === false || opts.logger === undefined ? pino({ level: 'silent' }) : opts.logger,
+    disableRequestLogging: true,
+    bodyLimit: cfg.maxBodyBytes,
+    ajv: { customOptions: { coerceTypes: false, removeAdditional: false, useDefaults: false, allErrors: false } },
+    return503OnClosing: false,
+  });
+  const metrics = new Metrics(engine);
+  const store = await createAdapterStore(engine, cfg, app.log);
+  app.addHook('onClose', async () => store.close());
+
+  const wantKey = cfg.apiKey ? keyDigest(cfg.apiKey) : null;
+  app.addHook('onRequest', async (req, reply) => {
+    const path = req.url.split('?')[0];
+    if (wantKey && !OPEN_ROUTES.has(path)) {
+      const h = req.headers.authorization ?? '';
+      const m = /^Bearer\s+(.+)$/i.exec(h);
+      if (!m || !timingSafeEqual(keyDigest(m[1].trim()), wantKey)) {
+        reply.code(401).send(errorBody('invalid or missing API key (Authorization: Bearer <key>)', 'invalid_request_error', null, 'invalid_api_key'));
+        return reply;
+      }
+    }
+    if (state.draining && !OPEN_ROUTES.has(path)) {
+      reply.code(503).header('retry-after', '5').send(errorBody('server is shutting down', 'server_error', null, 'shutting_down'));
+      return reply;
+    }
+  });
+  app.addHook('onResponse', async (req, reply) => {
+    const l = req.loraplex;
+    req.log.info({
+      method: req.method, url: req.url, status: reply.statusCode,
+      model: l?.model, adapter: l?.adapter ?? undefined,
+      prompt_tokens: l?.run.promptTokens, completion_tokens: l?.run.completionTokens,
+      latency_ms: Math.round(reply.elapsedTime),
+    }, 'request');
+  });
+  app.setErrorHandler((err, req, reply) => {
+    const { status, body, retryAfter } = toOpenAIError(err);
+    if (status >= 500) req.log.error({ err }, 'request failed');
+    if (retryAfter) reply.header('retry-after', String(retryAfter));
+    reply.code(status).send(body);
+  });
+  app.setNotFoundHandler((req, reply) => {
+    reply.code(404).send(errorBody(`no route ${req.method} ${req.url.split('?')[0]}`, 'invalid_request_error', null, 'not_found'));
+  });
+
+  const admit = () => {
+    if (state.draining) throw new LoraplexError('server is shutting down', 503, 'server_error', null, 'shutting_down');
+    const s = engine.scheduler;
+    if (s.waiting.length + s.running.length >= cfg.maxQueue)
+      throw new LoraplexError('too many requests in flight; retry later', 429, 'rate_limit_error', null, 'queue_full');
+  };
+  await app.register(openaiRoutes, { engine, metrics, maxN: cfg.maxN, admit });
+  await app.register(opsRoutes, { engine, metrics, isDraining: () => state.draining, stallSeconds: 120 });
+  await app.register(adapterRoutes, { engine, store, cfg });
+  return app as unknown as FastifyInstance;
+}
+
+function makeLogger(level: string): pino.Logger {
+  if (process.stderr.isTTY) {
+    return pino({ level, transport: { target: 'pino-pretty', options: { destination: 2, colorize: true } } });
+  }
+  return pino({ level }, pino.destination(2));
+}
+
+/** `loraplex serve`: loads the model, listens, drains on SIGTERM/SIGINT and exits 0. */
+export async function startServer(cfg: ServeConfig): Promise<void> {
+  const log = makeLogger(cfg.logLevel);
+  if (cfg.device === 'cuda') throw new LoraplexError('--device cuda: this build has no CUDA backend (built CPU-only)', 400);
+  let modelDir = cfg.model;
+  let adapterDir = cfg.adapterDir;
+  if (!modelDir) {
+    const demo = await ensureDemoModel();
+    modelDir = demo.modelDir;
+    adapterDir ??= demo.adapterDir;
+    log.info({ modelDir, adapterDir }, 'serving the bundled demo model');
+  }
+  adapterDir = resolve(adapterDir ?? './adapters');
+  mkdirSync(adapterDir, { recursive: true });
+  const t0 = performance.now();
+  const engine = await Engine.create({
+    model: modelDir,
+    servedModelName: cfg.servedModelName ?? undefined,
+    adapterDir,
+    memoryBudget: cfg.memoryBudget ?? undefined,
+    blockSize: cfg.blockSize,
+    maxNumSeqs: cfg.maxNumSeqs,
+    maxBatchTokens: cfg.maxBatchTokens,
+    maxLoraRank: cfg.maxLoraRank,
+    maxLoras: cfg.maxLoras,
+    maxModelLen: cfg.maxModelLen ?? undefined,
+    threads: cfg.threads ?? undefined,
+  });
+  const pool = engine.paging.stats();
+  log.info(
+    { model: engine.model.name, pages: pool.totalPages, pageBytes: engine.paging.pageBytes, loadMs: Math.round(performance.now() - t0) },
+    'model loaded',
+  );
+  const state: AppState = { draining: false };
+  const app = await buildApp(engine, { ...cfg, adapterDir }, { logger: log, state });
+  await app.listen({ host: cfg.host, port: cfg.port });
+  const addr = app.server.address();
+  log.info({ address: typeof addr === 'object' && addr ? `http://${cfg.host}:${addr.port}` : addr }, 'listening');
+
+  let stopping = false;
+  const shutdown = async (signal: string) => {
+    if (stopping) return;
+    stopping = true;
+    state.draining = true;
+    log.info({ signal, inFlight: engine.scheduler.running.length + engine.scheduler.waiting.length }, 'draining');
+    const deadline = performance.now() + cfg.shutdownTimeout * 1000;
+    while (engine.scheduler.hasWork && performance.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    await engine.close(); // aborts whatever outlived the timeout, so its streams end
+    await app.close();
+    log.info('stopped');
+    log.flush?.();
+    process.exit(0);
+  };
+  process.on('SIGTERM', () => void shutdown('SIGTERM'));
+  process.on('SIGINT', () => void shutdown('SIGINT'));
+}

@@ -1,0 +1,107 @@
+// Prometheus metrics. Names follow vLLM's so dashboards, autoscalers and the Gateway API inference
+// extension (which reads vllm:lora_requests_info for adapter affinity) work unchanged.
+import { Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { Engine } from './engine/engine.js';
+import type { GenerationRun } from './services/generation.js';
+
+export class Metrics {
+  readonly registry = new Registry();
+  private readonly ttft: Histogram;
+  private readonly e2e: Histogram;
+  private readonly tpot: Histogram;
+  private readonly success: Counter;
+  private readonly promptTokens: Counter;
+  private readonly genTokens: Counter;
+
+  constructor(private readonly engine: Engine) {
+    const r = this.registry;
+    const model = engine.model.name;
+    const labels = { model_name: model };
+    const gauge = (name: string, help: string, read: () => number) =>
+      new Gauge({ name, help, labelNames: ['model_name'], registers: [r], collect() { this.set(labels, read()); } });
+    gauge('vllm:num_requests_running', 'Requests running on the engine.', () => engine.scheduler.running.length);
+    gauge('vllm:num_requests_waiting', 'Requests waiting to be scheduled.', () => engine.scheduler.waiting.length);
+    const kvUse = () => {
+      const s = engine.paging.stats();
+      return s.totalPages ? (s.totalPages - s.freePages) / s.totalPages : 0;
+    };
+    gauge('vllm:kv_cache_usage_perc', 'Fraction of the unified pool in use (KV blocks and adapter pages).', kvUse);
+    gauge('vllm:gpu_cache_usage_perc', 'Alias of vllm:kv_cache_usage_perc for older dashboards.', kvUse);
+    gauge('vllm:num_preemptions_total', 'Preemptions (recompute) so far.', () => engine.scheduler.numPreemptions);
+    const maxLora = engine.adapters.opts.maxSlots;
+    new Gauge({
+      name: 'vllm:lora_requests_info',
+      help: 'Running and waiting LoRA adapters (value: scrape time).',
+      labelNames: ['running_lora_adapters', 'waiting_lora_adapters', 'max_lora'],
+      registers: [r],
+      collect() {
+        this.reset();
+        const uniq = (xs: Array<string | null>) => [...new Set(xs.filter((x): x is string => x !== null))].sort().join(',');
+        this.set(
+          {
+            running_lora_adapters: uniq(engine.scheduler.running.map((s) => s.adapterId)),
+            waiting_lora_adapters: uniq(engine.scheduler.waiting.map((s) => s.adapterId)),
+            max_lora: String(maxLora),
+          },
+          Date.now() / 1000,
+        );
+      },
+    });
+    new Gauge({
+      name: 'loraplex_pool_pages',
+      help: 'Pages of the unified pool by use.',
+      labelNames: ['use'],
+      registers: [r],
+      collect() {
+        const s = engine.paging.stats();
+        this.set({ use: 'kv' }, s.kvPages);
+        this.set({ use: 'adapter' }, s.adapterPages);
+        this.set({ use: 'free' }, s.freePages);
+        this.set({ use: 'total' }, s.totalPages);
+      },
+    });
+    new Gauge({ name: 'loraplex_pool_page_bytes', help: 'Bytes per pool page.', registers: [r], collect() { this.set(engine.paging.pageBytes); } });
+    new Gauge({ name: 'loraplex_resident_adapters', help: 'Adapters in the unified pool.', registers: [r], collect() { this.set(engine.adapters.stats().resident); } });
+    new Gauge({ name: 'loraplex_host_cached_adapters', help: 'Adapters parsed in host memory.', registers: [r], collect() { this.set(engine.adapters.stats().hostCached); } });
+    // Counters mirrored from engine totals at scrape time.
+    const monotonic = (name: string, help: string, read: () => number) => {
+      let last = 0;
+      new Counter({
+        name, help, registers: [r],
+        collect() {
+          const v = read();
+          if (v > last) this.inc(v - last);
+          last = Math.max(last, v);
+        },
+      });
+    };
+    monotonic('loraplex_adapter_loads_total', 'Adapter loads from disk into host memory.', () => engine.adapters.stats().loads);
+    monotonic('loraplex_adapter_evictions_total', 'Adapters evicted from the pool.', () => engine.adapters.stats().evictions);
+    monotonic('loraplex_preemptions_total', 'Sequences preempted (recompute).', () => engine.scheduler.numPreemptions);
+    monotonic('loraplex_engine_steps_total', 'Engine steps run.', () => engine.stats().steps);
+    this.promptTokens = new Counter({ name: 'vllm:prompt_tokens_total', help: 'Prompt tokens processed.', labelNames: ['model_name'], registers: [r] });
+    this.genTokens = new Counter({ name: 'vllm:generation_tokens_total', help: 'Generated tokens.', labelNames: ['model_name'], registers: [r] });
+    this.success = new Counter({ name: 'vllm:request_success_total', help: 'Finished requests by finish reason.', labelNames: ['model_name', 'finished_reason'], registers: [r] });
+    const buckets = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80];
+    this.ttft = new Histogram({ name: 'vllm:time_to_first_token_seconds', help: 'Time to first token.', labelNames: ['model_name'], buckets, registers: [r] });
+    this.e2e = new Histogram({ name: 'vllm:e2e_request_latency_seconds', help: 'End-to-end request latency.', labelNames: ['model_name'], buckets, registers: [r] });
+    this.tpot = new Histogram({ name: 'vllm:time_per_output_token_seconds', help: 'Mean inter-token latency per request.', labelNames: ['model_name'], buckets, registers: [r] });
+  }
+
+  requestDone(run: GenerationRun, _mode: string, t0: number): void {
+    const labels = { model_name: this.engine.model.name };
+    const end = performance.now();
+    this.promptTokens.inc(labels, run.promptTokens);
+    this.genTokens.inc(labels, run.completionTokens);
+    for (const s of run.streams) {
+      const seq = s.seq;
+      const reason = seq.finishReason === 'length' ? 'length' : seq.finishReason === 'abort' ? (s.finished ? 'stop' : 'abort') : (seq.finishReason ?? 'abort');
+      this.success.inc({ ...labels, finished_reason: reason });
+      if (seq.firstTokenAt !== null) {
+        this.ttft.observe(labels, (seq.firstTokenAt - t0) / 1000);
+        if (seq.outputIds.length > 1) this.tpot.observe(labels, (end - seq.firstTokenAt) / 1000 / (seq.outputIds.length - 1));
+      }
+    }
+    this.e2e.observe(labels, (end - t0) / 1000);
+  }
+}

@@ -1,0 +1,278 @@
+// OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models. Thin: validation
+// helpers and the generation service do the work; this file shapes responses and SSE.
+import { randomUUID } from 'node:crypto';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import type { Engine } from '../engine/engine.js';
+import { LoraplexError } from '../engine/errors.js';
+import type { TokenEvent } from '../engine/sequence.js';
+import type { ChatMessage as TplMessage } from '../engine/tokenizer.js';
+import { ChatCompletionRequest, CompletionRequest } from '../schemas/openai.js';
+import { GenerationRun, type ChoiceEvent, type ChoiceInput } from '../services/generation.js';
+import { choiceCount, invalid, normalizePrompts, resolveAdapter, samplingParams, stopStrings } from '../services/request-params.js';
+import type { Metrics } from '../metrics.js';
+
+export interface OpenAIRouteDeps {
+  engine: Engine;
+  metrics: Metrics;
+  maxN: number;
+  /** Throws 429/503 when the server cannot take more work. */
+  admit: () => void;
+}
+
+const now = () => Math.floor(Date.now() / 1000);
+
+function tokenStr(engine: Engine, id: number): string {
+  return engine.tokenizer.decode([id], false);
+}
+
+function bytesOf(s: string): number[] {
+  return [...Buffer.from(s, 'utf8')];
+}
+
+/** Completions' logprobs object for a run of tokens. */
+function completionLogprobs(engine: Engine, tokens: TokenEvent[], offset0: number) {
+  let off = offset0;
+  const out = { tokens: [] as string[], token_logprobs: [] as number[], top_logprobs: [] as Array<Record<string, number>>, text_offset: [] as number[] };
+  for (const t of tokens) {
+    const s = tokenStr(engine, t.token);
+    out.tokens.push(s);
+    out.token_logprobs.push(t.logprob);
+    out.top_logprobs.push(Object.fromEntries((t.top ?? []).map(([id, lp]) => [tokenStr(engine, id), lp])));
+    out.text_offset.push(off);
+    off += s.length;
+  }
+  return out;
+}
+
+function chatLogprobs(engine: Engine, tokens: TokenEvent[]) {
+  return {
+    content: tokens.map((t) => {
+      const s = tokenStr(engine, t.token);
+      return {
+        token: s,
+        logprob: t.logprob,
+        bytes: bytesOf(s),
+        top_logprobs: (t.top ?? []).map(([id, lp]) => {
+          const ts = tokenStr(engine, id);
+          return { token: ts, logprob: lp, bytes: bytesOf(ts) };
+        }),
+      };
+    }),
+  };
+}
+
+function sseHeaders(reply: FastifyReply): void {
+  reply.hijack();
+  reply.raw.writeHead(200, {
+    'content-type': 'text/event-stream; charset=utf-8',
+    'cache-control': 'no-cache',
+    connection: 'keep-alive',
+    'x-accel-buffering': 'no',
+  });
+}
+
+function sse(reply: FastifyReply, data: unknown): void {
+  reply.raw.write(`data: ${typeof data === 'string' ? data : JSON.stringify(data)}\n\n`);
+}
+
+/** Runs a request's choices, aborting them if the client disconnects first. */
+async function drive(
+  req: FastifyRequest,
+  reply: FastifyReply,
+  run: GenerationRun,
+  onEvent: (e: ChoiceEvent) => void,
+): Promise<boolean> {
+  let gone = false;
+  const onClose = () => {
+    if (!reply.raw.writableFinished) {
+      gone = true;
+      run.abort();
+    }
+  };
+  reply.raw.on('close', onClose);
+  req.raw.on('aborted', onClose);
+  try {
+    for await (const e of run.events()) {
+      if (gone) break;
+      onEvent(e);
+    }
+  } finally {
+    reply.raw.off('close', onClose);
+  }
+  return !gone;
+}
+
+export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps): Promise<void> {
+  const { engine, metrics } = deps;
+
+  app.get('/v1/models', async () => {
+    const created = now();
+    const base = { id: engine.model.name, object: 'model', created, owned_by: 'loraplex', root: engine.model.dir, parent: null, max_model_len: engine.maxModelLen };
+    const adapters = engine.adapters.listKnown().map((a) => ({ id: a.id, object: 'model', created, owned_by: 'loraplex', root: a.dir, parent: engine.model.name }));
+    return { object: 'list', data: [base, ...adapters] };
+  });
+
+  app.post<{ Body: CompletionRequest }>('/v1/completions', { schema: { body: CompletionRequest } }, async (req, reply) => {
+    const body = req.body;
+    const t0 = performance.now();
+    const adapter = resolveAdapter(engine, body.model);
+    if (body.suffix) invalid('suffix', 'suffix is not supported');
+    const n = choiceCount(body.n, deps.maxN);
+    if (body.best_of != null && body.best_of !== n) invalid('best_of', 'best_of must equal n (or be omitted)');
+    const logprobs = body.logprobs ?? null;
+    if (logprobs !== null && (logprobs < 0 || logprobs > 20)) invalid('logprobs', 'logprobs must be an integer in [0, 20]');
+    if (body.echo && logprobs !== null) invalid('echo', 'echo together with logprobs is not supported');
+    const stops = stopStrings(body.stop);
+    const prompts = normalizePrompts(engine, body.prompt);
+    const inputs: ChoiceInput[] = [];
+    for (const p of prompts) {
+      const params = samplingParams(engine, body, body.max_tokens, 'max_tokens', p.ids.length, logprobs);
+      for (let k = 0; k < n; k++) inputs.push({ promptIds: p.ids, params: { ...params, seed: params.seed === null ? null : params.seed + k }, stops });
+    }
+    deps.admit();
+    const run = new GenerationRun(engine, inputs, adapter);
+    const id = `cmpl-${randomUUID().replace(/-/g, '')}`;
+    const created = now();
+    const texts = inputs.map(() => '');
+    const toks: TokenEvent[][] = inputs.map(() => []);
+    const finish: Array<string | null> = inputs.map(() => null);
+    const echoText = (i: number) => (body.echo ? (prompts[Math.floor(i / n)].text ?? engine.tokenizer.decode(prompts[Math.floor(i / n)].ids, false)) : '');
+    const usage = () => ({ prompt_tokens: run.promptTokens, completion_tokens: run.completionTokens, total_tokens: run.promptTokens + run.completionTokens });
+    req.loraplex = { model: body.model, adapter, run };
+
+    if (body.stream) {
+      sseHeaders(reply);
+      const echoed = new Set<number>();
+      const ok = await drive(req, reply, run, (e) => {
+        let text = e.text;
+        if (!echoed.has(e.index)) (echoed.add(e.index), (text = echoText(e.index) + text));
+        if (text === '' && !e.finishReason && logprobs === null) return;
+        sse(reply, {
+          id, object: 'text_completion', created, model: body.model,
+          choices: [{ index: e.index, text, logprobs: logprobs !== null ? completionLogprobs(engine, e.tokens, texts[e.index].length) : null, finish_reason: e.finishReason, stop_reason: null }],
+        });
+        texts[e.index] += text;
+      }).catch((err) => {
+        sse(reply, { error: { message: (err as Error).message, type: 'server_error', param: null, code: null } });
+        return true;
+      });
+      if (ok) {
+        if (body.stream_options?.include_usage) sse(reply, { id, object: 'text_completion', created, model: body.model, choices: [], usage: usage() });
+        sse(reply, '[DONE]');
+      }
+      reply.raw.end();
+      metrics.requestDone(run, 'stream', t0);
+      return reply;
+    }
+
+    const ok = await drive(req, reply, run, (e) => {
+      texts[e.index] += e.text;
+      toks[e.index].push(...e.tokens);
+      if (e.finishReason) finish[e.index] = e.finishReason;
+    });
+    metrics.requestDone(run, 'json', t0);
+    if (!ok) return reply;
+    return {
+      id, object: 'text_completion', created, model: body.model,
+      choices: texts.map((text, i) => ({
+        index: i,
+        text: echoText(i) + text,
+        logprobs: logprobs !== null ? completionLogprobs(engine, toks[i], echoText(i).length) : null,
+        finish_reason: finish[i],
+        stop_reason: null,
+      })),
+      usage: usage(),
+    };
+  });
+
+  app.post<{ Body: ChatCompletionRequest }>('/v1/chat/completions', { schema: { body: ChatCompletionRequest } }, async (req, reply) => {
+    const body = req.body;
+    const t0 = performance.now();
+    const adapter = resolveAdapter(engine, body.model);
+    if (body.response_format && body.response_format.type !== 'text')
+      invalid('response_format', `response_format ${JSON.stringify(body.response_format.type)} is not supported yet`);
+    if (body.tools && body.tools.length > 0) invalid('tools', 'tools are not supported');
+    if (body.messages.length === 0) invalid('messages', 'messages must not be empty');
+    const messages: TplMessage[] = body.messages.map((m, i) => {
+      if (!['system', 'user', 'assistant', 'developer'].includes(m.role))
+        invalid(`messages[${i}].role`, `unknown role ${JSON.stringify(m.role)} (system, user, assistant)`);
+      let content = '';
+      if (typeof m.content === 'string') content = m.content;
+      else if (Array.isArray(m.content)) {
+        for (const [j, part] of m.content.entries()) {
+          if (part.type !== 'text' || typeof part.text !== 'string')
+            invalid(`messages[${i}].content[${j}]`, `content part type ${JSON.stringify(part.type)} is not supported (text only)`);
+          content += part.text;
+        }
+      } else if (m.role !== 'assistant') invalid(`messages[${i}].content`, 'content is required');
+      return { role: m.role === 'developer' ? 'system' : m.role, content };
+    });
+    const n = choiceCount(body.n, deps.maxN);
+    const topLogprobs = body.top_logprobs ?? null;
+    if (topLogprobs !== null && (topLogprobs < 0 || topLogprobs > 20)) invalid('top_logprobs', 'top_logprobs must be an integer in [0, 20]');
+    if (topLogprobs !== null && !body.logprobs) invalid('top_logprobs', 'top_logprobs requires logprobs: true');
+    const logprobs = body.logprobs ? (topLogprobs ?? 0) : null;
+    const stops = stopStrings(body.stop);
+    if (!engine.tokenizer.hasChatTemplate) invalid('messages', 'this model has no chat template; use /v1/completions', 'no_chat_template');
+    const ids = engine.tokenizer.encodeChat(messages, body.add_generation_prompt ?? true);
+    const maxTokens = body.max_completion_tokens ?? body.max_tokens;
+    const params = samplingParams(engine, body, maxTokens, body.max_completion_tokens != null ? 'max_completion_tokens' : 'max_tokens', ids.length, logprobs);
+    const inputs: ChoiceInput[] = Array.from({ length: n }, (_, k) => ({ promptIds: ids, params: { ...params, seed: params.seed === null ? null : params.seed + k }, stops }));
+    deps.admit();
+    const run = new GenerationRun(engine, inputs, adapter);
+    const id = `chatcmpl-${randomUUID().replace(/-/g, '')}`;
+    const created = now();
+    const usage = () => ({ prompt_tokens: run.promptTokens, completion_tokens: run.completionTokens, total_tokens: run.promptTokens + run.completionTokens });
+    req.loraplex = { model: body.model, adapter, run };
+
+    if (body.stream) {
+      sseHeaders(reply);
+      const chunk = (choices: unknown[]) => ({ id, object: 'chat.completion.chunk', created, model: body.model, choices });
+      for (let i = 0; i < n; i++) sse(reply, chunk([{ index: i, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null }]));
+      const ok = await drive(req, reply, run, (e) => {
+        if (e.text === '' && !e.finishReason && logprobs === null) return;
+        const delta = e.text === '' && e.finishReason ? {} : { content: e.text };
+        sse(reply, chunk([{ index: e.index, delta, logprobs: logprobs !== null ? chatLogprobs(engine, e.tokens) : null, finish_reason: e.finishReason }]));
+      }).catch((err) => {
+        sse(reply, { error: { message: (err as Error).message, type: 'server_error', param: null, code: null } });
+        return true;
+      });
+      if (ok) {
+        if (body.stream_options?.include_usage) sse(reply, { id, object: 'chat.completion.chunk', created, model: body.model, choices: [], usage: usage() });
+        sse(reply, '[DONE]');
+      }
+      reply.raw.end();
+      metrics.requestDone(run, 'stream', t0);
+      return reply;
+    }
+
+    const texts = inputs.map(() => '');
+    const toks: TokenEvent[][] = inputs.map(() => []);
+    const finish: Array<string | null> = inputs.map(() => null);
+    const ok = await drive(req, reply, run, (e) => {
+      texts[e.index] += e.text;
+      toks[e.index].push(...e.tokens);
+      if (e.finishReason) finish[e.index] = e.finishReason;
+    });
+    metrics.requestDone(run, 'json', t0);
+    if (!ok) return reply;
+    return {
+      id, object: 'chat.completion', created, model: body.model,
+      choices: texts.map((content, i) => ({
+        index: i,
+        message: { role: 'assistant', content },
+        logprobs: logprobs !== null ? chatLogprobs(engine, toks[i]) : null,
+        finish_reason: finish[i],
+      })),
+      usage: usage(),
+    };
+  });
+}
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    loraplex?: { model: string; adapter: string | null; run: GenerationRun };
+  }
+}
+
+export { LoraplexError };
