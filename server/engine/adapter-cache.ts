@@ -149,11 +149,11 @@ export class AdapterCache {
   }
 
   /** Evicts unpinned pool adapters (least recently used first) until `pages` pages were freed. */
-  reclaim(pages: number): number {
+  reclaim(pages: number, keep: string | null = null): number {
     let freed = 0;
     const pinned = this.pinnedSlots();
     const victims = this.list()
-      .filter((e) => e.tier === 'pool' && !pinned.has(e.slot))
+      .filter((e) => e.tier === 'pool' && !pinned.has(e.slot) && e.id !== keep)
       .sort((a, b) => a.lastUsed - b.lastUsed);
     for (const v of victims) {
       if (freed >= pages) break;

@@ -78,7 +78,11 @@ export class Engine {
       this.paging,
       { maxNumSeqs: opts.maxNumSeqs ?? 64, maxBatchTokens: opts.maxBatchTokens ?? 2048 },
       (seq) => this.adapters.admit(seq),
-      (pages) => this.adapters.reclaim(pages),
+      (pages, keep) => this.adapters.reclaim(pages, keep?.adapterId ?? null),
+      (seq) =>
+        this.finishSeq(seq, 'error', new LoraplexError(
+          `the request needs ${this.paging.blocksFor(seq.numTokens)} KV pages plus its adapter's; the pool cannot hold them`,
+          400, 'invalid_request_error', 'max_tokens', 'context_length_exceeded')),
     );
     this.adapters.pinnedSlots = () => new Set(this.scheduler.running.map((q) => q.adapterSlot).filter((x) => x > 0));
     this.adapters.onLoadFailed = (id, err) => {
@@ -224,7 +228,14 @@ export class Engine {
 
   private async runLoop(): Promise<void> {
     while (this.scheduler.hasWork) {
-      const plan = this.scheduler.schedule();
+      let plan: ScheduledSeq[];
+      try {
+        plan = this.scheduler.schedule();
+      } catch (e) {
+        // A scheduling bug must not wedge the server: fail what is queued and keep serving.
+        for (const q of [...this.scheduler.running, ...this.scheduler.waiting]) this.finishSeq(q, 'error', e as Error);
+        continue;
+      }
       if (plan.length === 0) {
         // Everything waits on something outside the step (an adapter load): yield and retry.
         await this.adapters.waitForProgress();
@@ -342,8 +353,10 @@ export class Engine {
       }
       seq.deliver({ token: id, logprob: logprobs[k], top });
       const sp = seq.params;
+      // EOS is masked in C++ until min_tokens; stop token ids before min_tokens are not stops.
+      const canStop = seq.outputIds.length >= sp.minTokens;
       const isEos = !sp.ignoreEos && this.model.eosTokenIds.includes(id);
-      if (isEos || sp.stopTokenIds.includes(id)) this.finishSeq(seq, 'stop');
+      if (canStop && (isEos || sp.stopTokenIds.includes(id))) this.finishSeq(seq, 'stop');
       else if (seq.outputIds.length >= sp.maxTokens) this.finishSeq(seq, 'length');
     }
   }

@@ -26,8 +26,10 @@ export class Scheduler {
     private readonly paging: PagingManager,
     readonly limits: SchedulerLimits,
     private readonly canAdmit: AdmitHook = () => true,
-    /** Frees pool space held by something other than KV (unpinned adapters); returns pages freed. */
-    private readonly reclaim: (pagesNeeded: number) => number = () => 0,
+    /** Frees pool space held by unpinned adapters (never `keep`'s adapter); returns pages freed. */
+    private readonly reclaim: (pagesNeeded: number, keep?: Sequence) => number = () => 0,
+    /** A waiting sequence that cannot fit even in an otherwise empty pool. */
+    private readonly onUnfittable: (seq: Sequence) => void = () => undefined,
   ) {}
 
   add(seq: Sequence): void {
@@ -71,9 +73,19 @@ export class Scheduler {
     while (this.waiting.length > 0 && budget > 0 && this.running.length < this.limits.maxNumSeqs) {
       const seq = this.waiting[0];
       const needAll = this.paging.blocksFor(seq.numTokens) - seq.blocks.length;
-      if (!this.paging.canAllocate(needAll)) this.reclaim(needAll - this.paging.freePages);
-      if (!this.paging.canAllocate(needAll)) break; // FCFS: nobody overtakes the head
-      if (!this.canAdmit(seq)) break;
+      if (!this.paging.canAllocate(needAll)) this.reclaim(needAll - this.paging.freePages, seq);
+      if (!this.paging.canAllocate(needAll)) {
+        if (this.running.length === 0 && plan.length === 0) {
+          // Nothing else holds pages that could come back: this request can never fit.
+          this.waiting.shift();
+          this.onUnfittable(seq);
+          continue;
+        }
+        break; // FCFS: nobody overtakes the head
+      }
+      if (!this.canAdmit(seq)) break; // its adapter is still loading, or no room for it yet
+      // Installing the adapter may have taken the room; KV comes back as others finish.
+      if (!this.paging.canAllocate(needAll)) break;
       const numNew = Math.min(seq.numTokens - seq.numComputed, budget);
       this.waiting.shift();
       seq.state = SeqState.Running;

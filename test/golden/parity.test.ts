@@ -1,0 +1,77 @@
+// HF transformers + PEFT parity on the committed fp32 fixtures: token ids, chat templates, greedy
+// continuations and top-5 logprobs, for the base models and every golden adapter, one request at a
+// time and all of a model's cases in one mixed batch.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Engine } from '../../server/engine/engine.js';
+import type { TokenEvent } from '../../server/engine/sequence.js';
+import { adapterId, adapterRoot, loadGolden, MODEL_NAMES, modelDir, strictSteps, type GoldenCase } from '../helpers/fixtures.js';
+
+const LOGPROB_TOL = 1e-3;
+
+async function run(engine: Engine, c: GoldenCase): Promise<TokenEvent[]> {
+  const out: TokenEvent[] = [];
+  const gen = engine.generate(c.prompt_ids, { maxTokens: c.greedy_ids.length, temperature: 0, ignoreEos: true, logprobs: 5 }, { adapter: c.adapter ? adapterId(c.adapter) : null });
+  for await (const t of gen) out.push(t);
+  return out;
+}
+
+function checkAgainstGolden(c: GoldenCase, got: TokenEvent[]): void {
+  const n = strictSteps(c);
+  const where = `${c.adapter ?? 'base'} / ${JSON.stringify(c.prompt)}`;
+  expect(got.map((t) => t.token).slice(0, n), where).toEqual(c.greedy_ids.slice(0, n));
+  for (let i = 0; i < n; i++) {
+    const ref = c.steps[i].top;
+    const mine = got[i].top!;
+    expect(Math.abs(got[i].logprob - ref[0][1]), `${where} step ${i} chosen logprob`).toBeLessThan(LOGPROB_TOL);
+    for (let k = 0; k < ref.length; k++) {
+      expect(Math.abs(mine[k][1] - ref[k][1]), `${where} step ${i} top-${k} logprob`).toBeLessThan(LOGPROB_TOL);
+      // Ids must agree where the reference ranks are not within tolerance of each other.
+      const sep = (k === 0 || ref[k - 1][1] - ref[k][1] > LOGPROB_TOL) && (k === ref.length - 1 || ref[k][1] - ref[k + 1][1] > LOGPROB_TOL);
+      if (sep) expect(mine[k][0], `${where} step ${i} top-${k} id`).toBe(ref[k][0]);
+    }
+  }
+}
+
+describe.each(MODEL_NAMES)('%s', (name) => {
+  const golden = loadGolden(name);
+  let engine: Engine;
+  const single = new Map<GoldenCase, TokenEvent[]>();
+
+  beforeAll(async () => {
+    engine = await Engine.create({ model: modelDir(name), adapterDir: adapterRoot(name), memoryBudget: 8 << 20 });
+  });
+  afterAll(async () => {
+    await engine?.close();
+  });
+
+  it('tokenizes exactly like HF', () => {
+    for (const t of golden.tokenize) expect(engine.tokenizer.encode(t.text, t.add_special_tokens), JSON.stringify(t.text)).toEqual(t.ids);
+  });
+
+  it('renders the chat template exactly like HF', () => {
+    for (const c of golden.chat) {
+      expect(engine.tokenizer.applyChatTemplate(c.messages, c.add_generation_prompt)).toBe(c.text);
+      expect(engine.tokenizer.encodeChat(c.messages, c.add_generation_prompt)).toEqual(c.ids);
+    }
+  });
+
+  it('matches greedy ids and top-5 logprobs one request at a time (base and adapters)', async () => {
+    expect(golden.cases.some((c) => c.adapter)).toBe(true);
+    for (const c of golden.cases) {
+      const got = await run(engine, c);
+      single.set(c, got);
+      checkAgainstGolden(c, got);
+    }
+  });
+
+  it('gives every request the same output when all cases share one mixed batch', async () => {
+    const batch = await Promise.all(golden.cases.map((c) => run(engine, c)));
+    golden.cases.forEach((c, i) => {
+      checkAgainstGolden(c, batch[i]);
+      const alone = single.get(c)!;
+      expect(batch[i].map((t) => t.token)).toEqual(alone.map((t) => t.token));
+      batch[i].forEach((t, j) => expect(Math.abs(t.logprob - alone[j].logprob)).toBeLessThan(1e-5));
+    });
+    expect(engine.paging.stats().kvPages).toBe(0);
+  });
+});
