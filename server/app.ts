@@ -3,7 +3,7 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 import { mkdirSync } from 'node:fs';
 import { resolve } from 'node:path';
-import Fastify, { type FastifyError, type FastifyInstance } from 'fastify';
+import Fastify, { LogController, type FastifyError, type FastifyInstance } from 'fastify';
 import pino from 'pino';
 import type { ServeConfig } from './config.js';
 import { ensureDemoModel } from './demo/demo-model.js';
@@ -67,11 +67,13 @@ export async function buildApp(engine: Engine, cfg: ServeConfig, opts: BuildOpti
   const state = opts.state ?? { draining: false };
   const app = Fastify({
     loggerInstance: opts.logger === false || opts.logger === undefined ? pino({ level: 'silent' }) : opts.logger,
-    disableRequestLogging: true,
+    logController: new LogController({ disableRequestLogging: true }), // one line per request, our own (onResponse)
     bodyLimit: cfg.maxBodyBytes,
     ajv: { customOptions: { coerceTypes: false, removeAdditional: false, useDefaults: false, allErrors: false } },
     return503OnClosing: false,
   });
+  // JSON everywhere (multipart only for uploads): a text/plain body is a 415, not a schema error.
+  app.removeContentTypeParser('text/plain');
   const metrics = new Metrics(engine);
   const store = await createAdapterStore(engine, cfg, app.log);
   app.addHook('onClose', async () => store.close());
