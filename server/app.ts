@@ -3,7 +3,7 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 import { mkdirSync } from 'node:fs';
 import { resolve } from 'node:path';
-import Fastify, { LogController, type FastifyError, type FastifyInstance } from 'fastify';
+import Fastify, { LogController, type FastifyError, type FastifyInstance, type FastifyReply } from 'fastify';
 import pino from 'pino';
 import type { ServeConfig } from './config.js';
 import { ensureDemoModel } from './demo/demo-model.js';
@@ -71,6 +71,11 @@ export async function buildApp(engine: Engine, cfg: ServeConfig, opts: BuildOpti
     bodyLimit: cfg.maxBodyBytes,
     ajv: { customOptions: { coerceTypes: false, removeAdditional: false, useDefaults: false, allErrors: false } },
     return503OnClosing: false,
+    // Router-level failures (over-long path parameters, bad percent-encoding) in the same shape.
+    frameworkErrors: (err, _req, reply) => {
+      const status = err.code === 'FST_ERR_MAX_PARAM_LENGTH' ? 414 : 400;
+      (reply as unknown as FastifyReply).code(status).send(errorBody(err.message, "invalid_request_error", null, err.code ?? "invalid_url"));
+    },
   });
   // JSON everywhere (multipart only for uploads): a text/plain body is a 415, not a schema error.
   app.removeContentTypeParser('text/plain');

@@ -96,15 +96,16 @@ export class AdapterCache {
     return null;
   }
 
+  /** Adapters that can be named now (those being retired are already gone for new requests). */
   list(): AdapterEntry[] {
-    return [...this.entries.values()];
+    return [...this.entries.values()].filter((e) => !this.retiring.has(e.id));
   }
 
   /** Every adapter that can be named: registered ones plus those found in the adapter directory. */
   listKnown(): AdapterEntry[] {
     const dir = this.opts.adapterDir;
     if (dir && existsSync(dir)) {
-      for (const name of readdirSync(dir).sort()) if (!this.entries.has(name)) this.lookup(name);
+      for (const name of readdirSync(dir).sort()) if (!this.entries.has(name) && !this.retiring.has(name)) this.lookup(name);
     }
     return this.list().sort((a, b) => a.id.localeCompare(b.id));
   }
@@ -152,7 +153,7 @@ export class AdapterCache {
   reclaim(pages: number, keep: string | null = null): number {
     let freed = 0;
     const pinned = this.pinnedSlots();
-    const victims = this.list()
+    const victims = [...this.entries.values()]
       .filter((e) => e.tier === 'pool' && !pinned.has(e.slot) && e.id !== keep)
       .sort((a, b) => a.lastUsed - b.lastUsed);
     for (const v of victims) {
@@ -267,7 +268,7 @@ export class AdapterCache {
     let slot = this.slots.findIndex((s, i) => i > 0 && s === null);
     if (slot < 0) {
       const pinned = this.pinnedSlots();
-      const victim = this.list()
+      const victim = [...this.entries.values()]
         .filter((x) => x.tier === 'pool' && !pinned.has(x.slot))
         .sort((a, b) => a.lastUsed - b.lastUsed)[0];
       if (!victim) return false;
@@ -306,7 +307,7 @@ export class AdapterCache {
     let bytes = 0;
     for (const e of this.entries.values()) if (e.parsed) bytes += e.parsed.bytes;
     if (bytes <= this.hostCacheBytes) return;
-    const cands = this.list()
+    const cands = [...this.entries.values()]
       .filter((e) => e.parsed && e.tier === 'host' && e.refs === 0)
       .sort((a, b) => a.lastUsed - b.lastUsed);
     for (const e of cands) {

@@ -60,8 +60,10 @@ export class Engine {
   private steps = 0;
   private lastProgress = performance.now();
   private closed = false;
-  /** Called after every step (tests check pool invariants here). */
+  /** Called after every step (tests check pool invariants here; benchmarks read lastStep). */
   onStep: (() => void) | null = null;
+  /** Timings of the most recent step: host side = wall - forward - sample. */
+  lastStep = { tokens: 0, seqs: 0, forwardMs: 0, sampleMs: 0, wallMs: 0 };
 
   private constructor(model: ModelInfo, tokenizer: TextTokenizer, native: NativeEngine, pool: NativePoolInfo, opts: EngineOptions) {
     this.model = model;
@@ -241,6 +243,7 @@ export class Engine {
         await this.adapters.waitForProgress();
         continue;
       }
+      const t0 = performance.now();
       const batch = this.buildBatch(plan);
       let result;
       try {
@@ -253,6 +256,7 @@ export class Engine {
       this.steps++;
       this.lastProgress = performance.now();
       this.postprocess(plan, result.tokens, result.logprobs, result.topIds, result.topLogprobs, result.numTop);
+      this.lastStep = { tokens: batch.tokens.length, seqs: plan.length, forwardMs: result.forwardMs, sampleMs: result.sampleMs, wallMs: performance.now() - t0 };
       this.onStep?.();
     }
   }

@@ -1,7 +1,7 @@
 // Where uploaded adapters persist. The filesystem store (default) keeps each adapter as
 // `<adapter-dir>/<id>/` with a `loraplex.json` metadata file; the Redis store (redis-store.ts)
 // keeps files and metadata in Redis so replicas need no shared disk.
-import { closeSync, existsSync, fsyncSync, openSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, fsyncSync, openSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { FastifyBaseLogger } from 'fastify';
 import type { ServeConfig } from '../config.js';
@@ -87,9 +87,23 @@ export class FilesystemStore implements AdapterStore {
   async close(): Promise<void> {}
 }
 
+/** Leftovers of uploads, deletes or syncs cut short by a crash: hidden, never listed, removed at start. */
+export function removeCrashLeftovers(adapterDir: string): string[] {
+  const gone: string[] = [];
+  for (const name of readdirSync(adapterDir)) {
+    if (/^\.(upload|trash|sync)-/.test(name)) {
+      rmSync(join(adapterDir, name), { recursive: true, force: true });
+      gone.push(name);
+    }
+  }
+  return gone;
+}
+
 export async function createAdapterStore(engine: Engine, cfg: ServeConfig, log: FastifyBaseLogger): Promise<AdapterStore> {
   const dir = engine.adapters.opts.adapterDir ?? cfg.adapterDir;
   if (!dir) throw new Error('adapter directory not configured');
+  const leftovers = removeCrashLeftovers(dir);
+  if (leftovers.length) log.warn({ leftovers }, 'removed unfinished uploads/deletes from an earlier run');
   if (cfg.redisUrl) {
     const { RedisStore } = await import('./redis-store.js');
     return RedisStore.connect(cfg.redisUrl, dir, engine, log);

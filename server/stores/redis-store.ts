@@ -14,6 +14,7 @@ import { ADAPTER_FILES, FilesystemStore, META_FILE, fsyncPath, type AdapterMeta,
 const PREFIX = 'loraplex:';
 const IDS = `${PREFIX}adapters`;
 const CHANNEL = `${PREFIX}adapter-events`;
+const EPOCH = `${PREFIX}epoch`; // set once per registry lifetime; a new value means data was lost
 const CHUNK = 1024 * 1024;
 
 interface StoredMeta extends AdapterMeta {
@@ -30,6 +31,7 @@ export class RedisStore implements AdapterStore {
   private readonly local: FilesystemStore;
   private resyncTimer: NodeJS.Timeout | null = null;
   private syncing: Promise<void> | null = null;
+  private epoch: string | null = null;
 
   private constructor(
     private readonly redis: Redis,
@@ -68,16 +70,8 @@ export class RedisStore implements AdapterStore {
     const upload = randomUUID();
     const chunks: Record<string, number> = {};
     try {
-      for (const f of ADAPTER_FILES) {
-        let i = 0;
-        for await (const buf of createReadStream(join(stagingDir, f), { highWaterMark: CHUNK })) await this.redis.set(blobKey(upload, f, i++), buf as Buffer);
-        chunks[f] = i;
-      }
-      const stored: StoredMeta = { ...meta, upload, chunks };
-      // SET NX: of two racing uploads of one id, exactly one wins.
-      const ok = await this.redis.set(metaKey(id), JSON.stringify(stored), 'NX');
-      if (ok !== 'OK') throw new LoraplexError(`adapter ${id} already exists`, 409, 'invalid_request_error', 'id', 'adapter_exists');
-      await this.redis.sadd(IDS, id);
+      const stored = await this.register(id, stagingDir, meta, upload, chunks);
+      if (!stored) throw new LoraplexError(`adapter ${id} already exists`, 409, 'invalid_request_error', 'id', 'adapter_exists');
       await this.local.publish(id, stagingDir, meta);
       this.metas.set(id, stored);
       await this.redis.publish(CHANNEL, JSON.stringify({ op: 'add', id }));
@@ -85,6 +79,46 @@ export class RedisStore implements AdapterStore {
       await this.dropBlobs(upload, chunks).catch(() => undefined);
       if (e instanceof LoraplexError) throw e;
       throw new LoraplexError(`adapter registry write failed: ${(e as Error).message}`, 503, 'server_error', null, 'registry_unavailable');
+    }
+  }
+
+  /** Writes the files as chunks, then the metadata with SET NX (of two racing writers one wins). */
+  private async register(id: string, dir: string, meta: AdapterMeta, upload: string, chunks: Record<string, number>): Promise<StoredMeta | null> {
+    for (const f of ADAPTER_FILES) {
+      let i = 0;
+      for await (const buf of createReadStream(join(dir, f), { highWaterMark: CHUNK })) await this.redis.set(blobKey(upload, f, i++), buf as Buffer);
+      chunks[f] = i;
+    }
+    const { upload: _u, chunks: _c, ...plain } = meta as StoredMeta;
+    const stored: StoredMeta = { ...plain, upload, chunks };
+    if ((await this.redis.set(metaKey(id), JSON.stringify(stored), 'NX')) !== 'OK') return null;
+    await this.redis.sadd(IDS, id);
+    return stored;
+  }
+
+  /**
+   * Redis came back without the data it had (restarted without persistence, or flushed): the
+   * epoch key changed. Absence then means "lost", not "deleted", so put our copies back.
+   */
+  private async republish(): Promise<void> {
+    for (const [id, meta] of this.metas) {
+      const dir = join(this.adapterDir, id);
+      if (!existsSync(dir)) continue;
+      const upload = randomUUID();
+      const chunks: Record<string, number> = {};
+      try {
+        const stored = await this.register(id, dir, meta, upload, chunks);
+        if (stored) {
+          this.metas.set(id, stored);
+          await this.redis.publish(CHANNEL, JSON.stringify({ op: 'add', id }));
+        } else {
+          await this.dropBlobs(upload, chunks); // another replica put it back first
+        }
+        this.log.info({ id }, 'republished adapter to a registry that lost it');
+      } catch (e) {
+        await this.dropBlobs(upload, chunks).catch(() => undefined);
+        this.log.warn({ id, err: (e as Error).message }, 'republish failed');
+      }
     }
   }
 
@@ -145,6 +179,10 @@ export class RedisStore implements AdapterStore {
     if (this.redis.status !== 'ready') return;
     let ids: string[];
     try {
+      await this.redis.set(EPOCH, randomUUID(), 'NX');
+      const epoch = await this.redis.get(EPOCH);
+      if (this.epoch !== null && epoch !== this.epoch) await this.republish();
+      this.epoch = epoch;
       ids = await this.redis.smembers(IDS);
     } catch {
       return;
