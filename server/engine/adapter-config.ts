@@ -84,7 +84,7 @@ export function planFromConfig(cfg: Record<string, unknown>, model: ModelInfo, m
     if (v != null && !(Array.isArray(v) && v.length === 0) && !(typeof v === 'object' && Object.keys(v as object).length === 0))
       fail(f, `${f} is not supported`);
   }
-  const r = cfg.r;
+  const r = cfg.r ?? 8; // PEFT's default
   if (typeof r !== 'number' || !Number.isInteger(r)) fail('r', 'r must be an integer');
   const rank = r as number;
   const alphaRaw = cfg.lora_alpha ?? 8;
@@ -96,30 +96,41 @@ export function planFromConfig(cfg: Record<string, unknown>, model: ModelInfo, m
   if (typeof rankPattern !== 'object' || Array.isArray(rankPattern)) fail('rank_pattern', 'rank_pattern must be an object');
   if (typeof alphaPattern !== 'object' || Array.isArray(alphaPattern)) fail('alpha_pattern', 'alpha_pattern must be an object');
 
+  // PEFT's check_target_module_exists, for the module keys of a Llama-family model:
+  // exclude_modules first; a string is a full-match regex (layers_to_transform does not apply);
+  // in a list, an exact key is taken as is, a `.suffix` match is subject to layers_to_transform.
+  const excl = cfg.exclude_modules;
+  let excluded: (key: string) => boolean = () => false;
+  if (typeof excl === 'string') {
+    const re = pyRegex(excl, 'exclude_modules', 'full');
+    excluded = (k) => re.test(k);
+  } else if (Array.isArray(excl) && excl.length > 0) {
+    const list = excl.map(String);
+    excluded = (k) => list.includes(k) || list.some((t) => k.endsWith(`.${t}`));
+  } else if (excl != null && !Array.isArray(excl)) {
+    fail('exclude_modules', 'exclude_modules must be a list of names or a regex string');
+  }
+
   const tm = cfg.target_modules;
-  let matches: (key: string) => boolean;
-  let usesList = false;
+  let exact: (key: string) => boolean = () => false;
+  let suffix: (key: string) => boolean;
   const embedKeys = ['model.embed_tokens', 'lm_head'];
   if (typeof tm === 'string') {
     if (tm.toLowerCase() === 'all-linear') {
-      matches = () => true;
+      exact = () => true; // every linear layer but the output head
     } else {
       const re = pyRegex(tm, 'target_modules', 'full');
       for (const k of embedKeys) if (re.test(k)) fail('target_modules', `target_modules matches ${k}; embedding and lm_head LoRA are not supported`);
-      matches = (k) => re.test(k);
+      exact = (k) => re.test(k);
     }
+    suffix = () => false;
   } else if (Array.isArray(tm) && tm.every((x) => typeof x === 'string') && tm.length > 0) {
     const list = tm as string[];
     for (const t of list) {
       if (/(^|\.)(embed_tokens|lm_head|wte|embed)$/.test(t)) fail('target_modules', `target module ${t}: embedding and lm_head LoRA are not supported`);
     }
-    usesList = true;
-    matches = (k) => list.includes(k) || list.some((t) => k.endsWith(`.${t}`));
-    const known = new Set<string>(PROJ_NAMES);
-    for (const t of list) {
-      const last = t.split('.').pop() ?? t;
-      if (!known.has(last)) fail('target_modules', `target module ${JSON.stringify(t)} is not one of ${PROJ_NAMES.join(', ')}`);
-    }
+    exact = (k) => list.includes(k);
+    suffix = (k) => list.some((t) => k.endsWith(`.${t}`));
   } else {
     return fail('target_modules', 'target_modules must be a non-empty list of names or a regex string');
   }
@@ -131,17 +142,17 @@ export function planFromConfig(cfg: Record<string, unknown>, model: ModelInfo, m
     for (const l of list as unknown[])
       if (typeof l !== 'number' || !Number.isInteger(l) || l < 0 || l >= model.spec.numLayers)
         fail('layers_to_transform', `layers_to_transform entry ${JSON.stringify(l)} is not a layer of this ${model.spec.numLayers}-layer model`);
-    // PEFT applies layers_to_transform only when target_modules is a list.
-    if (usesList) layers = new Set(list as number[]);
+    layers = new Set(list as number[]);
   }
+  const matches = (key: string, layer: number) =>
+    !excluded(key) && (exact(key) || (suffix(key) && (layers === null || layers.has(layer))));
 
   const modules: LoraModulePlan[] = [];
   const targets = new Set<string>();
   for (let layer = 0; layer < model.spec.numLayers; layer++) {
-    if (layers && !layers.has(layer)) continue;
     for (let proj = 0; proj < PROJ_NAMES.length; proj++) {
       const key = moduleKey(layer, proj);
-      if (!matches(key)) continue;
+      if (!matches(key, layer)) continue;
       const mr = patternValue(rankPattern, key, 'rank_pattern') ?? rank;
       const ma = patternValue(alphaPattern, key, 'alpha_pattern') ?? alpha;
       if (!Number.isInteger(mr) || mr < 1 || mr > maxLoraRank)

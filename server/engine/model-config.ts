@@ -148,7 +148,8 @@ export function readModelDir(dirArg: string, servedName?: string): ModelInfo {
   }
 
   let slidingWindow = 0;
-  if (arch === 'mistral' && typeof cfg.sliding_window === 'number') slidingWindow = cfg.sliding_window;
+  // MistralConfig's default window is 4096 when the key is absent; null means none.
+  if (arch === 'mistral') slidingWindow = cfg.sliding_window === undefined ? 4096 : typeof cfg.sliding_window === 'number' ? cfg.sliding_window : 0;
   if (arch === 'qwen2' && cfg.use_sliding_window === true && typeof cfg.sliding_window === 'number')
     throw new ModelLoadError(`${cfgPath}: Qwen2 use_sliding_window is not supported`);
 
@@ -161,7 +162,8 @@ export function readModelDir(dirArg: string, servedName?: string): ModelInfo {
   return {
     dir,
     name: servedName ?? basename(dir),
-    maxPositionEmbeddings: int(cfg, 'max_position_embeddings', cfgPath, 4096),
+    // transformers' per-class defaults when the key is absent
+    maxPositionEmbeddings: int(cfg, 'max_position_embeddings', cfgPath, { llama: 2048, mistral: 131072, qwen2: 32768 }[arch]),
     eosTokenIds: eos,
     bosTokenId: bos,
     torchDtype: dtype,

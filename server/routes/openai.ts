@@ -146,7 +146,9 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
       const ok = await drive(req, reply, run, (e) => {
         let text = e.text;
         if (!echoed.has(e.index)) (echoed.add(e.index), (text = echoText(e.index) + text));
-        if (text === '' && !e.finishReason && logprobs === null) return;
+        // One chunk per engine step that produced tokens, even when they decode to no text yet
+        // (a held-back partial character): clients see progress and time tokens.
+        if (text === '' && !e.finishReason && e.tokens.length === 0) return;
         sse(reply, {
           id, object: 'text_completion', created, model: body.model,
           choices: [{ index: e.index, text, logprobs: logprobs !== null ? completionLogprobs(engine, e.tokens, texts[e.index].length) : null, finish_reason: e.finishReason, stop_reason: null }],
@@ -230,7 +232,7 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
       const chunk = (choices: unknown[]) => ({ id, object: 'chat.completion.chunk', created, model: body.model, choices });
       for (let i = 0; i < n; i++) sse(reply, chunk([{ index: i, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null }]));
       const ok = await drive(req, reply, run, (e) => {
-        if (e.text === '' && !e.finishReason && logprobs === null) return;
+        if (e.text === '' && !e.finishReason && e.tokens.length === 0) return;
         const delta = e.text === '' && e.finishReason ? {} : { content: e.text };
         sse(reply, chunk([{ index: e.index, delta, logprobs: logprobs !== null ? chatLogprobs(engine, e.tokens) : null, finish_reason: e.finishReason }]));
       }).catch((err) => {
