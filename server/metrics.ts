@@ -60,6 +60,19 @@ export class Metrics {
         this.set({ use: 'total' }, s.totalPages);
       },
     });
+    new Gauge({
+      name: 'loraplex_adapter_requests',
+      help: 'Requests per adapter by state.',
+      labelNames: ['adapter', 'state'],
+      registers: [r],
+      collect() {
+        this.reset();
+        for (const [id, c] of Object.entries(engine.stats().perAdapter)) {
+          this.set({ adapter: id, state: 'waiting' }, c.waiting);
+          this.set({ adapter: id, state: 'running' }, c.running);
+        }
+      },
+    });
     new Gauge({ name: 'loraplex_pool_page_bytes', help: 'Bytes per pool page.', registers: [r], collect() { this.set(engine.paging.pageBytes); } });
     new Gauge({ name: 'loraplex_resident_adapters', help: 'Adapters in the unified pool.', registers: [r], collect() { this.set(engine.adapters.stats().resident); } });
     new Gauge({ name: 'loraplex_host_cached_adapters', help: 'Adapters parsed in host memory.', registers: [r], collect() { this.set(engine.adapters.stats().hostCached); } });

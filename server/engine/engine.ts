@@ -28,6 +28,8 @@ export interface EngineOptions {
 export interface EngineStats extends PoolStats {
   waiting: number;
   running: number;
+  /** Waiting and running sequences per adapter id (the base model is not listed). */
+  perAdapter: Record<string, { waiting: number; running: number }>;
   preemptions: number;
   steps: number;
   adapters: AdapterCacheStats;
@@ -185,10 +187,14 @@ export class Engine {
   }
 
   stats(): EngineStats {
+    const perAdapter: EngineStats['perAdapter'] = {};
+    for (const [list, key] of [[this.scheduler.waiting, 'waiting'], [this.scheduler.running, 'running']] as const)
+      for (const q of list) if (q.adapterId !== null) (perAdapter[q.adapterId] ??= { waiting: 0, running: 0 })[key]++;
     return {
       ...this.paging.stats(),
       waiting: this.scheduler.waiting.length,
       running: this.scheduler.running.length,
+      perAdapter,
       preemptions: this.scheduler.numPreemptions,
       steps: this.steps,
       adapters: this.adapters.stats(),

@@ -8,7 +8,9 @@ import { SeededRandom } from '../../server/demo/seeded-random.js';
 import { Engine } from '../../server/engine/engine.js';
 import { LoraplexError } from '../../server/engine/errors.js';
 import { writeRandomAdapter, type ModelDims } from '../helpers/adapters.js';
-import { modelDir } from '../helpers/fixtures.js';
+import { adapterRoot, modelDir } from '../helpers/fixtures.js';
+
+const FIX_ADAPTERS = adapterRoot('llama-gqa');
 
 const MODEL = modelDir('llama-gqa');
 const DIMS: ModelDims = { hidden: 64, intermediate: 176, layers: 2, qDim: 64, kvDim: 32 };
@@ -154,3 +156,18 @@ describe('randomised simulation', () => {
 });
 
 afterAll(() => undefined);
+
+describe('engine stats', () => {
+  it('counts waiting and running sequences per adapter', async () => {
+    const e = await Engine.create({ model: MODEL, adapterDir: join(FIX_ADAPTERS), maxNumSeqs: 2 });
+    const seqs = [e.submit([1, 2, 3], { maxTokens: 50, ignoreEos: true }, { adapter: 'r8-all' }), e.submit([1, 2], { maxTokens: 50, ignoreEos: true }, { adapter: 'r8-all' }), e.submit([4], { maxTokens: 50, ignoreEos: true }, { adapter: 'r4-mlp' }), e.submit([5], { maxTokens: 50, ignoreEos: true })];
+    while (e.stats().running < 2) await seqs[0].next();
+    const st = e.stats();
+    expect(st.perAdapter['r8-all']).toEqual({ waiting: 0, running: 2 });
+    expect(st.perAdapter['r4-mlp']).toEqual({ waiting: 1, running: 0 });
+    expect(Object.keys(st.perAdapter).sort()).toEqual(['r4-mlp', 'r8-all']);
+    for (const s of seqs) e.abort(s);
+    expect(e.stats().perAdapter).toEqual({});
+    await e.close();
+  });
+});
