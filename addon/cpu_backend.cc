@@ -5,6 +5,9 @@
 #include <cstring>
 #include <stdexcept>
 
+#include <chrono>
+#include <cstdio>
+
 #include "addon/backend.h"
 #include "kernels/cpu/kernels.h"
 
@@ -16,6 +19,33 @@ size_t kv_page_bytes(const ModelSpec& s, int block_size) {
 }
 
 namespace {
+
+// LORAPLEX_PROFILE=1: per-op wall time of decode-only steps, printed to stderr every 50 of them.
+struct OpProfile {
+  const bool enabled = std::getenv("LORAPLEX_PROFILE") != nullptr;
+  bool on = false;  // enabled and this step is decode-only (what the profile is for)
+  double ms[8] = {};
+  int steps = 0;
+  static constexpr const char* kNames[8] = {"embed+norm", "qkv", "rope+kv", "attention", "o", "mlp-in", "act+down", "lm_head"};
+  void report() {
+    if (!on || ++steps % 50 != 0) return;
+    std::fprintf(stderr, "[profile] %d steps:", steps);
+    for (int i = 0; i < 8; i++) std::fprintf(stderr, " %s %.2f ms/step", kNames[i], ms[i] / steps);
+    std::fprintf(stderr, "\n");
+  }
+};
+
+class OpTimer {
+ public:
+  OpTimer(OpProfile& p, int op) : p_(p), op_(op), t0_(p.on ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{}) {}
+  ~OpTimer() {
+    if (p_.on) p_.ms[op_] += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0_).count();
+  }
+ private:
+  OpProfile& p_;
+  int op_;
+  std::chrono::steady_clock::time_point t0_;
+};
 
 struct InstalledAdapter {
   std::vector<int64_t> rows;  // byte offsets of every row, in place_rows() order
@@ -100,7 +130,8 @@ class CpuBackend final : public Backend {
   const StepBatch* batch_ = nullptr;
   std::vector<cpu::LoraSegment> segs_;
   bool any_lora_ = false, decode_only_ = false;
-  std::vector<float> x_, h_, q_, k_, v_, att_, o_, gate_, up_, act_, z_, last_;
+  std::vector<float> x_, h_, q_, k_, v_, att_, o_, gate_, up_, act_, z_, last_, rope_cos_, rope_sin_;
+  OpProfile prof_;
 };
 
 void CpuBackend::project(int layer, int p, const float* x, float* y, const std::vector<float>* bias) {
@@ -124,6 +155,7 @@ void CpuBackend::forward(const StepBatch& b, float* logits) {
   const ModelSpec& s = m.spec;
   const int T = b.n_tokens, H = s.hidden, QD = m.q_dim(), KD = m.kv_dim(), I = s.intermediate;
   batch_ = &b;
+  prof_.on = prof_.enabled && b.n_seqs == b.n_tokens;
   // Segments of consecutive tokens sharing an adapter (the scheduler orders sequences by adapter).
   segs_.clear();
   any_lora_ = false;
@@ -150,29 +182,56 @@ void CpuBackend::forward(const StepBatch& b, float* logits) {
   cpu::AttnBatch ab{b.n_seqs, b.query_start.data(), b.context_lens.data(), b.block_tables.data(), b.max_blocks,
                     s.sliding_window};
   const float scale = 1.0f / std::sqrt(float(s.head_dim));
-  cpu::embed(b.tokens.data(), T, m.embed.data, m.embed.type, H, x_.data());
+  {
+    OpTimer t(prof_, 0);
+    cpu::embed(b.tokens.data(), T, m.embed.data, m.embed.type, H, x_.data());
+    // cos/sin depend only on the positions: computed once per step for every layer, q and k.
+    const int half = s.head_dim / 2;
+    rope_cos_.resize(size_t(T) * half);
+    rope_sin_.resize(size_t(T) * half);
+    cpu::rope_table(b.positions.data(), T, m.inv_freq.data(), half, m.attn_scaling, rope_cos_.data(), rope_sin_.data());
+  }
   for (int l = 0; l < s.n_layers; l++) {
     const Layer& L = m.layers[l];
-    cpu::rmsnorm(x_.data(), L.attn_norm.data(), T, H, s.rms_eps, h_.data());
-    project(l, kQ, h_.data(), q_.data(), &L.q_bias);
-    project(l, kK, h_.data(), k_.data(), &L.k_bias);
-    project(l, kV, h_.data(), v_.data(), &L.v_bias);
-    cpu::rope(q_.data(), T, s.n_heads, s.head_dim, b.positions.data(), m.inv_freq.data(), m.attn_scaling);
-    cpu::rope(k_.data(), T, s.n_kv_heads, s.head_dim, b.positions.data(), m.inv_freq.data(), m.attn_scaling);
-    cpu::kv_write(pool_, layout_, l, ab, k_.data(), v_.data());
-    cpu::paged_attention(pool_, layout_, l, ab, q_.data(), s.n_heads, scale, att_.data());
-    project(l, kO, att_.data(), o_.data(), nullptr);
-    for (size_t i = 0; i < x_.size(); i++) x_[i] += o_[i];
-    cpu::rmsnorm(x_.data(), L.mlp_norm.data(), T, H, s.rms_eps, h_.data());
-    project(l, kGate, h_.data(), gate_.data(), nullptr);
-    project(l, kUp, h_.data(), up_.data(), nullptr);
-    cpu::silu_mul(gate_.data(), up_.data(), T, I, act_.data());
-    project(l, kDown, act_.data(), o_.data(), nullptr);
-    for (size_t i = 0; i < x_.size(); i++) x_[i] += o_[i];
+    {
+      OpTimer t(prof_, 1);
+      cpu::rmsnorm(x_.data(), L.attn_norm.data(), T, H, s.rms_eps, h_.data());
+      project(l, kQ, h_.data(), q_.data(), &L.q_bias);
+      project(l, kK, h_.data(), k_.data(), &L.k_bias);
+      project(l, kV, h_.data(), v_.data(), &L.v_bias);
+    }
+    {
+      OpTimer t(prof_, 2);
+      cpu::rope_apply(q_.data(), T, s.n_heads, s.head_dim, rope_cos_.data(), rope_sin_.data());
+      cpu::rope_apply(k_.data(), T, s.n_kv_heads, s.head_dim, rope_cos_.data(), rope_sin_.data());
+      cpu::kv_write(pool_, layout_, l, ab, k_.data(), v_.data());
+    }
+    { OpTimer t(prof_, 3); cpu::paged_attention(pool_, layout_, l, ab, q_.data(), s.n_heads, scale, att_.data()); }
+    {
+      OpTimer t(prof_, 4);
+      project(l, kO, att_.data(), o_.data(), nullptr);
+      for (size_t i = 0; i < x_.size(); i++) x_[i] += o_[i];
+      cpu::rmsnorm(x_.data(), L.mlp_norm.data(), T, H, s.rms_eps, h_.data());
+    }
+    {
+      OpTimer t(prof_, 5);
+      project(l, kGate, h_.data(), gate_.data(), nullptr);
+      project(l, kUp, h_.data(), up_.data(), nullptr);
+    }
+    {
+      OpTimer t(prof_, 6);
+      cpu::silu_mul(gate_.data(), up_.data(), T, I, act_.data());
+      project(l, kDown, act_.data(), o_.data(), nullptr);
+      for (size_t i = 0; i < x_.size(); i++) x_[i] += o_[i];
+    }
   }
   // Final norm and lm_head only on the last position of each sequence that samples.
   const int n = int(b.sample_seqs.size());
-  if (n == 0) return;
+  if (n == 0) {
+    prof_.report();
+    return;
+  }
+  OpTimer lm_timer(prof_, 7);
   last_.resize(size_t(n) * H);
   for (int i = 0; i < n; i++) {
     const int t = b.query_start[b.sample_seqs[i] + 1] - 1;
@@ -180,6 +239,7 @@ void CpuBackend::forward(const StepBatch& b, float* logits) {
   }
   cpu::rmsnorm(last_.data(), m.final_norm.data(), n, H, s.rms_eps, last_.data());
   cpu::matmul(last_.data(), n, H, m.lm_head.data, m.lm_head.type, s.vocab, nullptr, logits);
+  prof_.report();
 }
 
 }  // namespace

@@ -36,6 +36,7 @@ void check_spec(const ModelSpec& s) {
       s.head_dim <= 0 || s.vocab <= 0)
     bad("dimensions must be positive");
   if (s.n_heads % s.n_kv_heads != 0) bad("num_attention_heads must be a multiple of num_key_value_heads");
+  if (s.n_heads / s.n_kv_heads > 64) bad("more than 64 query heads per KV head is not supported");
   if (s.head_dim % 2 != 0 || s.head_dim > 1024) bad("head_dim must be even and at most 1024");
   if (s.files.empty()) bad("no safetensors files");
 }

@@ -26,6 +26,17 @@ void rmsnorm(const float* x, const float* w, int T, int H, float eps, float* y);
 // out[T, H] = embedding rows of ids, converted to fp32.
 void embed(const int32_t* ids, int T, const void* table, WType wt, int H, float* out);
 
+// Which SIMD build the dispatched kernels use ("avx512", "avx2", "generic"); set_isa() switches
+// (false if this CPU cannot run it). Default: the best the CPU has, or LORAPLEX_ISA.
+const char* active_isa();
+bool set_isa(const char* name);
+
+// cos/sin tables [T, half] for the positions (shared by every layer and by q and k in one step).
+void rope_table(const int32_t* positions, int T, const float* inv_freq, int half, float attn_scale, float* cs,
+                float* sn);
+// In-place rotation of x [T, n_heads, head_dim] with those tables.
+void rope_apply(float* x, int T, int n_heads, int head_dim, const float* cs, const float* sn);
+
 // In-place rotary embedding (rotate-half convention, as HF Llama/Qwen2/Mistral).
 // x: [T, n_heads, head_dim]; inv_freq: [head_dim/2]; scale multiplies cos and sin.
 void rope(float* x, int T, int n_heads, int head_dim, const int32_t* positions, const float* inv_freq,

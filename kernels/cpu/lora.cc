@@ -1,4 +1,4 @@
-// Heterogeneous LoRA kernels (Punica's BGMV / SGMV idea on CPU). Two phases per projection:
+// Heterogeneous LoRA kernels (compiled once per ISA; see dispatch.cc) (Punica's BGMV / SGMV idea on CPU). Two phases per projection:
 //   shrink: z[t, j] = A_a[j, :] . x[t, :]          (r_a dots of length `in` per token)
 //   expand: y[t, :] += s_a * sum_j z[t, j] B_a^T[j, :] (r_a axpys of length `out` per token)
 // Rows come from the unified pool through per-adapter row tables, so adapters of any rank share
@@ -7,13 +7,13 @@
 
 #include <vector>
 
-#include "kernels/cpu/kernels.h"
+#include "kernels/cpu/isa.h"
+#include "kernels/cpu/kv_access.h"
 
-namespace loraplex::cpu {
+namespace loraplex::cpu::LP_ISA_NS {
 
 namespace {
 
-inline const float* row_at(const uint8_t* pool, int64_t off) { return reinterpret_cast<const float*>(pool + off); }
 
 inline float dot(const float* a, const float* b, int n) {
   float acc = 0.f;
@@ -29,26 +29,6 @@ inline void axpy(float alpha, const float* x, float* y, int n) {
 
 }  // namespace
 
-void lora_ref(const uint8_t* pool, const LoraRef* refs, const int32_t* token_slot, int T, const float* x, int in,
-              float* y, int out) {
-  std::vector<float> z;
-  for (int t = 0; t < T; t++) {
-    const LoraRef& r = refs[token_slot[t]];
-    if (r.rank == 0) continue;
-    z.assign(r.rank, 0.f);
-    for (int j = 0; j < r.rank; j++) {
-      const float* a = row_at(pool, r.a_rows[j]);
-      float acc = 0.f;
-      for (int k = 0; k < in; k++) acc += a[k] * x[size_t(t) * in + k];
-      z[j] = acc;
-    }
-    for (int o = 0; o < out; o++) {
-      float acc = 0.f;
-      for (int j = 0; j < r.rank; j++) acc += z[j] * row_at(pool, r.b_rows[j])[o];
-      y[size_t(t) * out + o] += r.scale * acc;
-    }
-  }
-}
 
 void lora_sgmv(const uint8_t* pool, const LoraRef* refs, const LoraSegment* segs, int n_segs, const float* x,
                int in, float* y, int out, float* z) {
@@ -67,7 +47,7 @@ void lora_sgmv(const uint8_t* pool, const LoraRef* refs, const LoraSegment* segs
     const LoraSegment& sg = segs[work[w].seg];
     const LoraRef& r = refs[sg.slot];
     const int j = work[w].j;
-    const float* a = row_at(pool, r.a_rows[j]);
+    const float* a = lora_row(pool, r.a_rows[j]);
     for (int t = sg.start; t < sg.end; t++) z[size_t(t) * max_rank + j] = r.scale * dot(a, x + size_t(t) * in, in);
   }
   // Expand: split the output columns across threads; each thread walks every segment so that a
@@ -82,7 +62,7 @@ void lora_sgmv(const uint8_t* pool, const LoraRef* refs, const LoraSegment* segs
       const LoraRef& r = refs[sg.slot];
       for (int t = sg.start; t < sg.end; t++)
         for (int j = 0; j < r.rank; j++)
-          axpy(z[size_t(t) * max_rank + j], row_at(pool, r.b_rows[j]) + c0, y + size_t(t) * out + c0, len);
+          axpy(z[size_t(t) * max_rank + j], lora_row(pool, r.b_rows[j]) + c0, y + size_t(t) * out + c0, len);
     }
   }
 }
@@ -99,14 +79,14 @@ void lora_bgmv(const uint8_t* pool, const LoraRef* refs, const int32_t* token_sl
     const int t = int(w / max_rank), j = int(w % max_rank);
     const LoraRef& r = refs[token_slot[t]];
     if (j >= r.rank) continue;
-    z[w] = r.scale * dot(row_at(pool, r.a_rows[j]), x + size_t(t) * in, in);
+    z[w] = r.scale * dot(lora_row(pool, r.a_rows[j]), x + size_t(t) * in, in);
   }
 #pragma omp parallel for schedule(static)
   for (int t = 0; t < T; t++) {
     const LoraRef& r = refs[token_slot[t]];
     for (int j = 0; j < r.rank; j++)
-      axpy(z[size_t(t) * max_rank + j], row_at(pool, r.b_rows[j]), y + size_t(t) * out, out);
+      axpy(z[size_t(t) * max_rank + j], lora_row(pool, r.b_rows[j]), y + size_t(t) * out, out);
   }
 }
 
-}  // namespace loraplex::cpu
+}  // namespace loraplex::cpu::LP_ISA_NS

@@ -1,11 +1,12 @@
-// Element-wise and row-wise ops of the Llama block: embedding gather, RMSNorm, RoPE, SiLU*up.
+// Element-wise and row-wise ops of the Llama block: embedding gather, RMSNorm, RoPE, SiLU*up
+// (compiled once per ISA; see dispatch.cc).
 #include <omp.h>
 
 #include <cmath>
 
-#include "kernels/cpu/kernels.h"
+#include "kernels/cpu/isa.h"
 
-namespace loraplex::cpu {
+namespace loraplex::cpu::LP_ISA_NS {
 
 void embed(const int32_t* ids, int T, const void* table, WType wt, int H, float* out) {
 #pragma omp parallel for schedule(static) if (T > 8)
@@ -25,25 +26,33 @@ void rmsnorm(const float* x, const float* w, int T, int H, float eps, float* y) 
   }
 }
 
-void rope(float* x, int T, int n_heads, int head_dim, const int32_t* positions, const float* inv_freq,
-          float attn_scale) {
-  const int half = head_dim / 2;
+void rope_table(const int32_t* positions, int T, const float* inv_freq, int half, float attn_scale, float* cs,
+                float* sn) {
 #pragma omp parallel for schedule(static) if (T > 8)
   for (int t = 0; t < T; t++) {
     const float pos = float(positions[t]);
-    // cos/sin of (inv_freq * pos) computed in fp32 exactly like the reference's fp32 product.
-    float cs[512], sn[512];
     for (int i = 0; i < half; i++) {
+      // fp32 product exactly like the reference's freqs = inv_freq (x) positions
       const float f = inv_freq[i] * pos;
-      cs[i] = std::cos(f) * attn_scale;
-      sn[i] = std::sin(f) * attn_scale;
+      cs[size_t(t) * half + i] = std::cos(f) * attn_scale;
+      sn[size_t(t) * half + i] = std::sin(f) * attn_scale;
     }
+  }
+}
+
+void rope_apply(float* x, int T, int n_heads, int head_dim, const float* cs, const float* sn) {
+  const int half = head_dim / 2;
+#pragma omp parallel for schedule(static) if (T > 8)
+  for (int t = 0; t < T; t++) {
+    const float* c = cs + size_t(t) * half;
+    const float* s = sn + size_t(t) * half;
     for (int h = 0; h < n_heads; h++) {
       float* v = x + (size_t(t) * n_heads + h) * head_dim;
+#pragma omp simd
       for (int i = 0; i < half; i++) {
         const float a = v[i], b = v[i + half];
-        v[i] = a * cs[i] - b * sn[i];
-        v[i + half] = b * cs[i] + a * sn[i];
+        v[i] = a * c[i] - b * s[i];
+        v[i + half] = b * c[i] + a * s[i];
       }
     }
   }
@@ -58,4 +67,4 @@ void silu_mul(const float* gate, const float* up, int T, int I, float* act) {
   }
 }
 
-}  // namespace loraplex::cpu
+}  // namespace loraplex::cpu::LP_ISA_NS

@@ -1,7 +1,7 @@
 // Runs the C++ kernel tests (test/native/kernel_tests.cc: optimised CPU kernels vs their plain-loop
 // references) built by cmake-js next to the addon, and fails with the binary's output if any case fails.
 import { spawnSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
@@ -22,15 +22,31 @@ function kernelTestEnv(): NodeJS.ProcessEnv {
   return env;
 }
 
+function cpuFlags(): string {
+  try {
+    return readFileSync('/proc/cpuinfo', 'utf8');
+  } catch {
+    return '';
+  }
+}
+
+// Every SIMD build of the dispatched kernels that this CPU can run (kernels/cpu/dispatch.cc).
+const flags = cpuFlags();
+const ISAS = [
+  ['avx512', /\bavx512bw\b/.test(flags) && /\bavx512vl\b/.test(flags)],
+  ['avx2', /\bavx2\b/.test(flags) && /\bfma\b/.test(flags)],
+  ['generic', true],
+] as const;
+
 describe('C++ kernels', () => {
-  it('optimised kernels match their references (kernel_tests exits 0)', () => {
+  it.each(ISAS.filter(([, ok]) => ok).map(([isa]) => isa))('optimised kernels match their references (%s build)', (isa) => {
     const bin = candidates.find((p) => existsSync(p));
     if (!bin) throw new Error(`kernel_tests not built (looked for ${candidates.join(', ')}): run \`npm run build\``);
     const run = spawnSync(bin, [], {
       encoding: 'utf8',
       timeout: 120_000,
       maxBuffer: 64 * 1024 * 1024,
-      env: kernelTestEnv(),
+      env: { ...kernelTestEnv(), LORAPLEX_ISA: isa },
     });
     const output = `${run.stdout ?? ''}${run.stderr ?? ''}${run.error ? `\n${run.error.message}` : ''}`;
     const last = output.trim().split('\n').at(-1) ?? '';

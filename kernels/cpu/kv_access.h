@@ -1,0 +1,56 @@
+// Address arithmetic shared by the KV and LoRA kernels (inline, no ISA-specific code).
+#pragma once
+#include <cstdint>
+
+#include "kernels/cpu/kernels.h"
+
+namespace loraplex::cpu {
+
+// K (which = 0) or V (which = 1) row of `slot` in `page` for `layer`: [n_kv_heads, head_dim] floats.
+inline float* kv_ptr(uint8_t* pool, const KvLayout& L, int layer, int page, int slot, int which) {
+  float* base = reinterpret_cast<float*>(pool + size_t(page) * L.page_bytes);
+  return base + size_t(layer) * L.layer_stride() + size_t(which) * L.block_size * L.n_kv_heads * L.head_dim +
+         size_t(slot) * L.n_kv_heads * L.head_dim;
+}
+
+inline const float* kv_ptr(const uint8_t* pool, const KvLayout& L, int layer, int page, int slot, int which) {
+  return kv_ptr(const_cast<uint8_t*>(pool), L, layer, page, slot, which);
+}
+
+// Calls f(seq, token index, position) for every new token of the batch.
+template <typename F>
+void for_each_query(const AttnBatch& B, F&& f) {
+  for (int s = 0; s < B.n_seqs; s++) {
+    const int q0 = B.query_start[s], q1 = B.query_start[s + 1];
+    const int first_pos = B.context_lens[s] - (q1 - q0);
+    for (int t = q0; t < q1; t++) f(s, t, first_pos + (t - q0));
+  }
+}
+
+inline const float* lora_row(const uint8_t* pool, int64_t off) { return reinterpret_cast<const float*>(pool + off); }
+
+}  // namespace loraplex::cpu
+
+namespace loraplex::cpu {
+
+// exp(x) for x <= 0 (softmax after subtracting the max) in plain arithmetic so `omp simd` loops
+// vectorise it (std::exp is a scalar libm call): Cody-Waite range reduction by ln2, a degree-6
+// polynomial on [-ln2/2, ln2/2], and 2^n by building the exponent bits. Max relative error ~2e-7.
+inline float exp_nonpos(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = __builtin_roundf(x * 1.44269504088896341f);
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  __builtin_memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+}  // namespace loraplex::cpu

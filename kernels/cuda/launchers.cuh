@@ -1,0 +1,217 @@
+// CUDA kernels of the model step: the one launcher header. Every operation of kernels/cpu has a
+// launcher here, implemented in kernels/cuda/<operation>.cu; addon/cuda_backend.cu and the op tests
+// (test/cuda/backend_ops_test.cu) call only these.
+//
+// Conventions
+// - All pointers are device pointers unless a comment says "host".
+// - Activations, KV cache and LoRA rows are fp32; base weights stay in their stored dtype
+//   (WDType: F32, BF16, F16) and are converted to fp32 in registers: accumulation is always fp32,
+//   so every kernel computes what the CPU oracle computes, up to summation order.
+// - Every launcher enqueues on `stream`, never synchronises, and checks its launch with
+//   cudaGetLastError (throwing std::runtime_error naming the kernel). Shapes are given as
+//   `// [T, H]` comments on each parameter.
+// Thread safety: launchers are re-entrant; callers serialise use of a stream (the engine thread).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "kernels/cuda/common.cuh"
+
+namespace loraplex::cuda {
+
+// ------------------------------------------------------------------------------------------------
+// Element-wise and row-wise ops (embed.cu, rmsnorm.cu, residual_add.cu, rope.cu, silu_mul.cu,
+// gather_rows.cu)
+
+// out[t, :] = table[ids[t], :] converted to fp32.
+void embed(const int32_t* ids,  // [T] token ids, each in [0, V)
+           int T,
+           const void* table,   // [V, H] in dtype wt
+           int wt, int H,
+           float* out,          // [T, H]
+           cudaStream_t stream);
+
+// If delta: x += delta (the residual add, written back to x). Then y = x / rms(x) * w, rms over H
+// with eps (HF LlamaRMSNorm, fp32). y may alias x.
+void rmsnorm(float* x,            // [T, H]
+             const float* delta,  // [T, H] or nullptr
+             const float* w,      // [H]
+             int T, int H, float eps,
+             float* y,            // [T, H]
+             cudaStream_t stream);
+
+// x += delta over n floats.
+void residual_add(float* x,            // [n]
+                  const float* delta,  // [n]
+                  size_t n, cudaStream_t stream);
+
+// In-place rotary embedding (rotate-half) of q and k with the same positions. inv_freq already
+// carries the model's rope scaling (none / linear / llama3: Model::inv_freq); cos and sin are
+// multiplied by attn_scale. k may be nullptr (n_k_heads ignored).
+void rope(float* q,                  // [T, n_q_heads, head_dim]
+          int n_q_heads,
+          float* k,                  // [T, n_k_heads, head_dim] or nullptr
+          int n_k_heads, int T, int head_dim,
+          const int32_t* positions,  // [T]
+          const float* inv_freq,     // [head_dim / 2]
+          float attn_scale, cudaStream_t stream);
+
+// act = silu(gate) * up over n floats (n = T * I).
+void silu_mul(const float* gate,  // [T, I]
+              const float* up,    // [T, I]
+              size_t n,
+              float* act,         // [T, I]
+              cudaStream_t stream);
+
+// out[i, :] = x[rows[i], :]  (the last token of each sampled sequence).
+void gather_rows(const float* x,       // [T, H]
+                 const int32_t* rows,  // [n] indices into T
+                 int n, int H,
+                 float* out,           // [n, H]
+                 cudaStream_t stream);
+
+// ------------------------------------------------------------------------------------------------
+// Base-weight GEMM (gemm_simt.cu; the dispatching wrapper with cuBLAS is gemm.cuh)
+
+// y = x . W^T (+ bias), fp32 accumulation, W in its stored dtype. For T <= kSkinnyMaxT (decode):
+// one warp per output row streams W once with 16-byte loads for all T tokens, so decode runs at
+// memory bandwidth. Needs nothing but T <= kSkinnyMaxT.
+constexpr int kSkinnyMaxT = 8;
+void gemm_skinny(const float* x,     // [T, K]
+                 int T, int K,
+                 const void* W,      // [N, K] dtype wt
+                 int wt, int N,
+                 const float* bias,  // [N] or nullptr
+                 float* y,           // [T, N]
+                 cudaStream_t stream);
+// Any T: 64x64 output tiles, W converted to fp32 as it is staged in shared memory, 4x4 register
+// blocking. The fallback for T > kSkinnyMaxT when cuBLAS is absent (SIMT fp32, no tensor cores).
+void gemm_tiled(const float* x,     // [T, K]
+                int T, int K,
+                const void* W,      // [N, K] dtype wt
+                int wt, int N,
+                const float* bias,  // [N] or nullptr
+                float* y,           // [T, N]
+                cudaStream_t stream);
+
+// ------------------------------------------------------------------------------------------------
+// Paged KV cache and attention (kv_write.cu, attention_decode.cu, attention_prefill.cu)
+
+// The page layout of kernels/cpu (KvLayout): inside each page, [layer][k|v][block_size][n_kv_heads]
+// [head_dim] fp32; pages are page_bytes apart in the pool.
+struct KvLayout {
+  int n_layers, block_size, n_kv_heads, head_dim;
+  size_t page_bytes;
+};
+
+// The step's batch geometry (the device copy of cpu::AttnBatch plus token -> sequence). A token t of
+// sequence s sits at position context_lens[s] - (query_start[s+1] - query_start[s]) + (t - query_start[s]).
+struct AttnBatch {
+  int n_seqs;
+  const int32_t* query_start;   // [S+1]
+  const int32_t* context_lens;  // [S] KV length after this step (incl. this step's tokens)
+  const int32_t* block_tables;  // [S, max_blocks] page ids
+  const int32_t* token_seq;     // [T] the sequence of each token
+  int max_blocks;
+  int sliding_window;           // 0 = none; else keys j with pos - window < j <= pos
+};
+
+// Writes this step's k, v of layer `layer` into their pages.
+void kv_write(uint8_t* pool,      // [num_pages * page_bytes]
+              const KvLayout& L, int layer, const AttnBatch& B,
+              int T,
+              const float* k,     // [T, n_kv_heads, head_dim]
+              const float* v,     // [T, n_kv_heads, head_dim]
+              cudaStream_t stream);
+
+// Per-query paged attention (flash-decoding): one block per (token, head, split); the keys of each
+// query are cut into splits of kDecodePartition so that a few long sequences still fill the GPU;
+// splits > 1 are merged by a second kernel through `workspace`. Works for any token of any step and
+// any head_dim (the fallback of the prefill kernel).
+constexpr int kDecodePartition = 512;
+// Splits needed for a longest attention span (keys one query sees) of max_span.
+inline int decode_splits(int max_span) { return max_span <= kDecodePartition ? 1 : ceil_div(max_span, kDecodePartition); }
+// Floats of workspace for T tokens (0 when n_splits == 1).
+inline size_t decode_workspace_floats(int T, int n_heads, int head_dim, int n_splits) {
+  return n_splits == 1 ? 0 : size_t(T) * n_heads * n_splits * (head_dim + 2);
+}
+void paged_attention_decode(const uint8_t* pool,  // [num_pages * page_bytes]
+                            const KvLayout& L, int layer, const AttnBatch& B,
+                            int T,
+                            const float* q,       // [T, n_heads, head_dim]
+                            int n_heads, float scale,
+                            int n_splits,         // decode_splits(longest span in the step)
+                            float* workspace,     // [decode_workspace_floats(...)] or nullptr if 1 split
+                            float* out,           // [T, n_heads, head_dim]
+                            cudaStream_t stream);
+
+// Query-tiled paged attention for prefill and chunked prefill (flash-attention style, fp32 SIMT,
+// online softmax): one block per (tile of up to kPrefillTileQ consecutive tokens of one sequence,
+// head); each K/V tile is read once per query tile instead of once per query.
+constexpr int kPrefillTileQ = 16;
+inline bool prefill_supported(int head_dim) { return head_dim <= 256; }
+// host: (sequence, first token) of every query tile of the step: [n_tiles, 2].
+std::vector<int32_t> make_prefill_tiles(const int32_t* query_start, int n_seqs);
+void paged_attention_prefill(const uint8_t* pool,   // [num_pages * page_bytes]
+                             const KvLayout& L, int layer, const AttnBatch& B,
+                             const int32_t* tiles,  // [n_tiles, 2] from make_prefill_tiles
+                             int n_tiles,
+                             const float* q,        // [T, n_heads, head_dim]
+                             int n_heads, float scale,
+                             float* out,            // [T, n_heads, head_dim]
+                             cudaStream_t stream);
+
+// ------------------------------------------------------------------------------------------------
+// Heterogeneous LoRA (lora_shrink.cu, lora_expand.cu): y += s_a * (x . A_a^T) . B_a per token's
+// adapter a, rows read from the unified pool through per-adapter row-offset tables, exactly as
+// CpuBackend::install_adapter / place_rows lay them out (fp32 rows at byte offsets into the pool).
+
+// One adapter's view of one (layer, projection). The same bytes on host and device.
+struct LoraRef {
+  int rank = 0;                     // 0: the adapter does not touch this projection
+  float scale = 0.f;                // alpha / r (or alpha / sqrt(r))
+  const int64_t* a_rows = nullptr;  // [rank] device: byte offsets of A rows (length in) in the pool
+  const int64_t* b_rows = nullptr;  // [rank] device: byte offsets of B^T rows (length out)
+};
+// refs: the ref of slot s is refs[s * ref_stride] (the backend keeps [slot][layer][proj]).
+
+// BGMV (decode: per-token adapter index). Shrink: z[t, j] = s_a * A_a[j, :] . x[t, :] for j < r_a
+// (0 for r_a <= j < max_rank). Expand: y[t, :] += sum_j z[t, j] B_a^T[j, :].
+void lora_shrink_bgmv(const uint8_t* pool, const LoraRef* refs, int ref_stride,
+                      const int32_t* token_slot,  // [T]
+                      int T,
+                      const float* x,             // [T, in]
+                      int in,
+                      float* z,                   // [T, max_rank]
+                      int max_rank, cudaStream_t stream);
+void lora_expand_bgmv(const uint8_t* pool, const LoraRef* refs, int ref_stride,
+                      const int32_t* token_slot,  // [T]
+                      int T,
+                      const float* z,             // [T, max_rank]
+                      int max_rank,
+                      float* y,                   // [T, out]
+                      int out, cudaStream_t stream);
+
+// SGMV (prefill / mixed: segments of consecutive tokens sharing an adapter, cut into tiles of at
+// most kSgmvTileT tokens): each A / B^T row chunk staged in shared memory serves the whole tile,
+// i.e. a small GEMM per segment instead of per-token dots.
+constexpr int kSgmvTileT = 32;
+// host: tiles (t0, t1, slot) over the runs of equal token_slot, slot 0 (base model) skipped: [n, 3].
+std::vector<int32_t> make_sgmv_tiles(const int32_t* token_slot, int T);
+void lora_shrink_sgmv(const uint8_t* pool, const LoraRef* refs, int ref_stride,
+                      const int32_t* tiles,  // [n_tiles, 3] from make_sgmv_tiles
+                      int n_tiles,
+                      const float* x,        // [T, in]
+                      int in,
+                      float* z,              // [T, max_rank] (rows of tiled tokens written)
+                      int max_rank, cudaStream_t stream);
+void lora_expand_sgmv(const uint8_t* pool, const LoraRef* refs, int ref_stride,
+                      const int32_t* tiles,  // [n_tiles, 3]
+                      int n_tiles,
+                      const float* z,        // [T, max_rank]
+                      int max_rank,
+                      float* y,              // [T, out]
+                      int out, cudaStream_t stream);
+
+}  // namespace loraplex::cuda

@@ -1,0 +1,148 @@
+// LoRA shrink: z[t, j] = s_a * A_a[j, :] . x[t, :] for the adapter a of each token (Punica's
+// BGMV / SGMV "shrink"). A rows are fp32 rows of the unified pool reached through the adapter's
+// row-offset table, so adapters of any rank share pages with the KV cache.
+#include "kernels/cuda/launchers.cuh"
+
+namespace loraplex::cuda {
+
+namespace {
+
+__device__ __forceinline__ const float* pool_row(const uint8_t* pool, int64_t off) {
+  return reinterpret_cast<const float*>(pool + off);
+}
+
+// ---- BGMV: one block per (token, group of 8 rank rows); one warp per rank row -------------------
+
+constexpr int kBgmvWarps = 8;
+
+template <bool VEC4>
+__global__ void __launch_bounds__(kBgmvWarps * 32) shrink_bgmv_kernel(const uint8_t* __restrict__ pool,
+                                                                      const LoraRef* __restrict__ refs, int ref_stride,
+                                                                      const int32_t* __restrict__ token_slot,  // [T]
+                                                                      const float* __restrict__ x,  // [T, in]
+                                                                      int in,
+                                                                      float* __restrict__ z,  // [T, max_rank]
+                                                                      int max_rank) {
+  const int t = blockIdx.x, lane = threadIdx.x & 31;
+  const int j = blockIdx.y * kBgmvWarps + (threadIdx.x >> 5);
+  if (j >= max_rank) return;  // warp-uniform; no block barriers below
+  const LoraRef r = refs[size_t(token_slot[t]) * ref_stride];
+  float* zt = z + size_t(t) * max_rank;
+  if (j >= r.rank) {
+    if (lane == 0) zt[j] = 0.f;
+    return;
+  }
+  const float* a = pool_row(pool, r.a_rows[j]);
+  const float* xr = x + size_t(t) * in;
+  float acc = 0.f;
+  if (VEC4) {
+    // Rows are 64-byte aligned in the pool and in % 4 == 0 keeps x rows 16-byte aligned: one
+    // 16-byte load per lane per step (512 contiguous bytes per warp).
+    const float4* a4 = reinterpret_cast<const float4*>(a);
+    const float4* x4 = reinterpret_cast<const float4*>(xr);
+    for (int i = lane; i < in / 4; i += 32) {
+      const float4 av = a4[i], xv = x4[i];
+      acc += av.x * xv.x + av.y * xv.y + av.z * xv.z + av.w * xv.w;
+    }
+  } else {
+    for (int i = lane; i < in; i += 32) acc += a[i] * xr[i];
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) zt[j] = r.scale * acc;
+}
+
+// ---- SGMV: a (tile of up to 32 tokens) x (32 rank rows) block GEMM over `in` -------------------
+
+constexpr int kTileT = kSgmvTileT;  // tokens per tile (32)
+constexpr int kTileR = 32;          // rank rows per block
+constexpr int kBK = 32;             // reduction chunk
+
+__global__ void __launch_bounds__(256) shrink_sgmv_kernel(const uint8_t* __restrict__ pool,
+                                                          const LoraRef* __restrict__ refs, int ref_stride,
+                                                          const int32_t* __restrict__ tiles,  // [n_tiles, 3]
+                                                          const float* __restrict__ x,        // [T, in]
+                                                          int in,
+                                                          float* __restrict__ z,  // [T, max_rank]
+                                                          int max_rank) {
+  const int t0 = tiles[3 * blockIdx.x], t1 = tiles[3 * blockIdx.x + 1], slot = tiles[3 * blockIdx.x + 2];
+  const LoraRef r = refs[size_t(slot) * ref_stride];
+  const int j0 = blockIdx.y * kTileR;
+  if (j0 >= r.rank) return;  // block-uniform: this adapter has fewer rank rows (or none here)
+  const int nt = t1 - t0, nr = imin(kTileR, r.rank - j0);
+
+  // k-major tiles, padded by one: the transposed stores and the per-k reads are conflict-free.
+  __shared__ float Xs[kBK][kTileT + 1];
+  __shared__ float As[kBK][kTileR + 1];
+  __shared__ int64_t arow[kTileR];
+  if (threadIdx.x < kTileR) arow[threadIdx.x] = threadIdx.x < nr ? r.a_rows[j0 + threadIdx.x] : 0;
+
+  // Thread (ty, tx) of 16 x 16 computes tokens ty, ty + 16 and rank rows tx, tx + 16.
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+  float acc[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+  for (int k0 = 0; k0 < in; k0 += kBK) {
+    __syncthreads();  // arow written (first pass) / previous chunk consumed
+    // Stage 32 x 32 of x and of A: lanes walk k, so each row chunk is one 128-byte read.
+    for (int i = threadIdx.x; i < kTileT * kBK; i += 256) {
+      const int rr = i / kBK, kk = i % kBK, k = k0 + kk;
+      Xs[kk][rr] = rr < nt && k < in ? x[size_t(t0 + rr) * in + k] : 0.f;
+      As[kk][rr] = rr < nr && k < in ? pool_row(pool, arow[rr])[k] : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int kk = 0; kk < kBK; kk++) {
+      const float x0 = Xs[kk][ty], x1 = Xs[kk][ty + 16];
+      const float a0 = As[kk][tx], a1 = As[kk][tx + 16];
+      acc[0][0] += x0 * a0;
+      acc[0][1] += x0 * a1;
+      acc[1][0] += x1 * a0;
+      acc[1][1] += x1 * a1;
+    }
+  }
+  for (int a = 0; a < 2; a++)
+    for (int b = 0; b < 2; b++) {
+      const int tt = ty + 16 * a, jj = tx + 16 * b;
+      if (tt < nt && jj < nr) z[size_t(t0 + tt) * max_rank + j0 + jj] = r.scale * acc[a][b];
+    }
+}
+
+}  // namespace
+
+std::vector<int32_t> make_sgmv_tiles(const int32_t* token_slot, int T) {
+  std::vector<int32_t> tiles;
+  for (int t = 0; t < T;) {
+    int e = t + 1;
+    while (e < T && token_slot[e] == token_slot[t]) e++;
+    if (token_slot[t] != 0)
+      for (int a = t; a < e; a += kTileT) {
+        tiles.push_back(a);
+        tiles.push_back(a + kTileT < e ? a + kTileT : e);
+        tiles.push_back(token_slot[t]);
+      }
+    t = e;
+  }
+  return tiles;
+}
+
+void lora_shrink_bgmv(const uint8_t* pool, const LoraRef* refs, int ref_stride, const int32_t* token_slot, int T,
+                      const float* x, int in, float* z, int max_rank, cudaStream_t stream) {
+  if (T <= 0 || max_rank <= 0) return;
+  if (max_rank > 65535 * kBgmvWarps) throw std::runtime_error("lora_shrink_bgmv: rank too large");
+  const dim3 grid(T, ceil_div(max_rank, kBgmvWarps));
+  if (in % 4 == 0)
+    LP_LAUNCH(shrink_bgmv_kernel<true>, grid, dim3(kBgmvWarps * 32), 0, stream, pool, refs, ref_stride, token_slot, x, in,
+              z, max_rank);
+  else
+    LP_LAUNCH(shrink_bgmv_kernel<false>, grid, dim3(kBgmvWarps * 32), 0, stream, pool, refs, ref_stride, token_slot, x,
+              in, z, max_rank);
+  check_launch("lora_shrink_bgmv");
+}
+
+void lora_shrink_sgmv(const uint8_t* pool, const LoraRef* refs, int ref_stride, const int32_t* tiles, int n_tiles,
+                      const float* x, int in, float* z, int max_rank, cudaStream_t stream) {
+  if (n_tiles <= 0 || max_rank <= 0) return;
+  LP_LAUNCH(shrink_sgmv_kernel, dim3(n_tiles, ceil_div(max_rank, kTileR)), dim3(256), 0, stream, pool, refs, ref_stride,
+            tiles, x, in, z, max_rank);
+  check_launch("lora_shrink_sgmv");
+}
+
+}  // namespace loraplex::cuda

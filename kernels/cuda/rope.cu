@@ -1,0 +1,52 @@
+// Rotary embedding of q and k in one launch (rotate-half convention, as HF Llama / Qwen2 /
+// Mistral). inv_freq comes from the Model, which has already applied none / linear / llama3
+// scaling, so this kernel is the same for all of them.
+#include "kernels/cuda/launchers.cuh"
+
+namespace loraplex::cuda {
+
+namespace {
+
+__global__ void __launch_bounds__(128) rope_kernel(float* __restrict__ q,                  // [T, n_q, hd]
+                                                   int n_q,
+                                                   float* __restrict__ k,                  // [T, n_k, hd] or null
+                                                   int n_k, int hd,
+                                                   const int32_t* __restrict__ positions,  // [T]
+                                                   const float* __restrict__ inv_freq,     // [hd/2]
+                                                   float attn_scale) {
+  const int t = blockIdx.x, half = hd / 2;
+  const float pos = float(positions[t]);
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    // One cos/sin per (token, frequency), reused by every head. The angle is the fp32 product the
+    // reference computes; cosf/sinf (not __cosf) because angles reach 1e5 rad at long positions.
+    const float f = inv_freq[i] * pos;
+    const float c = cosf(f) * attn_scale, s = sinf(f) * attn_scale;
+    for (int h = 0; h < n_q; h++) {
+      float* v = q + (size_t(t) * n_q + h) * hd;
+      const float a = v[i], b = v[i + half];
+      v[i] = a * c - b * s;
+      v[i + half] = b * c + a * s;
+    }
+    if (k)
+      for (int h = 0; h < n_k; h++) {
+        float* v = k + (size_t(t) * n_k + h) * hd;
+        const float a = v[i], b = v[i + half];
+        v[i] = a * c - b * s;
+        v[i + half] = b * c + a * s;
+      }
+  }
+}
+
+}  // namespace
+
+void rope(float* q, int n_q_heads, float* k, int n_k_heads, int T, int head_dim, const int32_t* positions,
+          const float* inv_freq, float attn_scale, cudaStream_t stream) {
+  if (T <= 0) return;
+  // Threads over frequencies: for each head, consecutive threads touch consecutive floats.
+  const int threads = head_dim / 2 >= 128 ? 128 : ((head_dim / 2 + 31) / 32) * 32;
+  LP_LAUNCH(rope_kernel, dim3(T), dim3(threads), 0, stream, q, n_q_heads, k, n_k_heads, head_dim, positions, inv_freq,
+            attn_scale);
+  check_launch("rope");
+}
+
+}  // namespace loraplex::cuda
