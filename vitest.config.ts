@@ -8,7 +8,6 @@ export default defineConfig({
     // Two cores: two test files at a time, each engine on one OpenMP thread so they do not
     // oversubscribe (the kernel test runs its own binary with both threads).
     maxWorkers: 2,
-    minWorkers: 1,
     env: { OMP_NUM_THREADS: '1', OMP_WAIT_POLICY: 'passive' },
   },
 });

@@ -143,10 +143,12 @@ export async function startServer(cfg: ServeConfig): Promise<void> {
   if (cfg.device === 'cuda') throw new LoraplexError('--device cuda: this build has no CUDA backend (built CPU-only)', 400);
   let modelDir = cfg.model;
   let adapterDir = cfg.adapterDir;
+  let servedName = cfg.servedModelName;
   if (!modelDir) {
     const demo = await ensureDemoModel();
     modelDir = demo.modelDir;
     adapterDir ??= demo.adapterDir;
+    servedName ??= 'loraplex-demo';
     log.info({ modelDir, adapterDir }, 'serving the bundled demo model');
   }
   adapterDir = resolve(adapterDir ?? './adapters');
@@ -154,7 +156,7 @@ export async function startServer(cfg: ServeConfig): Promise<void> {
   const t0 = performance.now();
   const engine = await Engine.create({
     model: modelDir,
-    servedModelName: cfg.servedModelName ?? undefined,
+    servedModelName: servedName ?? undefined,
     adapterDir,
     memoryBudget: cfg.memoryBudget ?? undefined,
     blockSize: cfg.blockSize,

@@ -156,9 +156,8 @@ describe('greedy outputs over HTTP equal the golden fixtures', () => {
             max_tokens: c.greedy_ids.length,
             temperature: 0,
             logprobs: 1,
-            // @ts-expect-error vLLM extension
-            ignore_eos: true,
-          }),
+            ignore_eos: true, // vLLM extension
+          } as OpenAI.CompletionCreateParamsNonStreaming),
         ),
       );
       golden.cases.forEach((c, i) => {
