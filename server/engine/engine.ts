@@ -235,6 +235,10 @@ export class Engine {
   }
 
   private async runLoop(): Promise<void> {
+    // Start on the next turn of the event loop, so that requests submitted together (one burst of
+    // HTTP requests, a Promise.all of generations) share the first step instead of the first one
+    // running alone.
+    await new Promise<void>((r) => setImmediate(r));
     while (this.scheduler.hasWork) {
       let plan: ScheduledSeq[];
       try {
