@@ -167,8 +167,14 @@ export class AdapterCache {
   /** Resolves when an adapter load finishes (or soon, so the engine loop re-checks). */
   waitForProgress(): Promise<void> {
     return new Promise((r) => {
-      this.progressWaiters.push(r);
-      setTimeout(r, 5);
+      const done = () => {
+        clearTimeout(timer);
+        const i = this.progressWaiters.indexOf(done);
+        if (i >= 0) this.progressWaiters.splice(i, 1);
+        r();
+      };
+      const timer = setTimeout(done, 5);
+      this.progressWaiters.push(done);
     });
   }
 
