@@ -164,6 +164,7 @@ export async function startServer(cfg: ServeConfig): Promise<void> {
     maxBatchTokens: cfg.maxBatchTokens,
     maxLoraRank: cfg.maxLoraRank,
     maxLoras: cfg.maxLoras,
+    maxLorasPerBatch: cfg.maxLorasPerBatch,
     maxModelLen: cfg.maxModelLen ?? undefined,
     threads: cfg.threads ?? undefined,
   });

@@ -13,6 +13,7 @@ export interface ServeConfig {
   maxBatchTokens: number;
   maxLoraRank: number;
   maxLoras: number;
+  maxLorasPerBatch: number;
   maxModelLen: number | null;
   blockSize: number;
   threads: number | null;
@@ -38,7 +39,7 @@ interface FlagSpec {
 const SERVE_FLAGS = {
   model: 'string', 'served-model-name': 'string', 'adapter-dir': 'string', host: 'string', port: 'string',
   'memory-budget': 'string', 'max-num-seqs': 'string', 'max-batch-tokens': 'string', 'max-lora-rank': 'string',
-  'max-loras': 'string', 'max-model-len': 'string', 'block-size': 'string', threads: 'string', 'api-key': 'string',
+  'max-loras': 'string', 'max-loras-per-batch': 'string', 'max-model-len': 'string', 'block-size': 'string', threads: 'string', 'api-key': 'string',
   'redis-url': 'string', device: 'string', 'max-body-bytes': 'string', 'max-adapter-bytes': 'string',
   'max-queue': 'string', 'max-n': 'string', 'shutdown-timeout': 'string', 'log-level': 'string', 'lora-roots': 'string',
 } as const;
@@ -107,6 +108,7 @@ export function serveConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
     maxBatchTokens: positiveInt(s('max-batch-tokens') ?? '2048', 'max-batch-tokens'),
     maxLoraRank: positiveInt(s('max-lora-rank') ?? '64', 'max-lora-rank'),
     maxLoras: positiveInt(s('max-loras') ?? '32', 'max-loras'),
+    maxLorasPerBatch: s('max-loras-per-batch') ? positiveInt(s('max-loras-per-batch')!, 'max-loras-per-batch') : 0,
     maxModelLen: s('max-model-len') ? positiveInt(s('max-model-len')!, 'max-model-len') : null,
     blockSize: positiveInt(s('block-size') ?? '16', 'block-size'),
     threads: s('threads') ? positiveInt(s('threads')!, 'threads') : null,

@@ -21,6 +21,7 @@ export interface EngineOptions {
   maxBatchTokens?: number;
   maxLoraRank?: number;
   maxLoras?: number; // adapter slots resident at once
+  maxLorasPerBatch?: number; // distinct adapters running at once (0 = no cap)
   maxModelLen?: number;
   threads?: number;
 }
@@ -80,7 +81,7 @@ export class Engine {
     });
     this.scheduler = new Scheduler(
       this.paging,
-      { maxNumSeqs: opts.maxNumSeqs ?? 64, maxBatchTokens: opts.maxBatchTokens ?? 2048 },
+      { maxNumSeqs: opts.maxNumSeqs ?? 64, maxBatchTokens: opts.maxBatchTokens ?? 2048, maxLorasPerBatch: opts.maxLorasPerBatch ?? 0 },
       (seq) => this.adapters.admit(seq),
       (pages, keep) => this.adapters.reclaim(pages, keep?.adapterId ?? null),
       (seq) =>

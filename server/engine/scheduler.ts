@@ -6,6 +6,8 @@ import { SeqState, type Sequence } from './sequence.js';
 export interface SchedulerLimits {
   maxNumSeqs: number;
   maxBatchTokens: number;
+  /** Distinct adapters among running sequences (0 = no cap). */
+  maxLorasPerBatch?: number;
 }
 
 export interface ScheduledSeq {
@@ -83,6 +85,7 @@ export class Scheduler {
         }
         break; // FCFS: nobody overtakes the head
       }
+      if (this.overLoraCap(seq)) break; // FCFS: wait until a running adapter's sequences finish
       if (!this.canAdmit(seq)) break; // its adapter is still loading, or no room for it yet
       // Installing the adapter may have taken the room; KV comes back as others finish.
       if (!this.paging.canAllocate(needAll)) break;
@@ -96,6 +99,13 @@ export class Scheduler {
       budget -= numNew;
     }
     return plan;
+  }
+
+  private overLoraCap(seq: Sequence): boolean {
+    const cap = this.limits.maxLorasPerBatch ?? 0;
+    if (cap <= 0 || seq.adapterId === null) return false;
+    const running = new Set(this.running.map((s) => s.adapterId).filter((a) => a !== null));
+    return !running.has(seq.adapterId) && running.size >= cap;
   }
 
   /**

@@ -171,3 +171,19 @@ describe('engine stats', () => {
     await e.close();
   });
 });
+
+describe('--max-loras-per-batch', () => {
+  it('never runs more distinct adapters at once than the cap, and still completes everything', async () => {
+    const e = await Engine.create({ model: MODEL, adapterDir: FIX_ADAPTERS, maxLorasPerBatch: 2, maxNumSeqs: 8 });
+    let maxDistinct = 0;
+    e.onStep = () => {
+      e.paging.checkInvariants();
+      maxDistinct = Math.max(maxDistinct, new Set(e.scheduler.running.map((s) => s.adapterId).filter((a) => a)).size);
+    };
+    const ids = ['r8-all', 'r4-mlp', 'r64-qv-rslora', 'r2-attn-named-keys'];
+    const outs = await Promise.all(Array.from({ length: 12 }, (_, i) => collect(e, [1, 2, 3 + i], 6, ids[i % 4])));
+    expect(maxDistinct).toBe(2);
+    expect(outs.every((o) => o.length === 6)).toBe(true);
+    await e.close();
+  });
+});
