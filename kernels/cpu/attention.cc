@@ -11,6 +11,99 @@
 
 namespace loraplex::cpu::LP_ISA_NS {
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+// AVX-512 path for head_dim = 16*C: the G query heads of one KV head stay in registers, scores
+// are one dot per (key, head), and the output accumulates in registers over all keys (G*C zmm),
+// so each K and V row is loaded once and nothing is re-read. Returns false when the shape is not
+// covered (the portable loop below then runs).
+template <int C, int G>
+static void attend_item(const uint8_t* pool, const KvLayout& L, int layer, const int32_t* bt, int lo, int pos, int g,
+                        const float* qg, float scale, float* og, float* scores) {
+  const int bs = L.block_size;
+  const size_t row = size_t(L.n_kv_heads) * L.head_dim;  // floats between consecutive keys in a block
+  __m512 q[G][C];
+  for (int h = 0; h < G; h++)
+    for (int c = 0; c < C; c++) q[h][c] = _mm512_loadu_ps(qg + size_t(h) * 16 * C + 16 * c);
+  const int n = pos - lo + 1;
+  float mx[G];
+  for (int h = 0; h < G; h++) mx[h] = -INFINITY;
+  for (int j = lo; j <= pos;) {
+    const int blk = j / bs, end = std::min(pos + 1, (blk + 1) * bs);
+    const float* kb = kv_ptr(pool, L, layer, bt[blk], j % bs, 0) + size_t(g) * 16 * C;
+    for (; j < end; j++, kb += row) {
+      __m512 k[C];
+      for (int c = 0; c < C; c++) k[c] = _mm512_loadu_ps(kb + 16 * c);
+      for (int h = 0; h < G; h++) {
+        __m512 acc = _mm512_mul_ps(q[h][0], k[0]);
+        for (int c = 1; c < C; c++) acc = _mm512_fmadd_ps(q[h][c], k[c], acc);
+        const float d = _mm512_reduce_add_ps(acc) * scale;
+        scores[size_t(h) * n + (j - lo)] = d;
+        mx[h] = d > mx[h] ? d : mx[h];
+      }
+    }
+  }
+  float inv[G];
+  for (int h = 0; h < G; h++) {
+    float* sc = scores + size_t(h) * n;
+    float sum = 0.f;
+    const float m = mx[h];
+#pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < n; j++) {
+      sc[j] = exp_nonpos(sc[j] - m);
+      sum += sc[j];
+    }
+    inv[h] = 1.0f / sum;
+  }
+  __m512 o[G][C];
+  for (int h = 0; h < G; h++)
+    for (int c = 0; c < C; c++) o[h][c] = _mm512_setzero_ps();
+  for (int j = lo; j <= pos;) {
+    const int blk = j / bs, end = std::min(pos + 1, (blk + 1) * bs);
+    const float* vb = kv_ptr(pool, L, layer, bt[blk], j % bs, 1) + size_t(g) * 16 * C;
+    for (; j < end; j++, vb += row) {
+      __m512 v[C];
+      for (int c = 0; c < C; c++) v[c] = _mm512_loadu_ps(vb + 16 * c);
+      for (int h = 0; h < G; h++) {
+        const __m512 w = _mm512_set1_ps(scores[size_t(h) * n + (j - lo)]);
+        for (int c = 0; c < C; c++) o[h][c] = _mm512_fmadd_ps(w, v[c], o[h][c]);
+      }
+    }
+  }
+  for (int h = 0; h < G; h++) {
+    const __m512 s = _mm512_set1_ps(inv[h]);
+    for (int c = 0; c < C; c++) _mm512_storeu_ps(og + size_t(h) * 16 * C + 16 * c, _mm512_mul_ps(o[h][c], s));
+  }
+}
+
+using AttendFn = void (*)(const uint8_t*, const KvLayout&, int, const int32_t*, int, int, int, const float*, float, float*,
+                          float*);
+
+template <int C>
+static AttendFn pick_group(int group) {
+  switch (group) {
+    case 1: return attend_item<C, 1>;
+    case 2: return attend_item<C, 2>;
+    case 3: return attend_item<C, 3>;
+    case 4: return attend_item<C, 4>;
+    case 5: return attend_item<C, 5>;
+    case 6: return attend_item<C, 6>;
+    case 7: return attend_item<C, 7>;
+    case 8: return attend_item<C, 8>;
+    default: return nullptr;
+  }
+}
+
+static AttendFn pick_attend(int head_dim, int group) {
+  switch (head_dim) {
+    case 64: return pick_group<4>(group);
+    case 128: return pick_group<8>(group);
+    default: return nullptr;
+  }
+}
+#endif
+
 void kv_write(uint8_t* pool, const KvLayout& L, int layer, const AttnBatch& B, const float* k, const float* v) {
   const size_t row = size_t(L.n_kv_heads) * L.head_dim;
   for_each_query(B, [&](int s, int t, int pos) {
@@ -31,6 +124,9 @@ void paged_attention(const uint8_t* pool, const KvLayout& L, int layer, const At
   for_each_query(B, [&](int s, int t, int pos) { items.push_back({s, t, pos}); });
   const int hd = L.head_dim, n_kv = L.n_kv_heads, group = n_heads / n_kv, bs = L.block_size;
   const long n_work = long(items.size()) * n_kv;
+#if defined(__AVX512F__)
+  const AttendFn fast = pick_attend(hd, group);
+#endif
 #pragma omp parallel
   {
     std::vector<float> scores;
@@ -43,6 +139,12 @@ void paged_attention(const uint8_t* pool, const KvLayout& L, int layer, const At
       scores.resize(size_t(n) * group);
       const float* qg = q + (size_t(it.t) * n_heads + size_t(g) * group) * hd;  // [group, hd]
       const int32_t* bt = B.block_tables + size_t(it.s) * B.max_blocks;
+#if defined(__AVX512F__)
+      if (fast) {
+        fast(pool, L, layer, bt, lo, it.pos, g, qg, scale, out + (size_t(it.t) * n_heads + size_t(g) * group) * hd, scores.data());
+        continue;
+      }
+#endif
       float mx[64];
       for (int h = 0; h < group; h++) mx[h] = -INFINITY;
       for (int j = lo; j <= it.pos; j++) {
