@@ -4,8 +4,13 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+
+#if LORAPLEX_WITH_CUDA
+#include "addon/cuda_backend.h"
+#endif
 
 namespace loraplex {
 
@@ -214,27 +219,45 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
   const int max_slots = get_int(env, opt, "maxSlots");
   const int threads = opt.Get("threads").IsNumber() ? get_int(env, opt, "threads") : 0;
   std::vector<int32_t> eos = I32(opt, "eosIds", -1);
+  std::string device = opt.Get("device").IsString() ? opt.Get("device").As<Napi::String>().Utf8Value() : "";
+  if (device.empty())
+    if (const char* e = std::getenv("LORAPLEX_DEVICE")) device = e;
+  if (!device.empty() && device != "cpu" && device != "cuda") type_error(env, "device must be cpu or cuda");
   if (block_size < 1 || block_size > 1024) type_error(env, "blockSize must be in 1..1024");
   if (num_pages < 1) type_error(env, "numPages must be positive");
   if (max_slots < 1) type_error(env, "maxSlots must be positive");
   auto result = std::make_shared<PoolInfo>();
+  auto backend_name = std::make_shared<std::string>();
   return Submit(
       env,
-      [this, spec, block_size, num_pages, max_slots, threads, eos, result] {
+      [this, spec, block_size, num_pages, max_slots, threads, eos, device, result, backend_name] {
         if (threads > 0) omp_set_num_threads(threads);
         auto model = load_model(spec);
+#if LORAPLEX_WITH_CUDA
+        std::string why;
+        const bool gpu = cuda_device_available(&why);
+        if (device == "cuda" && !gpu) throw std::runtime_error("--device cuda: " + why);
+        if (device == "cuda" || (device.empty() && gpu))
+          backend_ = make_cuda_backend(model, block_size, num_pages, max_slots + 1);
+        else
+          backend_ = make_cpu_backend(model, block_size, num_pages, max_slots + 1);
+#else
+        if (device == "cuda")
+          throw std::runtime_error("--device cuda: this build has no CUDA backend (build with --CDLORAPLEX_CUDA=ON)");
         backend_ = make_cpu_backend(model, block_size, num_pages, max_slots + 1);
+#endif
+        *backend_name = backend_->name();
         sampler_ = std::make_unique<Sampler>(spec.vocab, eos);
         *result = backend_->pool();
         page_bytes_ = result->page_bytes;
         model_ = model;
       },
-      [result](Napi::Env env) {
+      [result, backend_name](Napi::Env env) {
         Napi::Object o = Napi::Object::New(env);
         o.Set("pageBytes", double(result->page_bytes));
         o.Set("numPages", result->num_pages);
         o.Set("blockSize", result->block_size);
-        o.Set("backend", "cpu");
+        o.Set("backend", *backend_name);
         o.Set("threads", omp_get_max_threads());
         return o;
       });

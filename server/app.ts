@@ -140,7 +140,6 @@ function makeLogger(level: string): pino.Logger {
 /** `loraplex serve`: loads the model, listens, drains on SIGTERM/SIGINT and exits 0. */
 export async function startServer(cfg: ServeConfig): Promise<void> {
   const log = makeLogger(cfg.logLevel);
-  if (cfg.device === 'cuda') throw new LoraplexError('--device cuda: this build has no CUDA backend (built CPU-only)', 400);
   let modelDir = cfg.model;
   let adapterDir = cfg.adapterDir;
   let servedName = cfg.servedModelName;
@@ -167,10 +166,11 @@ export async function startServer(cfg: ServeConfig): Promise<void> {
     maxLorasPerBatch: cfg.maxLorasPerBatch,
     maxModelLen: cfg.maxModelLen ?? undefined,
     threads: cfg.threads ?? undefined,
+    device: cfg.device ?? undefined,
   });
   const pool = engine.paging.stats();
   log.info(
-    { model: engine.model.name, pages: pool.totalPages, pageBytes: engine.paging.pageBytes, loadMs: Math.round(performance.now() - t0) },
+    { model: engine.model.name, backend: engine.backend, pages: pool.totalPages, pageBytes: engine.paging.pageBytes, loadMs: Math.round(performance.now() - t0) },
     'model loaded',
   );
   const state: AppState = { draining: false };

@@ -5,7 +5,11 @@
 
 #include "kernels/cuda/gemm.cuh"
 
+#ifndef LORAPLEX_HAVE_CUBLAS
+#define LORAPLEX_HAVE_CUBLAS 0
+#endif
 #if LORAPLEX_HAVE_CUBLAS
+#include <cublas_v2.h>
 #include <cuda_bf16.h>
 #endif
 
@@ -66,18 +70,22 @@ __global__ void __launch_bounds__(256) bias_rows_kernel(const float* __restrict_
 Gemm::Gemm(int act_split) : act_split_(act_split > 0 ? act_split : act_split_from_env()) {
   if (act_split_ > 3) throw std::runtime_error("Gemm: act_split must be 1..3");
 #if LORAPLEX_HAVE_CUBLAS
-  check_cublas(cublasCreate(&handle_), "cublasCreate");
+  cublasHandle_t h = nullptr;
+  check_cublas(cublasCreate(&h), "cublasCreate");
+  handle_ = h;
   // Default math mode: CUBLAS_COMPUTE_32F never uses TF32, so F32 weights get a true fp32 GEMM.
-  check_cublas(cublasSetMathMode(handle_, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
+  check_cublas(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
 #endif
 }
 
 Gemm::~Gemm() {
-#if LORAPLEX_HAVE_CUBLAS
   if (parts_) cudaFree(parts_);
-  if (handle_) cublasDestroy(handle_);
+#if LORAPLEX_HAVE_CUBLAS
+  if (handle_) cublasDestroy(static_cast<cublasHandle_t>(handle_));
 #endif
 }
+
+bool Gemm::has_cublas() const { return LORAPLEX_HAVE_CUBLAS != 0; }
 
 const char* Gemm::path(int T, int wt) const {
   if (T <= kSkinnyMaxT) return "skinny";
@@ -100,7 +108,8 @@ void Gemm::run(const float* x, int T, int K, const void* W, int wt, int N, const
   }
 #if LORAPLEX_HAVE_CUBLAS
   // Row-major y[T, N] = x[T, K] W[N, K]^T is column-major y^T[N, T] = (W as [K, N])^T . (x as [K, T]).
-  check_cublas(cublasSetStream(handle_, stream), "cublasSetStream");
+  cublasHandle_t handle = static_cast<cublasHandle_t>(handle_);
+  check_cublas(cublasSetStream(handle, stream), "cublasSetStream");
   const float one = 1.f, zero = 0.f;
   const size_t n_y = size_t(T) * N;
   const int blocks_y = int(n_y / 256 + 1 < 4096 ? n_y / 256 + 1 : 4096);
@@ -109,7 +118,7 @@ void Gemm::run(const float* x, int T, int K, const void* W, int wt, int N, const
     check_launch("gemm bias");
   }
   if (wt == kF32) {
-    check_cublas(cublasGemmEx(handle_, CUBLAS_OP_T, CUBLAS_OP_N, N, T, K, &one, W, CUDA_R_32F, K, x, CUDA_R_32F, K,
+    check_cublas(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, N, T, K, &one, W, CUDA_R_32F, K, x, CUDA_R_32F, K,
                               bias ? &one : &zero, y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                  "cublasGemmEx (F32)");
     return;
@@ -133,7 +142,7 @@ void Gemm::run(const float* x, int T, int K, const void* W, int wt, int N, const
   const cudaDataType dt = wt == kBF16 ? CUDA_R_16BF : CUDA_R_16F;
   for (int p = 0; p < act_split_; p++) {
     const float* beta = (p == 0 && !bias) ? &zero : &one;
-    check_cublas(cublasGemmEx(handle_, CUBLAS_OP_T, CUBLAS_OP_N, N, T, K, &one, W, dt, K, parts + p * n_x, dt, K, beta,
+    check_cublas(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, N, T, K, &one, W, dt, K, parts + p * n_x, dt, K, beta,
                               y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                  "cublasGemmEx (16-bit)");
   }

@@ -19,13 +19,8 @@
 
 #include "kernels/cuda/launchers.cuh"
 
-#ifndef LORAPLEX_HAVE_CUBLAS
-#define LORAPLEX_HAVE_CUBLAS 0
-#endif
-#if LORAPLEX_HAVE_CUBLAS
-#include <cublas_v2.h>
-#endif
-
+// The class has the same layout with and without cuBLAS (opaque handles), so code that includes
+// this header needs neither the cuBLAS headers nor LORAPLEX_HAVE_CUBLAS; only gemm.cu does.
 namespace loraplex::cuda {
 
 class Gemm {
@@ -48,16 +43,14 @@ class Gemm {
   // Which implementation run() picks for these arguments: "skinny", "tiled", "cublas-f32",
   // "cublas-split<k>" (tests choose their tolerance from it).
   const char* path(int T, int wt) const;
-  bool has_cublas() const { return LORAPLEX_HAVE_CUBLAS != 0; }
+  bool has_cublas() const;
   int act_split() const { return act_split_; }
 
  private:
   int act_split_ = 2;
-#if LORAPLEX_HAVE_CUBLAS
-  cublasHandle_t handle_ = nullptr;
-  void* parts_ = nullptr;  // [act_split, T, K] 16-bit activation parts
+  void* handle_ = nullptr;  // cublasHandle_t
+  void* parts_ = nullptr;   // [act_split, T, K] 16-bit activation parts (device)
   size_t parts_bytes_ = 0;
-#endif
 };
 
 }  // namespace loraplex::cuda

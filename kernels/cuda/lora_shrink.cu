@@ -74,7 +74,8 @@ __global__ void __launch_bounds__(256) shrink_sgmv_kernel(const uint8_t* __restr
   __shared__ float Xs[kBK][kTileT + 1];
   __shared__ float As[kBK][kTileR + 1];
   __shared__ int64_t arow[kTileR];
-  if (threadIdx.x < kTileR) arow[threadIdx.x] = threadIdx.x < nr ? r.a_rows[j0 + threadIdx.x] : 0;
+  const int tid = threadIdx.x;
+  if (tid < kTileR) arow[tid] = tid < nr ? r.a_rows[j0 + tid] : 0;
 
   // Thread (ty, tx) of 16 x 16 computes tokens ty, ty + 16 and rank rows tx, tx + 16.
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;

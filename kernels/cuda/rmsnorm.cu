@@ -9,7 +9,7 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__global__ void __launch_bounds__(kThreads) rmsnorm_kernel(float* __restrict__ x,            // [T, H]
+__global__ void __launch_bounds__(kThreads) rmsnorm_kernel(float* x,                         // [T, H]; y may alias it
                                                            const float* __restrict__ delta,  // [T, H] or null
                                                            const float* __restrict__ w,      // [H]
                                                            int H, float eps,

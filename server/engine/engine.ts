@@ -24,6 +24,7 @@ export interface EngineOptions {
   maxLorasPerBatch?: number; // distinct adapters running at once (0 = no cap)
   maxModelLen?: number;
   threads?: number;
+  device?: 'cpu' | 'cuda';
 }
 
 export interface EngineStats extends PoolStats {
@@ -56,6 +57,7 @@ export class Engine {
   readonly scheduler: Scheduler;
   readonly adapters: AdapterCache;
   readonly maxModelLen: number;
+  readonly backend: string;
   private readonly native: NativeEngine;
   private nextSeqId = 1;
   private loop: Promise<void> | null = null;
@@ -72,6 +74,7 @@ export class Engine {
     this.model = model;
     this.tokenizer = tokenizer;
     this.native = native;
+    this.backend = pool.backend;
     this.maxModelLen = Math.min(opts.maxModelLen ?? model.maxPositionEmbeddings, model.maxPositionEmbeddings);
     this.paging = new PagingManager(pool.numPages, pool.pageBytes, pool.blockSize);
     this.adapters = new AdapterCache(native, this.paging, model, {
@@ -117,6 +120,7 @@ export class Engine {
         maxSlots,
         eosIds: Int32Array.from(model.eosTokenIds),
         threads: opts.threads,
+        device: opts.device,
       });
     } catch (e) {
       await native.close().catch(() => undefined);

@@ -36,6 +36,7 @@ export interface NativeLoadOptions {
   maxSlots: number;
   eosIds: Int32Array;
   threads?: number;
+  device?: 'cpu' | 'cuda'; // default: cuda if built with it and a GPU is present, else cpu
 }
 
 export interface NativePoolInfo {

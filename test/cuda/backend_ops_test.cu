@@ -1,0 +1,960 @@
+// CUDA vs CPU, op by op (in the manner of ggml's test-backend-ops and Punica's kernel tests): every
+// kernel of kernels/cuda against its kernels/cpu counterpart on the same random inputs, and then the
+// whole CudaBackend against the CpuBackend (the oracle) on small random models with adapters.
+//
+// - Tolerances are per op and dtype (fp32 sums in another order; for cuBLAS's split 16-bit
+//   activations, the split's precision); outputs are compared element by element (NaN must meet NaN).
+// - Device outputs are surrounded by canaries (a NaN bit pattern nobody computes), so writes past
+//   either end of a tensor are caught. KV pools and LoRA pools start as NaN, so reading anything not
+//   written poisons the output.
+// - LoRA runs mixes identical / distinct / uniform / skewed / with-base over ranks 1..128, in BGMV
+//   and SGMV form, with adapter rows scattered through the pool at 64-byte aligned byte offsets.
+//
+// Prints one FAIL line per failing case, one summary per section, and ends with "N passed, M
+// failed"; exits 1 on any failure. Without a usable GPU it prints "SKIPPED: no CUDA device
+// (reason)" and exits 0. Built against the host emulator (test/cuda/emu) it runs the same checks
+// on smaller shapes (--quick is implied).
+// Usage: backend_ops_test [--quick] [--only SECTION]
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cmath>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "addon/backend.h"
+#include "addon/cuda_backend.h"
+#include "kernels/cpu/kernels.h"
+#include "kernels/cuda/gemm.cuh"
+#include "kernels/cuda/launchers.cuh"
+
+using namespace loraplex;
+namespace cu = loraplex::cuda;
+
+namespace {
+
+// ------------------------------------------------------------------------------------------------
+// Harness
+
+int g_passed = 0, g_failed = 0;
+double g_worst = 0;
+bool g_quick = false;
+cudaStream_t g_stream = nullptr;
+
+std::string fmt(const char* f, ...) {
+  char buf[1024];
+  va_list ap;
+  va_start(ap, f);
+  vsnprintf(buf, sizeof buf, f, ap);
+  va_end(ap);
+  return buf;
+}
+
+void record(bool ok, const std::string& what, const std::string& detail = "") {
+  if (ok) {
+    g_passed++;
+  } else {
+    if (++g_failed <= 100) printf("FAIL %s%s%s\n", what.c_str(), detail.empty() ? "" : ": ", detail.c_str());
+    if (g_failed == 100) printf("(further failures are counted, not printed)\n");
+    fflush(stdout);
+  }
+}
+
+struct Tol {
+  double atol = 1e-5, rtol = 1e-5;
+};
+const Tol kExact{0, 0};
+
+bool expect_close(const std::string& what, const float* got, const float* want, size_t n, Tol tol) {
+  size_t bad = 0, first = 0;
+  for (size_t i = 0; i < n; i++) {
+    const double g = got[i], w = want[i];
+    bool ok;
+    if (std::isnan(g) || std::isnan(w)) {
+      ok = std::isnan(g) && std::isnan(w);
+    } else if (std::isinf(g) || std::isinf(w)) {
+      ok = g == w;
+    } else {
+      const double lim = tol.atol + tol.rtol * std::fabs(w), err = std::fabs(g - w);
+      ok = err <= lim;
+      if (lim > 0) g_worst = std::max(g_worst, err / lim);
+    }
+    if (!ok && bad++ == 0) first = i;
+  }
+  record(bad == 0, what,
+         bad == 0 ? ""
+                  : fmt("%zu of %zu values out of tolerance; first [%zu]: got %.9g want %.9g (atol %.1e rtol %.1e)", bad,
+                        n, first, got[first], want[first], tol.atol, tol.rtol));
+  return bad == 0;
+}
+
+struct Section {
+  const char* name;
+  int p0 = g_passed, f0 = g_failed;
+  std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+  explicit Section(const char* n) : name(n) { g_worst = 0; }
+  ~Section() {
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    printf("[%s] %d passed, %d failed, worst |err|/tol %.3f, %.2f s\n", name, g_passed - p0, g_failed - f0, g_worst, s);
+    fflush(stdout);
+  }
+};
+
+struct Rng {  // splitmix64
+  uint64_t s;
+  explicit Rng(uint64_t seed) : s(seed) {}
+  uint64_t next() {
+    uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  float uniform(float lo = -1.f, float hi = 1.f) { return lo + (hi - lo) * float(next() >> 40) * (1.f / 16777216.f); }
+  int below(int n) { return int(next() % uint64_t(n)); }
+  std::vector<float> vec(size_t n, float lo = -1.f, float hi = 1.f) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = uniform(lo, hi);
+    return v;
+  }
+  template <typename T>
+  void shuffle(std::vector<T>& v) {
+    for (size_t i = v.size(); i > 1; i--) std::swap(v[i - 1], v[size_t(below(int(i)))]);
+  }
+};
+
+void ck(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    printf("FATAL %s: %s\n", what, cudaGetErrorString(e));
+    exit(2);
+  }
+}
+void sync() { ck(cudaStreamSynchronize(g_stream), "stream sync"); }
+
+constexpr uint32_t kCanaryBits = 0x7FC0DEADu;
+float canary() {
+  float c;
+  std::memcpy(&c, &kCanaryBits, 4);
+  return c;
+}
+
+// A device array with canaries on both sides.
+template <typename T>
+struct Dev {
+  static constexpr size_t kPad = 64 / sizeof(T) > 0 ? 64 / sizeof(T) : 1;
+  T* base = nullptr;
+  size_t n = 0;
+  Dev() = default;
+  explicit Dev(size_t n_) : n(n_) {
+    ck(cudaMalloc(reinterpret_cast<void**>(&base), (n + 2 * kPad) * sizeof(T)), "cudaMalloc");
+    std::vector<T> fill(n + 2 * kPad);
+    for (auto& v : fill) std::memcpy(static_cast<void*>(&v), &kCanaryBits, std::min(sizeof(T), sizeof(uint32_t)));
+    ck(cudaMemcpy(base, fill.data(), fill.size() * sizeof(T), cudaMemcpyHostToDevice), "fill");
+  }
+  explicit Dev(const std::vector<T>& h) : Dev(h.size()) { upload(h); }
+  ~Dev() {
+    if (base) cudaFree(base);
+  }
+  Dev(const Dev&) = delete;
+  Dev& operator=(const Dev&) = delete;
+  T* p() const { return base + kPad; }
+  void upload(const std::vector<T>& h) {
+    ck(cudaMemcpy(p(), h.data(), std::min(h.size(), n) * sizeof(T), cudaMemcpyHostToDevice), "upload");
+  }
+  std::vector<T> host() const {
+    std::vector<T> h(n);
+    ck(cudaMemcpy(h.data(), p(), n * sizeof(T), cudaMemcpyDeviceToHost), "download");
+    return h;
+  }
+  bool intact() const {
+    std::vector<T> all(n + 2 * kPad);
+    ck(cudaMemcpy(all.data(), base, all.size() * sizeof(T), cudaMemcpyDeviceToHost), "download");
+    for (size_t i = 0; i < all.size(); i++) {
+      if (i >= kPad && i < kPad + n) continue;
+      uint32_t u = 0;
+      std::memcpy(&u, static_cast<const void*>(&all[i]), std::min(sizeof(T), sizeof(uint32_t)));
+      const uint32_t want = sizeof(T) >= 4 ? kCanaryBits : (kCanaryBits & ((1u << (8 * sizeof(T))) - 1));
+      if (u != want) return false;
+    }
+    return true;
+  }
+};
+
+template <typename T>
+void expect_guard(const std::string& what, const Dev<T>& d) {
+  record(d.intact(), what + " [canary]", "wrote outside its output");
+}
+
+// dtype helpers
+uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7FFF + ((u >> 16) & 1);
+  return uint16_t(u >> 16);
+}
+const char* wname(int t) { return t == 0 ? "F32" : t == 1 ? "BF16" : "F16"; }
+
+struct Weights {
+  int t;
+  std::vector<float> f32;
+  std::vector<uint16_t> h16;
+  const void* data() const { return t == 0 ? static_cast<const void*>(f32.data()) : h16.data(); }
+  size_t bytes() const { return t == 0 ? f32.size() * 4 : h16.size() * 2; }
+};
+
+// Random weights of about [-amp, amp]; F16 as random bit patterns (1 in 16 subnormal) like the CPU tests.
+Weights random_weights(Rng& rng, int t, size_t n, float amp = 1.f) {
+  Weights w{t, {}, {}};
+  if (t == 0) {
+    w.f32 = rng.vec(n, -amp, amp);
+  } else if (t == 1) {
+    w.h16.resize(n);
+    for (auto& h : w.h16) h = f32_to_bf16(rng.uniform(-amp, amp));
+  } else {
+    w.h16.resize(n);
+    const int top = amp >= 1.f ? 15 : std::max(1, 15 + int(std::floor(std::log2(amp))));
+    for (auto& h : w.h16) {
+      const uint64_t r = rng.next();
+      const int e = (r & 0xF) == 0 ? 0 : std::max(1, top - 6) + int((r >> 4) % 7);
+      h = uint16_t(((r >> 8) & 1) << 15 | std::min(e, 30) << 10 | ((r >> 9) & 0x3FF));
+    }
+  }
+  return w;
+}
+
+struct DevWeights {
+  void* p = nullptr;
+  explicit DevWeights(const Weights& w) {
+    ck(cudaMalloc(&p, std::max<size_t>(w.bytes(), 1)), "cudaMalloc");
+    ck(cudaMemcpy(p, w.data(), w.bytes(), cudaMemcpyHostToDevice), "upload");
+  }
+  ~DevWeights() { cudaFree(p); }
+};
+
+// ------------------------------------------------------------------------------------------------
+// 1. Row-wise and element-wise ops
+
+void test_elementwise(Rng& rng) {
+  Section sec("elementwise");
+  // embed: the conversion is exact.
+  for (int wt : {0, 1, 2})
+    for (int H : {1, 7, 64, 300}) {
+      const int V = 50;
+      const Weights table = random_weights(rng, wt, size_t(V) * H);
+      const DevWeights dt(table);
+      for (int T : {1, 5, 40}) {
+        std::vector<int32_t> ids(T);
+        for (auto& i : ids) i = rng.below(V);
+        std::vector<float> want(size_t(T) * H);
+        cpu::embed(ids.data(), T, table.data(), cpu::WType(wt), H, want.data());
+        Dev<int32_t> d_ids(ids);
+        Dev<float> out(want.size());
+        cu::embed(d_ids.p(), T, dt.p, wt, H, out.p(), g_stream);
+        sync();
+        const std::string what = fmt("embed %s T=%d H=%d", wname(wt), T, H);
+        expect_close(what, out.host().data(), want.data(), want.size(), kExact);
+        expect_guard(what, out);
+      }
+    }
+  // rmsnorm: plain, fused residual add, in place. The CPU sums squares in double, the GPU in fp32.
+  for (int H : {1, 31, 64, 896, 4096})
+    for (int T : {1, 3, 17}) {
+      const std::vector<float> x = rng.vec(size_t(T) * H, -3.f, 3.f), d = rng.vec(size_t(T) * H),
+                               w = rng.vec(H, 0.5f, 1.5f);
+      const float eps = 1e-6f;
+      for (int mode = 0; mode < 3; mode++) {  // 0 plain, 1 with delta, 2 in place
+        std::vector<float> xs = x, want(x.size());
+        if (mode == 1)
+          for (size_t i = 0; i < xs.size(); i++) xs[i] += d[i];
+        cpu::rmsnorm(xs.data(), w.data(), T, H, eps, want.data());
+        Dev<float> dx(x), dd(d), dw(w), dy(x.size());
+        float* y = mode == 2 ? dx.p() : dy.p();
+        cu::rmsnorm(dx.p(), mode == 1 ? dd.p() : nullptr, dw.p(), T, H, eps, y, g_stream);
+        sync();
+        const std::string what = fmt("rmsnorm T=%d H=%d %s", T, H, mode == 0 ? "plain" : mode == 1 ? "+residual" : "in place");
+        expect_close(what, (mode == 2 ? dx : dy).host().data(), want.data(), want.size(), {1e-5, 2e-5});
+        if (mode == 1) expect_close(what + " (residual written back)", dx.host().data(), xs.data(), xs.size(), kExact);
+        expect_guard(what, mode == 2 ? dx : dy);
+      }
+    }
+  // rope on q and k together, realistic inv_freq, positions up to 128K.
+  for (int hd : {2, 24, 64, 128, 256})
+    for (auto [nq, nk] : std::vector<std::pair<int, int>>{{1, 1}, {4, 2}, {3, 0}})
+      for (float attn_scale : {1.f, 1.25f}) {
+        const int T = 9, half = hd / 2;
+        std::vector<float> inv(half);
+        for (int i = 0; i < half; i++) inv[i] = 1.0f / std::pow(500000.f, float(2 * i) / float(hd));
+        std::vector<int32_t> pos(T);
+        for (int t = 0; t < T; t++) pos[t] = t < 3 ? t : rng.below(131072);
+        const std::vector<float> q = rng.vec(size_t(T) * nq * hd), k = rng.vec(size_t(T) * std::max(nk, 1) * hd);
+        std::vector<float> wq = q, wk = k;
+        cpu::rope(wq.data(), T, nq, hd, pos.data(), inv.data(), attn_scale);
+        if (nk) cpu::rope(wk.data(), T, nk, hd, pos.data(), inv.data(), attn_scale);
+        Dev<float> dq(q), dk(k), dinv(inv);
+        Dev<int32_t> dpos(pos);
+        cu::rope(dq.p(), nq, nk ? dk.p() : nullptr, nk, T, hd, dpos.p(), dinv.p(), attn_scale, g_stream);
+        sync();
+        const std::string what = fmt("rope hd=%d nq=%d nk=%d scale=%g", hd, nq, nk, attn_scale);
+        // Angles up to ~1e5 rad: device cosf/sinf and the host's differ by an ulp or two.
+        expect_close(what + " q", dq.host().data(), wq.data(), wq.size(), {1e-5, 1e-5});
+        expect_close(what + " k", dk.host().data(), wk.data(), wk.size(), {1e-5, 1e-5});
+        expect_guard(what, dq);
+      }
+  // silu * up, residual add, gather rows.
+  for (size_t n : {size_t(1), size_t(1000), size_t(70001)}) {
+    const std::vector<float> g = rng.vec(n, -30.f, 30.f), u = rng.vec(n);
+    std::vector<float> want(n);
+    cpu::silu_mul(g.data(), u.data(), 1, int(n), want.data());
+    Dev<float> dg(g), du(u), da(n);
+    cu::silu_mul(dg.p(), du.p(), n, da.p(), g_stream);
+    sync();
+    expect_close(fmt("silu_mul n=%zu", n), da.host().data(), want.data(), n, {1e-6, 1e-5});
+    expect_guard(fmt("silu_mul n=%zu", n), da);
+    std::vector<float> sum(n);
+    for (size_t i = 0; i < n; i++) sum[i] = g[i] + u[i];
+    cu::residual_add(dg.p(), du.p(), n, g_stream);
+    sync();
+    expect_close(fmt("residual_add n=%zu", n), dg.host().data(), sum.data(), n, kExact);
+  }
+  for (int H : {5, 64, 1000}) {
+    const int T = 11;
+    const std::vector<float> x = rng.vec(size_t(T) * H);
+    const std::vector<int32_t> rows = {10, 0, 3, 3};
+    std::vector<float> want;
+    for (int r : rows) want.insert(want.end(), x.begin() + size_t(r) * H, x.begin() + size_t(r + 1) * H);
+    Dev<float> dx(x), out(want.size());
+    Dev<int32_t> dr(rows);
+    cu::gather_rows(dx.p(), dr.p(), int(rows.size()), H, out.p(), g_stream);
+    sync();
+    expect_close(fmt("gather_rows H=%d", H), out.host().data(), want.data(), want.size(), kExact);
+    expect_guard(fmt("gather_rows H=%d", H), out);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 2. GEMM
+
+Tol gemm_tol(const std::string& path, int wt, int K) {
+  const double grow = std::max(1.0, std::sqrt(K / 576.0));  // fp32 rounding of a K-term sum
+  if (path.rfind("cublas-split", 0) == 0 && wt != 0) {
+    const int parts = path.back() - '0';
+    // Relative precision of x after the split: bf16 keeps 8 bits per part, f16 11.
+    const double u = std::pow(2.0, -(wt == 1 ? 8 : 11) * parts - 1);
+    return {std::max(1e-4 * grow, 4.0 * u * std::sqrt(double(K))), std::max(1e-4, 4.0 * u)};
+  }
+  return {1e-4 * grow, 1e-4};
+}
+
+void run_gemm_case(Rng& rng, cu::Gemm& gemm, int wt, int T, int K, int N, bool with_bias, const Weights& W,
+                   const DevWeights& dW) {
+  const std::vector<float> x = rng.vec(size_t(T) * K), bias = rng.vec(N);
+  std::vector<float> want(size_t(T) * N);
+  // The optimised CPU GEMM (checked against matmul_ref by test/native/kernel_tests) keeps the
+  // model-sized cases fast.
+  cpu::matmul(x.data(), T, K, W.data(), cpu::WType(wt), N, with_bias ? bias.data() : nullptr, want.data());
+  Dev<float> dx(x), db(bias);
+  const std::string base = fmt("gemm W=%s T=%d K=%d N=%d bias=%d", wname(wt), T, K, N, with_bias);
+  // Through the dispatcher (cuBLAS when built with it), then each SIMT kernel directly.
+  for (int impl = 0; impl < 3; impl++) {
+    if (impl == 1 && T > cu::kSkinnyMaxT) continue;
+    Dev<float> y(want.size());
+    std::string path;
+    if (impl == 0) {
+      path = gemm.path(T, wt);
+      gemm.run(dx.p(), T, K, dW.p, wt, N, with_bias ? db.p() : nullptr, y.p(), g_stream);
+    } else if (impl == 1) {
+      path = "skinny";
+      cu::gemm_skinny(dx.p(), T, K, dW.p, wt, N, with_bias ? db.p() : nullptr, y.p(), g_stream);
+    } else {
+      path = "tiled";
+      cu::gemm_tiled(dx.p(), T, K, dW.p, wt, N, with_bias ? db.p() : nullptr, y.p(), g_stream);
+    }
+    sync();
+    const std::string what = base + " " + (impl == 0 ? "run:" : "") + path;
+    expect_close(what, y.host().data(), want.data(), want.size(), gemm_tol(path, wt, K));
+    expect_guard(what, y);
+  }
+}
+
+void test_gemm(Rng& rng) {
+  Section sec("gemm");
+  cu::Gemm gemm;
+  printf("gemm: %s, activation split %d\n", gemm.has_cublas() ? "cuBLAS for T > 8" : "no cuBLAS (SIMT tiles)",
+         gemm.act_split());
+  const std::vector<int> Ks = g_quick ? std::vector<int>{8, 30, 100, 576} : std::vector<int>{8, 24, 30, 64, 100, 576, 4096};
+  const std::vector<int> Ns = g_quick ? std::vector<int>{1, 17, 130} : std::vector<int>{1, 7, 64, 250, 1000};
+  const std::vector<int> Ts =
+      g_quick ? std::vector<int>{1, 3, 8, 9, 70} : std::vector<int>{1, 2, 3, 5, 8, 9, 16, 33, 64, 130, 300};
+  for (int wt : {0, 1, 2})
+    for (int K : Ks)
+      for (int N : Ns) {
+        const Weights W = random_weights(rng, wt, size_t(N) * K);
+        const DevWeights dW(W);
+        for (int T : Ts) run_gemm_case(rng, gemm, wt, T, K, N, (T + N) % 2 == 1, W, dW);
+      }
+  // Model-sized projections (a 7B's q and down widths) in every dtype.
+  if (!g_quick)
+    for (int wt : {0, 1, 2})
+      for (auto [T, K, N] : std::vector<std::array<int, 3>>{{1, 4096, 4096}, {64, 4096, 1024}, {257, 11008, 512}}) {
+        const Weights W = random_weights(rng, wt, size_t(N) * K, 0.05f);
+        const DevWeights dW(W);
+        run_gemm_case(rng, gemm, wt, T, K, N, true, W, dW);
+      }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 3. KV write and paged attention (decode and prefill kernels) against kernels/cpu
+
+struct AttnCase {
+  int block_size, group, head_dim, window;
+  const char* mix;  // prefill, decode, mixed
+  std::vector<int> ctx;
+  float q_amp = 1.f;
+};
+
+void run_attention_case(Rng& rng, const AttnCase& c) {
+  const int n_layers = 2, layer = 1, n_kv = 2, n_heads = n_kv * c.group, hd = c.head_dim, bs = c.block_size;
+  const std::vector<int>& ctx = c.ctx;
+  const int S = int(ctx.size());
+  const std::string tag = fmt("attention bs=%d group=%d hd=%d window=%d mix=%s q_amp=%g ctx=%d..%d", bs, c.group, hd,
+                              c.window, c.mix, c.q_amp, ctx.front(), ctx.back());
+  std::vector<int> n_new(S);
+  for (int s = 0; s < S; s++) {
+    const std::string m = c.mix;
+    const int choice = m == "prefill" ? 0 : m == "decode" ? 1 : rng.below(3);
+    n_new[s] = choice == 0 ? ctx[s] : choice == 1 ? 1 : std::max(1, ctx[s] / 3);
+  }
+  std::vector<int> n_blocks(S);
+  int total_blocks = 0, max_blocks = 0;
+  for (int s = 0; s < S; s++) {
+    n_blocks[s] = (ctx[s] + bs - 1) / bs;
+    total_blocks += n_blocks[s];
+    max_blocks = std::max(max_blocks, n_blocks[s] + 1);
+  }
+  const int n_pages = total_blocks + 1;
+  std::vector<int32_t> page_ids(n_pages);
+  for (int i = 0; i < n_pages; i++) page_ids[i] = i;
+  rng.shuffle(page_ids);
+  const int spare = page_ids.back();  // never written: NaN; also fills unused block-table entries
+  std::vector<int32_t> block_tables(size_t(S) * max_blocks, spare);
+  for (int s = 0, next = 0; s < S; s++)
+    for (int b = 0; b < n_blocks[s]; b++) block_tables[size_t(s) * max_blocks + b] = page_ids[next++];
+
+  cpu::KvLayout L{n_layers, bs, n_kv, hd, 0};
+  const size_t row = size_t(n_kv) * hd;
+  L.page_bytes = size_t(n_layers) * L.layer_stride() * sizeof(float) + 64;
+  const cu::KvLayout DL{n_layers, bs, n_kv, hd, L.page_bytes};
+  std::vector<float> pool_f(L.page_bytes / 4 * n_pages, canary());
+  uint8_t* pool = reinterpret_cast<uint8_t*>(pool_f.data());
+  Dev<float> dpool(pool_f);
+
+  std::vector<std::vector<float>> K(S), V(S);
+  for (int s = 0; s < S; s++) K[s] = rng.vec(ctx[s] * row), V[s] = rng.vec(ctx[s] * row);
+  Dev<int32_t> dbt(block_tables);
+  std::vector<int32_t> query_start, context_lens;
+  bool kv_same = true;
+  for (int step = 0; step < 2; step++) {  // history, then this step's new tokens
+    std::vector<int32_t> qs(1, 0), cl, token_seq;
+    std::vector<float> k, v;
+    for (int s = 0; s < S; s++) {
+      const int p0 = step == 0 ? 0 : ctx[s] - n_new[s], p1 = step == 0 ? ctx[s] - n_new[s] : ctx[s];
+      k.insert(k.end(), K[s].begin() + p0 * row, K[s].begin() + p1 * row);
+      v.insert(v.end(), V[s].begin() + p0 * row, V[s].begin() + p1 * row);
+      qs.push_back(qs.back() + (p1 - p0));
+      cl.push_back(p1);
+      token_seq.insert(token_seq.end(), p1 - p0, s);
+    }
+    const int T = qs[S];
+    const cpu::AttnBatch B{S, qs.data(), cl.data(), block_tables.data(), max_blocks, c.window};
+    cpu::kv_write(pool, L, layer, B, k.data(), v.data());
+    if (T > 0) {
+      Dev<int32_t> dqs(qs), dcl(cl), dts(token_seq);
+      Dev<float> dk(k), dv(v);
+      const cu::AttnBatch DB{S, dqs.p(), dcl.p(), dbt.p(), dts.p(), max_blocks, c.window};
+      cu::kv_write(reinterpret_cast<uint8_t*>(dpool.p()), DL, layer, DB, T, dk.p(), dv.p(), g_stream);
+      sync();
+    }
+    query_start = qs, context_lens = cl;
+  }
+  const std::vector<float> got_pool = dpool.host();
+  kv_same = std::memcmp(got_pool.data(), pool_f.data(), pool_f.size() * 4) == 0;
+  record(kv_same, tag + " kv_write", "device pool bytes differ from the CPU kv_write's");
+  expect_guard(tag + " kv_write", dpool);
+
+  const int T = query_start[S];
+  std::vector<int32_t> token_seq;
+  int max_span = 1;
+  for (int s = 0; s < S; s++)
+    for (int t = query_start[s]; t < query_start[s + 1]; t++) {
+      token_seq.push_back(s);
+      const int pos = context_lens[s] - n_new[s] + (t - query_start[s]);
+      max_span = std::max(max_span, c.window > 0 ? std::min(pos + 1, c.window) : pos + 1);
+    }
+  const std::vector<float> q = rng.vec(size_t(T) * n_heads * hd, -c.q_amp, c.q_amp);
+  const float scale = 1.0f / std::sqrt(float(hd));
+  const cpu::AttnBatch B{S, query_start.data(), context_lens.data(), block_tables.data(), max_blocks, c.window};
+  std::vector<float> want(q.size());
+  cpu::paged_attention(pool, L, layer, B, q.data(), n_heads, scale, want.data());
+
+  Dev<int32_t> dqs(query_start), dcl(context_lens), dts(token_seq);
+  Dev<float> dq(q);
+  const cu::AttnBatch DB{S, dqs.p(), dcl.p(), dbt.p(), dts.p(), max_blocks, c.window};
+  const Tol tol{2e-5 * std::max(1.f, c.q_amp), 1e-4};
+  {  // decode kernel (any batch), with the step's number of splits and with forced extra splits
+    for (int extra : {0, 2}) {
+      const int n_splits = cu::decode_splits(max_span) + extra;
+      Dev<float> ws(std::max<size_t>(cu::decode_workspace_floats(T, n_heads, hd, n_splits), 1)), out(q.size());
+      cu::paged_attention_decode(reinterpret_cast<const uint8_t*>(dpool.p()), DL, layer, DB, T, dq.p(), n_heads, scale,
+                                 n_splits, ws.p(), out.p(), g_stream);
+      sync();
+      const std::string what = tag + fmt(" decode-kernel splits=%d", n_splits);
+      expect_close(what, out.host().data(), want.data(), want.size(), tol);
+      expect_guard(what, out);
+    }
+  }
+  if (cu::prefill_supported(hd)) {
+    const std::vector<int32_t> tiles = cu::make_prefill_tiles(query_start.data(), S);
+    Dev<int32_t> dtiles(tiles);
+    Dev<float> out(q.size());
+    cu::paged_attention_prefill(reinterpret_cast<const uint8_t*>(dpool.p()), DL, layer, DB, dtiles.p(),
+                                int(tiles.size() / 2), dq.p(), n_heads, scale, out.p(), g_stream);
+    sync();
+    const std::string what = tag + fmt(" prefill-kernel tiles=%zu", tiles.size() / 2);
+    expect_close(what, out.host().data(), want.data(), want.size(), tol);
+    expect_guard(what, out);
+  }
+}
+
+void test_attention(Rng& rng) {
+  Section sec("attention");
+  const std::vector<int> short_ctx = {1, 15, 16, 17, 70};
+  for (int bs : {1, 16})
+    for (int group : {1, 4})
+      for (int hd : g_quick ? std::vector<int>{24, 100, 130} : std::vector<int>{24, 64, 100, 128, 256, 320})
+        for (int window : {0, 8})
+          for (const char* mix : {"prefill", "decode", "mixed"})
+            run_attention_case(rng, {bs, group, hd, window, mix, short_ctx});
+  // Long contexts: several decode splits, many prefill key tiles; large scores (the max matters).
+  // (The emulator runs a decode-kernel prefill at O(tokens x span) fiber switches: shorter there.)
+  for (const char* mix : {"prefill", "decode", "mixed"}) {
+    const bool cheap = std::string(mix) == "decode";
+    run_attention_case(rng, {16, 2, g_quick ? 32 : 128, 0, mix,
+                             g_quick ? std::vector<int>{cheap ? 1100 : 200, 3} : std::vector<int>{1300, 513, 2}});
+  }
+  run_attention_case(rng, {16, 2, 64, 100, "mixed", g_quick ? std::vector<int>{260, 5} : std::vector<int>{1500, 40}});
+  for (int bs : {1, 16}) run_attention_case(rng, {bs, 2, 64, 0, "mixed", short_ctx, 30.f});
+}
+
+// ------------------------------------------------------------------------------------------------
+// 4. LoRA (BGMV, SGMV)
+
+// Adapters for one projection, rows scattered through a byte pool at random 64-byte aligned offsets
+// (unused bytes NaN), visible to the CPU kernels and (same bytes, same offsets) to the CUDA ones.
+// The device ref table is strided (ref_stride 3, as the backend's [slot][layer][proj] table is),
+// with NaN-scaled decoys in between that must never be read.
+struct AdapterSet {
+  int in, out, n;
+  static constexpr int kStride = 3;
+  std::vector<uint8_t> pool_h;
+  std::vector<cpu::LoraRef> refs;  // [slot]
+  std::vector<std::vector<int64_t>> a_rows, b_rows;
+  std::unique_ptr<Dev<uint8_t>> pool_d;
+  std::unique_ptr<Dev<int64_t>> rows_d;
+  std::unique_ptr<Dev<cu::LoraRef>> refs_d;
+  AdapterSet(Rng& rng, int in_, int out_, const std::vector<int>& ranks) : in(in_), out(out_), n(int(ranks.size())) {
+    refs.resize(n);
+    a_rows.resize(n);
+    b_rows.resize(n);
+    struct Row { int slot, j; bool is_b; };
+    std::vector<Row> rows;
+    for (int s = 0; s < n; s++)
+      for (int j = 0; j < ranks[s]; j++) rows.push_back({s, j, false}), rows.push_back({s, j, true});
+    rng.shuffle(rows);
+    auto padded = [](int floats) { return (size_t(floats) * 4 + 63) / 64 * 64; };
+    std::vector<int64_t> offs(rows.size());
+    size_t at = 64 * size_t(rng.below(4));
+    for (size_t i = 0; i < rows.size(); i++) {
+      offs[i] = int64_t(at);
+      at += padded(rows[i].is_b ? out : in) + 64 * size_t(rng.below(3));
+    }
+    pool_h.assign(at + 64, 0xFF);
+    for (int s = 0; s < n; s++) a_rows[s].resize(ranks[s]), b_rows[s].resize(ranks[s]);
+    for (size_t i = 0; i < rows.size(); i++) {
+      const Row& r = rows[i];
+      (r.is_b ? b_rows : a_rows)[r.slot][r.j] = offs[i];
+      const int len = r.is_b ? out : in;
+      float* dst = reinterpret_cast<float*>(pool_h.data() + offs[i]);
+      const float amp = r.is_b ? 0.1f : 1.0f / std::sqrt(float(in));
+      for (int k = 0; k < len; k++) dst[k] = rng.uniform(-amp, amp);
+    }
+    for (int s = 0; s < n; s++) {
+      refs[s].rank = ranks[s];
+      refs[s].scale = ranks[s] ? rng.uniform(0.25f, 2.f) : 0.f;
+      refs[s].a_rows = ranks[s] ? a_rows[s].data() : nullptr;
+      refs[s].b_rows = ranks[s] ? b_rows[s].data() : nullptr;
+    }
+    // Device copies: the pool, one table of all row offsets, and the strided ref table.
+    pool_d = std::make_unique<Dev<uint8_t>>(pool_h);
+    std::vector<int64_t> all;
+    std::vector<size_t> a_at(n), b_at(n);
+    for (int s = 0; s < n; s++) {
+      a_at[s] = all.size();
+      all.insert(all.end(), a_rows[s].begin(), a_rows[s].end());
+      b_at[s] = all.size();
+      all.insert(all.end(), b_rows[s].begin(), b_rows[s].end());
+    }
+    all.push_back(0);
+    rows_d = std::make_unique<Dev<int64_t>>(all);
+    std::vector<cu::LoraRef> dr(size_t(n) * kStride);
+    for (auto& r : dr) r = cu::LoraRef{1 << 20, NAN, nullptr, nullptr};  // decoys
+    for (int s = 0; s < n; s++) {
+      cu::LoraRef& r = dr[size_t(s) * kStride];
+      r.rank = ranks[s];
+      r.scale = refs[s].scale;
+      r.a_rows = ranks[s] ? rows_d->p() + a_at[s] : nullptr;
+      r.b_rows = ranks[s] ? rows_d->p() + b_at[s] : nullptr;
+    }
+    refs_d = std::make_unique<Dev<cu::LoraRef>>(dr);
+  }
+};
+
+void run_lora_case(Rng& rng, const AdapterSet& A, const std::vector<int32_t>& slot, const std::string& tag) {
+  const int T = int(slot.size());
+  int batch_rank = 0;
+  for (int32_t s : slot) batch_rank = std::max(batch_rank, A.refs[s].rank);
+  const std::vector<float> x = rng.vec(size_t(T) * A.in);
+  const std::vector<float> y0 = rng.vec(size_t(T) * A.out);
+  std::vector<float> want(y0);
+  cpu::lora_ref(A.pool_h.data(), A.refs.data(), slot.data(), T, x.data(), A.in, want.data(), A.out);
+  const Tol tol{2e-5 * std::max(1.0, std::sqrt(batch_rank / 16.0)), 1e-4};
+  Dev<float> dx(x);
+  Dev<int32_t> dslot(slot);
+  const uint8_t* pool = A.pool_d->p();
+  const cu::LoraRef* refs = A.refs_d->p();
+  if (batch_rank == 0) batch_rank = 1;  // the backend never launches then; the kernels must still be no-ops
+  {
+    Dev<float> y(y0), z(size_t(T) * batch_rank);
+    cu::lora_shrink_bgmv(pool, refs, AdapterSet::kStride, dslot.p(), T, dx.p(), A.in, z.p(), batch_rank, g_stream);
+    cu::lora_expand_bgmv(pool, refs, AdapterSet::kStride, dslot.p(), T, z.p(), batch_rank, y.p(), A.out, g_stream);
+    sync();
+    expect_close(tag + " bgmv", y.host().data(), want.data(), want.size(), tol);
+    expect_guard(tag + " bgmv y", y);
+    expect_guard(tag + " bgmv z", z);
+  }
+  {
+    const std::vector<int32_t> tiles = cu::make_sgmv_tiles(slot.data(), T);
+    Dev<int32_t> dtiles(tiles.empty() ? std::vector<int32_t>{0} : tiles);
+    Dev<float> y(y0), z(size_t(T) * batch_rank);
+    const int n_tiles = int(tiles.size() / 3);
+    cu::lora_shrink_sgmv(pool, refs, AdapterSet::kStride, dtiles.p(), n_tiles, dx.p(), A.in, z.p(), batch_rank, g_stream);
+    cu::lora_expand_sgmv(pool, refs, AdapterSet::kStride, dtiles.p(), n_tiles, z.p(), batch_rank, y.p(), A.out, g_stream);
+    sync();
+    const std::string what = tag + fmt(" sgmv tiles=%d", n_tiles);
+    expect_close(what, y.host().data(), want.data(), want.size(), tol);
+    expect_guard(what + " y", y);
+    expect_guard(what + " z", z);
+  }
+}
+
+void test_lora(Rng& rng) {
+  Section sec("lora");
+  // Slot 0: base model; slot 7: an adapter that does not touch this projection; ranks 1..128 mixed.
+  std::vector<int> ranks = {0};
+  for (int cycle = 0; cycle < (g_quick ? 1 : 3); cycle++)
+    for (int r : {1, 2, 8, 16, 33, 64, 128}) ranks.push_back(r);
+  ranks.insert(ranks.begin() + 7, 0);
+  const int n_slots = int(ranks.size());
+  const std::vector<std::array<int, 2>> widths =
+      g_quick ? std::vector<std::array<int, 2>>{{64, 64}, {100, 37}, {576, 130}}
+              : std::vector<std::array<int, 2>>{{64, 64}, {576, 192}, {4096, 4096}, {4096, 11008}, {100, 37}};
+  for (const auto& wd : widths) {
+    const AdapterSet A(rng, wd[0], wd[1], ranks);
+    const std::string base = fmt("lora in=%d out=%d", A.in, A.out);
+    auto run = [&](const char* mix, const std::vector<int32_t>& slot) {
+      std::string ids;
+      for (size_t i = 0; i < slot.size() && i < 16; i++) ids += fmt("%s%d", i ? "," : "", slot[i]);
+      run_lora_case(rng, A, slot,
+                    base + fmt(" mix=%s T=%zu slots=[%s%s]", mix, slot.size(), ids.c_str(), slot.size() > 16 ? ",..." : ""));
+    };
+    // identical: every token on one adapter, each adapter in turn (and the base model).
+    for (int s = 0; s < n_slots; s++) run("identical", std::vector<int32_t>(g_quick ? 5 : 40, s));
+    // distinct: every token its own adapter.
+    std::vector<int32_t> distinct;
+    for (int s = 1; s < n_slots; s++) distinct.push_back(s);
+    rng.shuffle(distinct);
+    run("distinct", distinct);
+    // uniform over all slots (base included).
+    std::vector<int32_t> uni(g_quick ? 24 : 64);
+    for (auto& s : uni) s = rng.below(n_slots);
+    run("uniform", uni);
+    // skewed: zipf-like (p ~ 1/k^1.5) over a random ordering of the adapters; sorted by slot as the
+    // scheduler orders a batch (long SGMV segments), and unsorted.
+    std::vector<double> cdf;
+    double acc = 0;
+    for (size_t k = 0; k < distinct.size(); k++) cdf.push_back(acc += 1.0 / std::pow(double(k + 1), 1.5));
+    std::vector<int32_t> skew(g_quick ? 40 : 100);
+    for (auto& s : skew) {
+      const size_t k = std::lower_bound(cdf.begin(), cdf.end(), rng.uniform(0.f, 1.f) * acc) - cdf.begin();
+      s = distinct[std::min(k, distinct.size() - 1)];
+    }
+    run("skewed", skew);
+    std::sort(skew.begin(), skew.end());
+    run("skewed-sorted", skew);
+    // base-heavy, and prefill-like runs (one adapter in two non-adjacent segments, longer than a tile).
+    std::vector<int32_t> based(48);
+    for (auto& s : based) s = rng.below(10) < 4 ? 0 : 1 + rng.below(n_slots - 1);
+    run("with-base", based);
+    std::vector<int32_t> runs;
+    auto add = [&](int s, int k) { runs.insert(runs.end(), k, s); };
+    add(3, g_quick ? 35 : 70), add(0, 5), add(7, 3), add(n_slots - 1, 33), add(3, 1), add(1, 2);
+    run("runs", runs);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 5. The whole backend: CudaBackend vs CpuBackend on small random models with adapters
+
+struct TinyModel {
+  std::shared_ptr<Model> model;
+  std::vector<Weights> store;  // keeps weight bytes alive
+};
+
+const void* keep(TinyModel& tm, Weights w) {
+  tm.store.push_back(std::move(w));
+  return tm.store.back().data();
+}
+
+TinyModel make_tiny_model(Rng& rng, const std::string& arch, int wt, int hidden, int inter, int layers, int heads,
+                          int kv_heads, int head_dim, int vocab, bool tied, bool bias, int window, RopeType rope) {
+  TinyModel tm;
+  tm.store.reserve(size_t(layers) * 8 + 4);
+  auto m = std::make_shared<Model>();
+  ModelSpec& s = m->spec;
+  s.arch = arch;
+  s.hidden = hidden, s.intermediate = inter, s.n_layers = layers, s.n_heads = heads, s.n_kv_heads = kv_heads;
+  s.head_dim = head_dim, s.vocab = vocab, s.rms_eps = 1e-5f, s.rope_theta = 10000.f, s.rope_type = rope;
+  s.rope_factor = 2.f, s.tied_embeddings = tied, s.attn_bias = bias, s.sliding_window = window;
+  auto weight = [&](int rows, int cols, float amp) {
+    Weight w;
+    w.data = keep(tm, random_weights(rng, wt, size_t(rows) * cols, amp));
+    w.type = cpu::WType(wt);
+    w.rows = rows, w.cols = cols;
+    return w;
+  };
+  m->embed = weight(vocab, hidden, 1.f);
+  m->lm_head = tied ? m->embed : weight(vocab, hidden, 1.f / std::sqrt(float(hidden)));
+  m->final_norm = rng.vec(hidden, 0.8f, 1.2f);
+  m->layers.resize(layers);
+  for (int l = 0; l < layers; l++) {
+    Layer& L = m->layers[l];
+    L.attn_norm = rng.vec(hidden, 0.8f, 1.2f);
+    L.mlp_norm = rng.vec(hidden, 0.8f, 1.2f);
+    for (int p = 0; p < kNumProj; p++) L.proj[p] = weight(m->proj_out(p), m->proj_in(p), 1.f / std::sqrt(float(m->proj_in(p))));
+    if (bias) L.q_bias = rng.vec(m->q_dim(), -0.5f, 0.5f), L.k_bias = rng.vec(m->kv_dim(), -0.5f, 0.5f),
+              L.v_bias = rng.vec(m->kv_dim(), -0.5f, 0.5f);
+  }
+  m->inv_freq.resize(head_dim / 2);
+  for (int i = 0; i < head_dim / 2; i++)
+    m->inv_freq[i] = 1.0f / std::pow(s.rope_theta, float(2 * i) / float(head_dim)) / (rope == RopeType::Linear ? 2.f : 1.f);
+  tm.model = m;
+  return tm;
+}
+
+ParsedAdapter make_adapter(Rng& rng, const Model& m, const std::vector<int>& projs, int rank, int skip_layer = -1) {
+  ParsedAdapter a;
+  for (int l = 0; l < m.spec.n_layers; l++) {
+    if (l == skip_layer) continue;
+    for (int p : projs) {
+      LoraModule mod;
+      mod.layer = l, mod.proj = p, mod.rank = rank, mod.scale = rng.uniform(0.5f, 2.f);
+      mod.a = rng.vec(size_t(rank) * m.proj_in(p), -0.3f, 0.3f);
+      mod.bt = rng.vec(size_t(rank) * m.proj_out(p), -0.3f, 0.3f);
+      a.bytes += (mod.a.size() + mod.bt.size()) * 4;
+      a.max_rank = std::max(a.max_rank, rank);
+      a.modules.push_back(std::move(mod));
+    }
+  }
+  return a;
+}
+
+// One sequence of the scripted conversation: its tokens, adapter slot and pages.
+struct SeqState {
+  std::vector<int32_t> tokens;  // all tokens so far (prompt + generated)
+  int done = 0;                 // tokens already in the KV cache
+  int slot = 0;
+  std::vector<int32_t> pages;
+};
+
+void run_backend_case(Rng& rng, const std::string& name, TinyModel& tm) {
+  const Model& m = *tm.model;
+  const int block_size = 4, max_slots = 5;
+  // Pages: 3 adapters, then KV. Adapter pages come from the pool like KV pages do.
+  const size_t page_bytes = kv_page_bytes(m.spec, block_size);
+  std::vector<ParsedAdapter> ads;
+  ads.push_back(make_adapter(rng, m, {kQ, kV}, 8));
+  ads.push_back(make_adapter(rng, m, {kQ, kK, kV, kO, kGate, kUp, kDown}, 33, 1));
+  ads.push_back(make_adapter(rng, m, {kO, kDown}, 1));
+  int num_pages = 0;
+  std::vector<std::vector<int32_t>> ad_pages;
+  for (auto& a : ads) {
+    const int np = pages_needed(a, page_bytes);
+    std::vector<int32_t> pg;
+    for (int i = 0; i < np; i++) pg.push_back(num_pages + 2 * i);  // non-contiguous: every other page
+    num_pages += 2 * np;
+    ad_pages.push_back(pg);
+  }
+  std::vector<int32_t> moved_pages;  // adapter 2 reinstalled mid-run into another slot, on other pages
+  for (int i = 0; i < pages_needed(ads[1], page_bytes); i++) moved_pages.push_back(num_pages++);
+  const int kv_first = num_pages;
+  num_pages += 64;
+  std::unique_ptr<Backend> cpu_be = make_cpu_backend(tm.model, block_size, num_pages, max_slots);
+  std::unique_ptr<Backend> gpu_be;
+  try {
+    gpu_be = make_cuda_backend(tm.model, block_size, num_pages, max_slots);
+  } catch (const std::exception& e) {
+    record(false, name + " make_cuda_backend", e.what());
+    return;
+  }
+  record(gpu_be->pool().page_bytes == cpu_be->pool().page_bytes && gpu_be->name() == "cuda",
+         name + " pool geometry", "page_bytes or name differ");
+  for (int i = 0; i < 3; i++) {
+    cpu_be->install_adapter(i + 1, ads[i], ad_pages[i]);
+    gpu_be->install_adapter(i + 1, ads[i], ad_pages[i]);
+  }
+
+  std::vector<SeqState> seqs(5);
+  int next_page = kv_first;
+  const int prompt_len[] = {11, 3, 1, 7, 21};
+  const int slots[] = {0, 1, 2, 3, 1};
+  for (int i = 0; i < 5; i++) {
+    for (int k = 0; k < prompt_len[i]; k++) seqs[i].tokens.push_back(rng.below(m.spec.vocab));
+    seqs[i].slot = slots[i];
+  }
+  const Tol tol = {m.embed.type == cpu::WType::F32 ? 2e-4 : 5e-4, 2e-4};
+  // Steps: chunked prefill of some sequences while others decode, then decode-only steps; the
+  // scheduler's order (by adapter slot) is mimicked in some steps and broken in others.
+  const std::vector<std::vector<std::pair<int, int>>> script = {
+      {{0, 6}, {1, 3}},                  // chunked prefill of 0, full prefill of 1
+      {{0, 5}, {1, 1}, {2, 1}, {4, 8}},  // rest of 0, decode 1, prefill 2 (1 token), chunk of 4
+      {{4, 13}, {3, 7}, {0, 1}},         // finish 4 (17 tokens), prefill 3, decode 0
+      {{0, 1}, {1, 1}, {2, 1}, {3, 1}, {4, 1}},
+      {{1, 1}, {4, 1}, {0, 1}, {2, 1}, {3, 1}},  // decode, slots unsorted
+      {{2, 1}, {3, 1}},
+  };
+  for (size_t st = 0; st < script.size(); st++) {
+    if (st == 4) {  // swap adapter 2 (slot 2) out and back into slot 4 on other pages, mid-run
+      cpu_be->remove_adapter(2);
+      gpu_be->remove_adapter(2);
+      for (auto& sq : seqs)
+        if (sq.slot == 2) sq.slot = 4;
+      cpu_be->install_adapter(4, ads[1], moved_pages);
+      gpu_be->install_adapter(4, ads[1], moved_pages);
+    }
+    StepBatch b;
+    b.query_start.push_back(0);
+    int max_blocks = 0;
+    for (auto [i, n] : script[st]) {
+      SeqState& sq = seqs[i];
+      while (int(sq.tokens.size()) < sq.done + n) sq.tokens.push_back(rng.below(m.spec.vocab));  // "sampled"
+      for (int k = 0; k < n; k++) {
+        b.tokens.push_back(sq.tokens[sq.done + k]);
+        b.positions.push_back(sq.done + k);
+        b.token_slots.push_back(sq.slot);
+      }
+      sq.done += n;
+      while (int(sq.pages.size()) * block_size < sq.done) sq.pages.push_back(next_page++);
+      b.query_start.push_back(int(b.tokens.size()));
+      b.context_lens.push_back(sq.done);
+      max_blocks = std::max(max_blocks, int(sq.pages.size()));
+    }
+    b.n_tokens = int(b.tokens.size());
+    b.n_seqs = int(script[st].size());
+    b.max_blocks = max_blocks + 1;
+    b.block_tables.assign(size_t(b.n_seqs) * b.max_blocks, 0);
+    for (int s = 0; s < b.n_seqs; s++) {
+      const SeqState& sq = seqs[script[st][s].first];
+      std::copy(sq.pages.begin(), sq.pages.end(), b.block_tables.begin() + size_t(s) * b.max_blocks);
+      if (s % 2 == 0 || st == 5) b.sample_seqs.push_back(s);
+    }
+    const size_t V = size_t(m.spec.vocab), n = b.sample_seqs.size();
+    std::vector<float> want(n * V), got(n * V, canary());
+    cpu_be->forward(b, want.data());
+    try {
+      gpu_be->forward(b, got.data());
+    } catch (const std::exception& e) {
+      record(false, name + fmt(" step %zu forward", st), e.what());
+      return;
+    }
+    expect_close(name + fmt(" step %zu (T=%d, S=%d) logits", st, b.n_tokens, b.n_seqs), got.data(), want.data(),
+                 want.size(), tol);
+  }
+  if (next_page > num_pages) record(false, name + " test bug: more pages than the pool", "");
+}
+
+void test_backend(Rng& rng) {
+  Section sec("backend");
+  for (int wt : {0, 1, 2}) {
+    {
+      TinyModel tm = make_tiny_model(rng, "llama", wt, 64, 96, 2, 4, 2, 16, 97, false, false, 0, RopeType::None);
+      run_backend_case(rng, fmt("backend llama-gqa %s", wname(wt)), tm);
+    }
+    {
+      TinyModel tm = make_tiny_model(rng, "qwen2", wt, 48, 80, 2, 2, 1, 24, 61, true, true, 0, RopeType::Linear);
+      run_backend_case(rng, fmt("backend qwen2-tied-bias %s", wname(wt)), tm);
+    }
+    {
+      TinyModel tm = make_tiny_model(rng, "mistral", wt, 32, 64, 3, 2, 2, 24, 50, false, false, 6, RopeType::None);
+      run_backend_case(rng, fmt("backend mistral-window %s", wname(wt)), tm);
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string only;
+#ifdef LORAPLEX_CUDA_EMU
+  g_quick = true;
+#endif
+  for (int i = 1; i < argc; i++) {
+    const std::string a = argv[i];
+    if (a == "--quick") g_quick = true;
+    else if (a == "--only" && i + 1 < argc) only = argv[++i];
+    else {
+      fprintf(stderr, "usage: %s [--quick] [--only elementwise|gemm|attention|lora|backend]\n", argv[0]);
+      return 2;
+    }
+  }
+  std::string why;
+  if (!cuda_device_available(&why)) {
+    printf("SKIPPED: no CUDA device (%s)\n", why.c_str());
+    printf("0 passed, 0 failed, 1 skipped\n");
+    return 0;
+  }
+  cudaDeviceProp prop{};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  cudaGetDeviceProperties(&prop, dev);
+  printf("device: %s (sm_%d%d)%s\n", prop.name, prop.major, prop.minor, g_quick ? ", quick shapes" : "");
+  ck(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  Rng rng(20240607);
+  struct { const char* name; void (*fn)(Rng&); } sections[] = {
+      {"elementwise", test_elementwise}, {"gemm", test_gemm}, {"attention", test_attention},
+      {"lora", test_lora}, {"backend", test_backend}};
+  for (auto& s : sections) {
+    if (!only.empty() && only != s.name) continue;
+    try {
+      s.fn(rng);
+    } catch (const std::exception& e) {
+      record(false, std::string(s.name) + " threw", e.what());
+    }
+  }
+  cudaStreamDestroy(g_stream);
+  printf("%d passed, %d failed\n", g_passed, g_failed);
+  return g_failed == 0 ? 0 : 1;
+}

@@ -1,0 +1,244 @@
+// Decode-step benchmark of the CUDA backend on a Llama-7B-shaped model with random BF16 weights,
+// built directly in device memory (a hash of the element index: no download, no curand, and no
+// 13 GB host copy: the backend uses device-resident Weights in place).
+//
+// Times CudaBackend::forward for decode steps (one new token per sequence, every sequence sampled,
+// so the [batch, vocab] logits copy to the host is included, as in the engine) at batch 1 / 16 / 64
+// with 0 / 8 / 64 distinct adapters (rank 16 on all seven projections, installed through
+// install_adapter like the engine does), and one 512-token prefill. KV contents are whatever the
+// pool holds (zeros): attention cost depends on the context length, not on the values.
+//
+// Usage: bench_decode [--layers N] [--ctx N] [--rank R] [--iters N]
+//        [--batches 1,16,64] [--adapters 0,8,64]
+// Prints one line per configuration and a final "bench_decode: ok".
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "addon/backend.h"
+#include "addon/cuda_backend.h"
+#include "kernels/cuda/gemm.cuh"
+
+using namespace loraplex;
+
+namespace {
+
+void ck(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    fprintf(stderr, "bench_decode: %s: %s\n", what, cudaGetErrorString(e));
+    exit(1);
+  }
+}
+
+__host__ __device__ inline uint64_t mix(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// w[i] = bf16(amp * u), u uniform in [-1, 1) from a hash of (seed, i); round to nearest even.
+__global__ void hash_fill_bf16(uint16_t* w,  // [n]
+                               size_t n, uint64_t seed, float amp) {
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    const float u = float(mix(seed + i * 0x9E3779B97F4A7C15ull) >> 40) * (2.f / 16777216.f) - 1.f;
+    uint32_t b = __float_as_uint(amp * u);
+    b += 0x7FFF + ((b >> 16) & 1);
+    w[i] = uint16_t(b >> 16);
+  }
+}
+
+std::vector<void*> g_device;
+
+Weight device_weight(int rows, int cols, uint64_t seed, float amp) {
+  const size_t n = size_t(rows) * cols;
+  void* p = nullptr;
+  ck(cudaMalloc(&p, n * 2), "cudaMalloc (weights)");
+  g_device.push_back(p);
+  hash_fill_bf16<<<4096, 256>>>(static_cast<uint16_t*>(p), n, seed, amp);
+  ck(cudaGetLastError(), "hash_fill_bf16");
+  Weight w;
+  w.data = p;
+  w.type = cpu::WType::BF16;
+  w.rows = rows;
+  w.cols = cols;
+  return w;
+}
+
+std::vector<int> parse_list(const char* s) {
+  std::vector<int> v;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) v.push_back(std::atoi(item.c_str()));
+  return v;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int layers = 32, ctx = 256, rank = 16, iters = 20;
+  std::vector<int> batches = {1, 16, 64}, adapters = {0, 8, 64};
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string a = argv[i];
+    if (a == "--layers") layers = std::atoi(argv[i + 1]);
+    else if (a == "--ctx") ctx = std::atoi(argv[i + 1]);
+    else if (a == "--rank") rank = std::atoi(argv[i + 1]);
+    else if (a == "--iters") iters = std::atoi(argv[i + 1]);
+    else if (a == "--batches") batches = parse_list(argv[i + 1]);
+    else if (a == "--adapters") adapters = parse_list(argv[i + 1]);
+    else {
+      fprintf(stderr, "unknown option %s\n", a.c_str());
+      return 2;
+    }
+  }
+  std::string why;
+  if (!cuda_device_available(&why)) {
+    printf("SKIPPED: no CUDA device (%s)\n", why.c_str());
+    return 0;
+  }
+  cudaDeviceProp prop{};
+  ck(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
+  const int max_batch = *std::max_element(batches.begin(), batches.end());
+  const int max_adapters = *std::max_element(adapters.begin(), adapters.end());
+
+  // Llama-2-7B shapes.
+  auto model = std::make_shared<Model>();
+  ModelSpec& s = model->spec;
+  s.arch = "llama";
+  s.hidden = 4096, s.intermediate = 11008, s.n_layers = layers, s.n_heads = 32, s.n_kv_heads = 32, s.head_dim = 128;
+  s.vocab = 32000, s.rms_eps = 1e-5f, s.rope_theta = 10000.f;
+  const auto t_build = std::chrono::steady_clock::now();
+  uint64_t seed = 1;
+  model->embed = device_weight(s.vocab, s.hidden, seed++, 1.f);
+  model->lm_head = device_weight(s.vocab, s.hidden, seed++, 1.f / 64.f);
+  model->final_norm.assign(s.hidden, 1.f);
+  model->layers.resize(layers);
+  size_t weight_bytes = size_t(2) * s.vocab * s.hidden * 2;
+  for (int l = 0; l < layers; l++) {
+    Layer& L = model->layers[l];
+    L.attn_norm.assign(s.hidden, 1.f);
+    L.mlp_norm.assign(s.hidden, 1.f);
+    for (int p = 0; p < kNumProj; p++) {
+      const int in = model->proj_in(p), out = model->proj_out(p);
+      L.proj[p] = device_weight(out, in, seed++, std::sqrt(3.f / float(in)));
+      weight_bytes += size_t(in) * out * 2;
+    }
+  }
+  model->inv_freq.resize(s.head_dim / 2);
+  for (int i = 0; i < s.head_dim / 2; i++) model->inv_freq[i] = 1.f / std::pow(s.rope_theta, float(2 * i) / s.head_dim);
+  ck(cudaDeviceSynchronize(), "model init");
+  const double build_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_build).count();
+
+  // One adapter (rank `rank` on every projection of every layer), installed max_adapters times.
+  ParsedAdapter ad;
+  uint64_t h = 12345;
+  for (int l = 0; l < layers; l++)
+    for (int p = 0; p < kNumProj; p++) {
+      LoraModule m;
+      m.layer = l, m.proj = p, m.rank = rank, m.scale = 2.f;
+      m.a.resize(size_t(rank) * model->proj_in(p));
+      m.bt.resize(size_t(rank) * model->proj_out(p));
+      for (auto& v : m.a) v = float(mix(h++) >> 40) * (2.f / 16777216.f) - 1.f;
+      for (auto& v : m.bt) v = (float(mix(h++) >> 40) * (2.f / 16777216.f) - 1.f) * 0.01f;
+      ad.bytes += (m.a.size() + m.bt.size()) * 4;
+      ad.modules.push_back(std::move(m));
+    }
+  ad.max_rank = rank;
+
+  const int block_size = 16;
+  const size_t page_bytes = kv_page_bytes(s, block_size);
+  const int blocks_per_seq = (ctx + 1 + block_size - 1) / block_size;
+  const int prefill_len = 512, prefill_blocks = (prefill_len + block_size - 1) / block_size;
+  const int ad_pages = pages_needed(ad, page_bytes);
+  const int num_pages = max_adapters * ad_pages + std::max(max_batch * blocks_per_seq, prefill_blocks);
+  printf("device: %s, %.1f GiB; model: Llama-7B shapes, %d layers, BF16, %.2f GB of weights (built in %.2f s)\n",
+         prop.name, prop.totalGlobalMem / 1073741824.0, layers, weight_bytes / 1e9, build_s);
+  printf("pool: %d pages x %.1f MiB = %.2f GiB (KV fp32, block %d; adapters rank %d on 7 projections, %.0f MiB, %d pages each)\n",
+         num_pages, page_bytes / 1048576.0, double(page_bytes) * num_pages / 1073741824.0, block_size, rank,
+         ad.bytes / 1048576.0, ad_pages);
+  std::unique_ptr<Backend> be = make_cuda_backend(model, block_size, num_pages, max_adapters + 1);
+  {
+    cuda::Gemm probe(0);
+    printf("gemm: T<=8 %s, T>8 %s\n", probe.path(1, 1), probe.path(64, 1));
+  }
+
+  const auto t_inst = std::chrono::steady_clock::now();
+  for (int a = 0; a < max_adapters; a++) {
+    std::vector<int32_t> pages(ad_pages);
+    for (int i = 0; i < ad_pages; i++) pages[i] = a * ad_pages + i;
+    be->install_adapter(a + 1, ad, pages);
+  }
+  ck(cudaDeviceSynchronize(), "adapter installs");
+  const double inst_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_inst).count();
+  if (max_adapters > 0)
+    printf("install: %d adapters in %.2f s (%.1f GB/s host -> device through the staging ring)\n", max_adapters, inst_s,
+           max_adapters * double(ad.bytes) / inst_s / 1e9);
+  const int kv_first = max_adapters * ad_pages;
+
+  printf("%-7s %-9s %12s %12s %12s %14s\n", "batch", "adapters", "median ms", "min ms", "tokens/s", "weights GB/s");
+  std::vector<float> logits;
+  for (int B : batches)
+    for (int A : adapters) {
+      StepBatch b;
+      b.n_tokens = B, b.n_seqs = B, b.max_blocks = blocks_per_seq;
+      b.query_start.push_back(0);
+      for (int i = 0; i < B; i++) {
+        b.tokens.push_back(int32_t(mix(uint64_t(i) + 99) % uint64_t(s.vocab)));
+        b.positions.push_back(ctx);
+        b.token_slots.push_back(A == 0 ? 0 : 1 + i % A);
+        b.query_start.push_back(i + 1);
+        b.context_lens.push_back(ctx + 1);
+        for (int k = 0; k < blocks_per_seq; k++) b.block_tables.push_back(kv_first + i * blocks_per_seq + k);
+        b.sample_seqs.push_back(i);
+      }
+      logits.resize(size_t(B) * s.vocab);
+      std::vector<double> ms;
+      for (int it = 0; it < iters + 3; it++) {
+        const auto t0 = std::chrono::steady_clock::now();
+        be->forward(b, logits.data());
+        const double d = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        if (it >= 3) ms.push_back(d);
+      }
+      const double med = median(ms), mn = *std::min_element(ms.begin(), ms.end());
+      printf("%-7d %-9d %12.3f %12.3f %12.0f %14.0f\n", B, A, med, mn, B / med * 1000.0, weight_bytes / med / 1e6);
+      fflush(stdout);
+    }
+  {  // one prefill of 512 tokens, base model
+    StepBatch b;
+    b.n_tokens = prefill_len, b.n_seqs = 1, b.max_blocks = prefill_blocks;
+    b.query_start = {0, prefill_len};
+    b.context_lens = {prefill_len};
+    for (int t = 0; t < prefill_len; t++) {
+      b.tokens.push_back(int32_t(mix(uint64_t(t)) % uint64_t(s.vocab)));
+      b.positions.push_back(t);
+      b.token_slots.push_back(0);
+    }
+    for (int k = 0; k < prefill_blocks; k++) b.block_tables.push_back(kv_first + k);
+    b.sample_seqs = {0};
+    logits.resize(s.vocab);
+    std::vector<double> ms;
+    for (int it = 0; it < 4; it++) {
+      const auto t0 = std::chrono::steady_clock::now();
+      be->forward(b, logits.data());
+      if (it >= 1) ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+    const double med = median(ms);
+    printf("prefill %d tokens: %.2f ms (%.0f tokens/s)\n", prefill_len, med, prefill_len / med * 1000.0);
+  }
+  be.reset();
+  for (void* p : g_device) cudaFree(p);
+  printf("bench_decode: ok\n");
+  return 0;
+}

@@ -1,0 +1,377 @@
+// The CUDA emulator's runtime (see cuda_emu.h): fibers for the threads of a block, barriers and
+// shuffles between them, and host-memory stand-ins for the runtime API.
+// Single-threaded: launches must come from one host thread at a time (the tests' driver).
+// Fibers: ucontext only to enter a fiber the first time; every switch after that is
+// _setjmp/_longjmp, which (unlike swapcontext) makes no system call to save the signal mask.
+#undef _FORTIFY_SOURCE  // its longjmp check rejects jumps between stacks
+#include "test/cuda/emu/cuda_emu.h"
+
+#include <setjmp.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace emu {
+
+uint3 block_idx{0, 0, 0};
+dim3 block_dim{1, 1, 1}, grid_dim{1, 1, 1};
+
+namespace {
+
+enum State { kReady, kWaitBlock, kWaitWarp, kDone };
+
+struct Fiber {
+  ucontext_t ctx;
+  jmp_buf jb;
+  bool started = false;
+  uint3 tid;
+  int linear = 0;
+  State state = kReady;
+  std::vector<char> stack;
+};
+
+struct Block {
+  std::vector<std::unique_ptr<Fiber>> fibers;  // stable addresses: a ucontext must not move
+  int cur = -1;
+  const std::function<void()>* body = nullptr;
+  std::vector<uint64_t> shfl;
+  std::vector<unsigned char> smem;
+  const char* where = "";
+};
+
+Block g_block;
+jmp_buf g_main_jb;
+cudaError_t g_last_error = cudaSuccess;
+std::map<uintptr_t, size_t> g_device_allocs;  // base -> bytes
+constexpr size_t kStack = 256 * 1024;
+
+[[noreturn]] void fail(const std::string& m) {
+  std::fprintf(stderr, "CUDA emulator: %s (block %u,%u,%u)\n", m.c_str(), block_idx.x, block_idx.y, block_idx.z);
+  std::abort();
+}
+
+Fiber& cur() {
+  if (g_block.cur < 0) fail("device built-in used outside a kernel");
+  return *g_block.fibers[size_t(g_block.cur)];
+}
+
+void yield_to_scheduler() {
+  Fiber& f = cur();
+  if (!_setjmp(f.jb)) _longjmp(g_main_jb, 1);
+}
+
+// Fibers persist across blocks and launches: after a thread's body returns, its fiber parks at the
+// scheduler and runs the body again when resumed for the next block (so contexts are made once).
+void fiber_main() {
+  for (;;) {
+    (*g_block.body)();
+    cur().state = kDone;
+    yield_to_scheduler();
+  }
+}
+
+void resume(int i) {
+  Fiber& f = *g_block.fibers[size_t(i)];
+  g_block.cur = i;
+  if (!_setjmp(g_main_jb)) {
+    if (!f.started) {
+      f.started = true;
+      setcontext(&f.ctx);
+    }
+    _longjmp(f.jb, 1);
+  }
+  g_block.cur = -1;
+}
+
+void run_block(size_t n_threads) {
+  Block& b = g_block;
+  while (b.fibers.size() < n_threads) b.fibers.push_back(std::make_unique<Fiber>());
+  b.shfl.assign(n_threads, 0);
+  for (size_t i = 0; i < n_threads; i++) {
+    Fiber& f = *b.fibers[i];
+    f.linear = int(i);
+    f.tid = {unsigned(i % block_dim.x), unsigned(i / block_dim.x % block_dim.y), unsigned(i / (block_dim.x * block_dim.y))};
+    f.state = kReady;
+    if (f.stack.empty()) {
+      f.stack.resize(kStack);
+      f.started = false;
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = f.stack.data();
+      f.ctx.uc_stack.ss_size = f.stack.size();
+      f.ctx.uc_link = nullptr;
+      makecontext(&f.ctx, fiber_main, 0);
+    }
+  }
+  // Lanes run in index order until each reaches a barrier or exits. When the last live lane of a
+  // warp arrives at a warp barrier, the warp is released and the sweep restarts at its first lane;
+  // when every live thread waits at __syncthreads, the block is released and the sweep restarts.
+  const size_t n_warps = (n_threads + 31) / 32;
+  std::vector<int> warp_wait(n_warps, 0), warp_done(n_warps, 0);
+  size_t block_wait = 0, done = 0, i = 0;
+  while (true) {
+    if (i == n_threads) {
+      if (done == n_threads) return;
+      if (block_wait == n_threads - done) {
+        if (done > 0) fail(std::string(b.where) + ": __syncthreads reached after " + std::to_string(done) + " threads exited");
+        for (size_t k = 0; k < n_threads; k++) b.fibers[k]->state = kReady;
+        block_wait = 0;
+        i = 0;
+        continue;
+      }
+      fail(std::string(b.where) + ": deadlock: " + std::to_string(block_wait) + " of " + std::to_string(n_threads - done) +
+           " live threads at __syncthreads, the others at a warp barrier that not all their lanes reach");
+    }
+    Fiber& f = *b.fibers[i];
+    if (f.state != kReady) {
+      i++;
+      continue;
+    }
+    resume(int(i));
+    const size_t w = i / 32, lo = w * 32, lanes = std::min(n_threads, lo + 32) - lo;
+    switch (f.state) {
+      case kDone:
+        done++;
+        warp_done[w]++;
+        if (warp_wait[w] > 0 && size_t(warp_wait[w]) == lanes - warp_done[w])
+          fail(std::string(b.where) + ": warp-synchronous operation with exited lanes in warp " + std::to_string(w));
+        i++;
+        break;
+      case kWaitWarp:
+        if (size_t(++warp_wait[w]) == lanes - warp_done[w]) {
+          if (warp_done[w] > 0)
+            fail(std::string(b.where) + ": warp-synchronous operation with exited lanes in warp " + std::to_string(w));
+          for (size_t k = lo; k < lo + lanes; k++)
+            if (b.fibers[k]->state == kWaitWarp) b.fibers[k]->state = kReady;
+          warp_wait[w] = 0;
+          i = lo;
+        } else {
+          i++;
+        }
+        break;
+      case kWaitBlock:
+        block_wait++;
+        i++;
+        break;
+      default:
+        fail("fiber yielded while ready");
+    }
+  }
+}
+
+}  // namespace
+
+uint3 thread_idx() { return cur().tid; }
+
+void* dyn_smem() { return g_block.smem.data(); }
+
+void syncthreads() {
+  cur().state = kWaitBlock;
+  yield_to_scheduler();
+}
+
+void syncwarp() {
+  cur().state = kWaitWarp;
+  yield_to_scheduler();
+}
+
+uint64_t shuffle(uint64_t bits, int arg, int mode) {
+  Fiber& f = cur();
+  const int lane = f.linear & 31, base = f.linear - lane;
+  g_block.shfl[size_t(f.linear)] = bits;
+  syncwarp();
+  int src = lane;
+  switch (mode) {
+    case 0: src = lane ^ arg; break;
+    case 1: src = arg & 31; break;
+    case 2: src = lane + arg < 32 ? lane + arg : lane; break;
+    default: src = lane - arg >= 0 ? lane - arg : lane; break;
+  }
+  if (size_t(base + src) >= g_block.shfl.size()) fail("shuffle from a lane beyond the block");
+  const uint64_t r = g_block.shfl[size_t(base + src)];
+  syncwarp();  // nobody overwrites its slot before every lane has read
+  return r;
+}
+
+float f16_to_f32(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, mant = h & 0x3FF, u;
+  if (exp == 0) {
+    if (mant == 0) {
+      u = sign;
+    } else {
+      exp = 127 - 15 + 1;
+      while (!(mant & 0x400)) {
+        mant <<= 1;
+        exp--;
+      }
+      u = sign | (exp << 23) | ((mant & 0x3FF) << 13);
+    }
+  } else if (exp == 31) {
+    u = sign | 0x7F800000u | (mant << 13);
+  } else {
+    u = sign | ((exp - 15 + 127) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+void launch_impl(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
+  const size_t n_threads = size_t(block.x) * block.y * block.z;
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || n_threads == 0 || n_threads > 1024 || grid.y > 65535 ||
+      grid.z > 65535 || block.z > 64 || smem > 227 * 1024) {
+    g_last_error = cudaErrorInvalidConfiguration;
+    return;
+  }
+  if (g_block.cur >= 0) fail("kernel launched from inside a kernel");
+  grid_dim = grid;
+  block_dim = block;
+  g_block.body = &body;
+  g_block.where = "kernel";
+  g_block.smem.assign(smem + 16, 0xFF);  // NaN bytes: reads of unwritten shared memory show
+  for (unsigned z = 0; z < grid.z; z++)
+    for (unsigned y = 0; y < grid.y; y++)
+      for (unsigned x = 0; x < grid.x; x++) {
+        block_idx = {x, y, z};
+        std::memset(g_block.smem.data(), 0xFF, g_block.smem.size());
+        run_block(n_threads);
+      }
+  block_idx = {0, 0, 0};
+}
+
+}  // namespace emu
+
+// ---- runtime API ---------------------------------------------------------------------------------
+
+struct emu_stream_t {
+  int unused;
+};
+struct emu_event_t {
+  int unused;
+};
+
+const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+    default: return "unknown error";
+  }
+}
+cudaError_t cudaGetLastError() {
+  const cudaError_t e = emu::g_last_error;
+  emu::g_last_error = cudaSuccess;
+  return e;
+}
+cudaError_t cudaPeekAtLastError() { return emu::g_last_error; }
+
+cudaError_t cudaMalloc(void** p, size_t n) {
+  *p = std::aligned_alloc(256, (std::max<size_t>(n, 1) + 255) & ~size_t(255));
+  if (!*p) return cudaErrorMemoryAllocation;
+  std::memset(*p, 0xA5, n);  // garbage, as fresh device memory is
+  emu::g_device_allocs[reinterpret_cast<uintptr_t>(*p)] = n;
+  return cudaSuccess;
+}
+cudaError_t cudaFree(void* p) {
+  if (!p) return cudaSuccess;
+  if (!emu::g_device_allocs.erase(reinterpret_cast<uintptr_t>(p))) return cudaErrorInvalidValue;
+  std::free(p);
+  return cudaSuccess;
+}
+cudaError_t cudaHostAlloc(void** p, size_t n, unsigned) {
+  *p = std::aligned_alloc(256, (std::max<size_t>(n, 1) + 255) & ~size_t(255));
+  return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+cudaError_t cudaMallocHost(void** p, size_t n) { return cudaHostAlloc(p, n, 0); }
+cudaError_t cudaFreeHost(void* p) {
+  std::free(p);
+  return cudaSuccess;
+}
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind) {
+  if (n) std::memmove(dst, src, n);
+  return cudaSuccess;
+}
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind k, cudaStream_t) {
+  return cudaMemcpy(dst, src, n, k);
+}
+cudaError_t cudaMemset(void* p, int v, size_t n) {
+  if (n) std::memset(p, v, n);
+  return cudaSuccess;
+}
+cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) { return cudaMemset(p, v, n); }
+cudaError_t cudaStreamCreate(cudaStream_t* s) {
+  *s = new emu_stream_t{};
+  return cudaSuccess;
+}
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) { return cudaStreamCreate(s); }
+cudaError_t cudaStreamDestroy(cudaStream_t s) {
+  delete s;
+  return cudaSuccess;
+}
+cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned) { return cudaSuccess; }
+cudaError_t cudaEventCreate(cudaEvent_t* e) {
+  *e = new emu_event_t{};
+  return cudaSuccess;
+}
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) { return cudaEventCreate(e); }
+cudaError_t cudaEventDestroy(cudaEvent_t e) {
+  delete e;
+  return cudaSuccess;
+}
+cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return cudaSuccess; }
+cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+cudaError_t cudaEventQuery(cudaEvent_t) { return cudaSuccess; }
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) {
+  *ms = 0.f;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+cudaError_t cudaGetDeviceCount(int* n) {
+  *n = 1;
+  return cudaSuccess;
+}
+cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
+  std::memset(p, 0, sizeof *p);
+  std::snprintf(p->name, sizeof p->name, "loraplex CUDA emulator (host)");
+  p->major = 9;
+  p->minor = 0;
+  p->multiProcessorCount = 1;
+  p->totalGlobalMem = size_t(1) << 32;
+  p->sharedMemPerBlock = 48 * 1024;
+  return cudaSuccess;
+}
+cudaError_t cudaMemGetInfo(size_t* free_b, size_t* total_b) {
+  *free_b = *total_b = size_t(1) << 32;
+  return cudaSuccess;
+}
+cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void* p) {
+  std::memset(a, 0, sizeof *a);
+  const uintptr_t u = reinterpret_cast<uintptr_t>(p);
+  auto it = emu::g_device_allocs.upper_bound(u);
+  if (it != emu::g_device_allocs.begin()) {
+    --it;
+    if (u < it->first + std::max<size_t>(it->second, 1)) {
+      a->type = cudaMemoryTypeDevice;
+      a->devicePointer = const_cast<void*>(p);
+      return cudaSuccess;
+    }
+  }
+  a->type = cudaMemoryTypeUnregistered;
+  a->hostPointer = const_cast<void*>(p);
+  return cudaSuccess;
+}

@@ -1,0 +1,17 @@
+// Backend selection: the CPU backend by default here; --device cuda is refused with the reason
+// when this build has no CUDA backend or no GPU is present (never a silent CPU fallback).
+import { describe, expect, it } from 'vitest';
+import { Engine } from '../../server/engine/engine.js';
+import { modelDir } from '../helpers/fixtures.js';
+
+describe('device selection', () => {
+  it('uses the CPU backend when no GPU is usable', async () => {
+    const e = await Engine.create({ model: modelDir('llama-gqa') });
+    expect(e.backend).toBe('cpu');
+    await e.close();
+  });
+
+  it('refuses --device cuda with the reason instead of falling back', async () => {
+    await expect(Engine.create({ model: modelDir('llama-gqa'), device: 'cuda' })).rejects.toThrow(/--device cuda: (this build has no CUDA backend|.*(GPU|device|driver))/i);
+  });
+});
