@@ -291,7 +291,7 @@ Napi::Value Engine::Step(const Napi::CallbackInfo& info) {
   auto sup = U8(o, "suppressEos", N);
   sp->params.resize(N);
   for (long i = 0; i < N; i++)
-    sp->params[i] = {temp[i], top_p[i], top_k[i], min_p[i], rep[i], pres[i], freq[i], std::min(std::max(nlp[i], 0), 20),
+    sp->params[i] = {temp[i], top_p[i], top_k[i], min_p[i], rep[i], pres[i], freq[i], std::min(std::max(nlp[i], -1), 20),
                      sup[i] != 0};
   sp->new_ids = U32(o, "newSeqIds", -1);
   sp->new_seeds = F64(o, "newSeeds", long(sp->new_ids.size()));
@@ -350,7 +350,7 @@ Napi::Value Engine::Step(const Napi::CallbackInfo& info) {
         const double fwd_ms = ms_since(t0);
         auto& [tok, lp, top_ids, top_lp, max_n, fwd, smp] = *res;
         max_n = 0;
-        for (auto& p : sp->params) max_n = std::max(max_n, p.num_logprobs);
+        for (auto& p : sp->params) max_n = std::max(max_n, p.num_logprobs);  // -1 counts as 0
         tok.assign(n, -1);
         lp.assign(n, 0.f);
         top_ids.assign(n * max_n, -1);

@@ -28,12 +28,17 @@ SampleResult Sampler::sample(uint32_t seq_id, float* logits, const SamplingParam
   const int V = vocab_;
   SampleResult r;
 
-  // Raw logprobs: log_softmax of the unprocessed logits.
-  float mx = -INFINITY;
-  for (int i = 0; i < V; i++) mx = std::max(mx, logits[i]);
-  double sum = 0.0;
-  for (int i = 0; i < V; i++) sum += std::exp(double(logits[i]) - mx);
-  const float lse = mx + float(std::log(sum));
+  // Raw logprobs: log_softmax of the unprocessed logits. The log-sum-exp over the vocabulary is
+  // only paid for when the request asked for logprobs (num_logprobs >= 0).
+  const bool want_lp = p.num_logprobs >= 0;
+  float lse = NAN;
+  if (want_lp) {
+    float mx = -INFINITY;
+    for (int i = 0; i < V; i++) mx = std::max(mx, logits[i]);
+    double sum = 0.0;
+    for (int i = 0; i < V; i++) sum += std::exp(double(logits[i]) - mx);
+    lse = mx + float(std::log(sum));
+  }
   std::vector<int32_t> top;
   if (p.num_logprobs > 0) {
     const int n = std::min(p.num_logprobs, V);
@@ -48,8 +53,8 @@ SampleResult Sampler::sample(uint32_t seq_id, float* logits, const SamplingParam
   for (size_t i = 0; i < top.size(); i++) raw_top[i] = logits[top[i]] - lse;
   // The chosen token's raw logprob needs its unprocessed logit; keep a copy only when processing
   // will change the logits.
-  const bool modifies = p.temperature >= 1e-5f || p.repetition_penalty != 1.f || p.presence_penalty != 0.f ||
-                        p.frequency_penalty != 0.f || p.suppress_eos;
+  const bool modifies = want_lp && (p.temperature >= 1e-5f || p.repetition_penalty != 1.f || p.presence_penalty != 0.f ||
+                        p.frequency_penalty != 0.f || p.suppress_eos);
   std::vector<float> raw;
   if (modifies) raw.assign(logits, logits + V);
 
@@ -121,7 +126,7 @@ SampleResult Sampler::sample(uint32_t seq_id, float* logits, const SamplingParam
   }
   st.out_counts[chosen]++;
   r.token = chosen;
-  r.logprob = (modifies ? raw[chosen] : logits[chosen]) - lse;
+  r.logprob = want_lp ? (modifies ? raw[chosen] : logits[chosen]) - lse : NAN;
   r.top_ids = std::move(top);
   r.top_logprobs = std::move(raw_top);
   return r;

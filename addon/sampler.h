@@ -17,7 +17,7 @@ struct SamplingParams {
   float repetition_penalty = 1.f;
   float presence_penalty = 0.f;
   float frequency_penalty = 0.f;
-  int num_logprobs = 0;     // top-N alternatives to report (0..20)
+  int num_logprobs = 0;     // top-N alternatives to report (0..20); -1: no logprobs at all
   bool suppress_eos = false;  // min_tokens not reached yet
 };
 

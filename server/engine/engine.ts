@@ -332,7 +332,7 @@ export class Engine {
       b.presencePenalty[j] = sp.presencePenalty;
       b.frequencyPenalty[j] = sp.frequencyPenalty;
       b.topK[j] = sp.topK;
-      b.numLogprobs[j] = sp.logprobs ?? 0;
+      b.numLogprobs[j] = sp.logprobs ?? -1; // -1: skip the vocabulary-wide log-sum-exp
       b.suppressEos[j] = !sp.ignoreEos && seq.outputIds.length < sp.minTokens ? 1 : 0;
     });
     if (fresh.length) {

@@ -11,7 +11,7 @@ export type FinishReason = 'stop' | 'length' | 'abort' | 'error';
 
 export interface TokenEvent {
   token: number;
-  logprob: number;
+  logprob: number; // NaN unless the request asked for logprobs
   top: Array<[number, number]> | null; // [id, logprob] best first, when logprobs were asked for
 }
 
