@@ -50,13 +50,13 @@ const base: Omit<Workload, 'adapters' | 'concurrency'> = { requests: Number(a.re
 
 async function startServer(modelDir: string): Promise<{ url: string; proc: ChildProcess }> {
   const args = ['--import', 'tsx', join(ROOT, 'server', 'main.ts'), 'serve', '--model', modelDir, '--adapter-dir', join(modelDir, 'adapters'),
-    '--port', '0', '--memory-budget', '6GiB', '--max-loras', String(Math.max(8, maxAdapters)), '--max-num-seqs', String(Math.max(...concurrencies)), '--log-level', 'warn'];
+    '--port', '0', '--memory-budget', '6GiB', '--max-loras', String(Math.max(8, maxAdapters)), '--max-num-seqs', String(Math.max(...concurrencies))];
   if (a.threads) args.push('--threads', a.threads);
   const proc = spawn(process.execPath, args, { cwd: ROOT, stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, LORAPLEX_LOG_LEVEL: 'info' } });
   let log = '';
   return new Promise((res, rej) => {
     proc.stderr!.on('data', (d) => {
-      log += d;
+      if (log.length < 1 << 16) log += d; // keep draining the pipe; remember only the start
       const m = /"address":"(http:\/\/[^"]+)"/.exec(log);
       if (m) res({ url: m[1], proc });
     });
