@@ -102,6 +102,45 @@ async function drive(
   return !gone;
 }
 
+/** Streams a run's events as SSE chunks (`chunkOf` shapes one; null sends nothing), then the usage
+ *  chunk when asked and `[DONE]`. SSE headers are already sent. */
+async function streamRun(
+  req: FastifyRequest,
+  reply: FastifyReply,
+  run: GenerationRun,
+  done: () => void,
+  chunkOf: (e: ChoiceEvent) => unknown,
+  usageChunk: (() => unknown) | null,
+): Promise<FastifyReply> {
+  const ok = await drive(req, reply, run, (e) => {
+    const c = chunkOf(e);
+    if (c !== null) sse(reply, c);
+  }).catch((err) => {
+    sse(reply, { error: { message: (err as Error).message, type: 'server_error', param: null, code: null } });
+    return true;
+  });
+  if (ok) {
+    if (usageChunk) sse(reply, usageChunk());
+    sse(reply, '[DONE]');
+  }
+  reply.raw.end();
+  done();
+  return reply;
+}
+
+/** Collects every choice's text, tokens and finish reason for a JSON body; null if the client left. */
+async function collectRun(req: FastifyRequest, reply: FastifyReply, run: GenerationRun, n: number) {
+  const texts = Array.from({ length: n }, () => '');
+  const toks: TokenEvent[][] = Array.from({ length: n }, () => []);
+  const finish: Array<string | null> = Array.from({ length: n }, () => null);
+  const ok = await drive(req, reply, run, (e) => {
+    texts[e.index] += e.text;
+    toks[e.index].push(...e.tokens);
+    if (e.finishReason) finish[e.index] = e.finishReason;
+  });
+  return ok ? { texts, toks, finish } : null;
+}
+
 export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps): Promise<void> {
   const { engine, metrics } = deps;
 
@@ -133,9 +172,6 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
     const run = new GenerationRun(engine, inputs, adapter);
     const id = `cmpl-${randomUUID().replace(/-/g, '')}`;
     const created = now();
-    const texts = inputs.map(() => '');
-    const toks: TokenEvent[][] = inputs.map(() => []);
-    const finish: Array<string | null> = inputs.map(() => null);
     const echoText = (i: number) => (body.echo ? (prompts[Math.floor(i / n)].text ?? engine.tokenizer.decode(prompts[Math.floor(i / n)].ids, false)) : '');
     const usage = () => ({ prompt_tokens: run.promptTokens, completion_tokens: run.completionTokens, total_tokens: run.promptTokens + run.completionTokens });
     req.loraplex = { model: body.model, adapter, run };
@@ -143,44 +179,32 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
     if (body.stream) {
       sseHeaders(reply);
       const echoed = new Set<number>();
-      const ok = await drive(req, reply, run, (e) => {
+      const sent = inputs.map(() => 0); // characters streamed per choice (logprobs text_offset)
+      return streamRun(req, reply, run, () => metrics.requestDone(run, 'stream', t0), (e) => {
         let text = e.text;
         if (!echoed.has(e.index)) (echoed.add(e.index), (text = echoText(e.index) + text));
         // One chunk per engine step that produced tokens, even when they decode to no text yet
         // (a held-back partial character): clients see progress and time tokens.
-        if (text === '' && !e.finishReason && e.tokens.length === 0) return;
-        sse(reply, {
+        if (text === '' && !e.finishReason && e.tokens.length === 0) return null;
+        const offset = sent[e.index];
+        sent[e.index] += text.length;
+        return {
           id, object: 'text_completion', created, model: body.model,
-          choices: [{ index: e.index, text, logprobs: logprobs !== null ? completionLogprobs(engine, e.tokens, texts[e.index].length) : null, finish_reason: e.finishReason, stop_reason: null }],
-        });
-        texts[e.index] += text;
-      }).catch((err) => {
-        sse(reply, { error: { message: (err as Error).message, type: 'server_error', param: null, code: null } });
-        return true;
-      });
-      if (ok) {
-        if (body.stream_options?.include_usage) sse(reply, { id, object: 'text_completion', created, model: body.model, choices: [], usage: usage() });
-        sse(reply, '[DONE]');
-      }
-      reply.raw.end();
-      metrics.requestDone(run, 'stream', t0);
-      return reply;
+          choices: [{ index: e.index, text, logprobs: logprobs !== null ? completionLogprobs(engine, e.tokens, offset) : null, finish_reason: e.finishReason, stop_reason: null }],
+        };
+      }, body.stream_options?.include_usage ? () => ({ id, object: 'text_completion', created, model: body.model, choices: [], usage: usage() }) : null);
     }
 
-    const ok = await drive(req, reply, run, (e) => {
-      texts[e.index] += e.text;
-      toks[e.index].push(...e.tokens);
-      if (e.finishReason) finish[e.index] = e.finishReason;
-    });
+    const out = await collectRun(req, reply, run, inputs.length);
     metrics.requestDone(run, 'json', t0);
-    if (!ok) return reply;
+    if (!out) return reply;
     return {
       id, object: 'text_completion', created, model: body.model,
-      choices: texts.map((text, i) => ({
+      choices: out.texts.map((text, i) => ({
         index: i,
         text: echoText(i) + text,
-        logprobs: logprobs !== null ? completionLogprobs(engine, toks[i], echoText(i).length) : null,
-        finish_reason: finish[i],
+        logprobs: logprobs !== null ? completionLogprobs(engine, out.toks[i], echoText(i).length) : null,
+        finish_reason: out.finish[i],
         stop_reason: null,
       })),
       usage: usage(),
@@ -231,40 +255,23 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
       sseHeaders(reply);
       const chunk = (choices: unknown[]) => ({ id, object: 'chat.completion.chunk', created, model: body.model, choices });
       for (let i = 0; i < n; i++) sse(reply, chunk([{ index: i, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null }]));
-      const ok = await drive(req, reply, run, (e) => {
-        if (e.text === '' && !e.finishReason && e.tokens.length === 0) return;
+      return streamRun(req, reply, run, () => metrics.requestDone(run, 'stream', t0), (e) => {
+        if (e.text === '' && !e.finishReason && e.tokens.length === 0) return null;
         const delta = e.text === '' && e.finishReason ? {} : { content: e.text };
-        sse(reply, chunk([{ index: e.index, delta, logprobs: logprobs !== null ? chatLogprobs(engine, e.tokens) : null, finish_reason: e.finishReason }]));
-      }).catch((err) => {
-        sse(reply, { error: { message: (err as Error).message, type: 'server_error', param: null, code: null } });
-        return true;
-      });
-      if (ok) {
-        if (body.stream_options?.include_usage) sse(reply, { id, object: 'chat.completion.chunk', created, model: body.model, choices: [], usage: usage() });
-        sse(reply, '[DONE]');
-      }
-      reply.raw.end();
-      metrics.requestDone(run, 'stream', t0);
-      return reply;
+        return chunk([{ index: e.index, delta, logprobs: logprobs !== null ? chatLogprobs(engine, e.tokens) : null, finish_reason: e.finishReason }]);
+      }, body.stream_options?.include_usage ? () => ({ id, object: 'chat.completion.chunk', created, model: body.model, choices: [], usage: usage() }) : null);
     }
 
-    const texts = inputs.map(() => '');
-    const toks: TokenEvent[][] = inputs.map(() => []);
-    const finish: Array<string | null> = inputs.map(() => null);
-    const ok = await drive(req, reply, run, (e) => {
-      texts[e.index] += e.text;
-      toks[e.index].push(...e.tokens);
-      if (e.finishReason) finish[e.index] = e.finishReason;
-    });
+    const out = await collectRun(req, reply, run, inputs.length);
     metrics.requestDone(run, 'json', t0);
-    if (!ok) return reply;
+    if (!out) return reply;
     return {
       id, object: 'chat.completion', created, model: body.model,
-      choices: texts.map((content, i) => ({
+      choices: out.texts.map((content, i) => ({
         index: i,
         message: { role: 'assistant', content },
-        logprobs: logprobs !== null ? chatLogprobs(engine, toks[i]) : null,
-        finish_reason: finish[i],
+        logprobs: logprobs !== null ? chatLogprobs(engine, out.toks[i]) : null,
+        finish_reason: out.finish[i],
       })),
       usage: usage(),
     };
