@@ -68,6 +68,11 @@ async function startServer(modelDir: string): Promise<{ url: string; proc: Child
 async function engineApiRun(modelDir: string, w: Workload): Promise<LoadResult> {
   const e = await Engine.create({ model: modelDir, adapterDir: join(modelDir, 'adapters'), memoryBudget: 6 * 1024 ** 3, maxLoras: Math.max(8, maxAdapters), maxNumSeqs: w.concurrency, threads: a.threads ? Number(a.threads) : undefined });
   const prompts = makePrompts(w);
+  // Same warm-up as the HTTP run: every adapter loaded once, so both measure serving only.
+  if (w.adapters > 0)
+    await Promise.all(Array.from({ length: w.adapters }, async (_, i) => {
+      for await (const _t of e.generate([1, 2, 3, 4, 5, 6, 7, 8], { maxTokens: 1, temperature: 0, ignoreEos: true }, { adapter: `${a['adapter-prefix']}${i}` }));
+    }));
   let next = 0;
   let tokens = 0;
   const ttft: number[] = [];
