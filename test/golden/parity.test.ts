@@ -8,6 +8,20 @@ import { adapterId, adapterRoot, loadGolden, MODEL_NAMES, modelDir, strictSteps,
 
 const LOGPROB_TOL = 1e-3;
 
+// The same suite on the CUDA backend where this build has it and a GPU is present; otherwise it is
+// reported as skipped, with the reason the engine gives for refusing --device cuda.
+async function cudaUnavailableReason(): Promise<string | null> {
+  try {
+    const e = await Engine.create({ model: modelDir('llama-gqa'), device: 'cuda' });
+    await e.close();
+    return null;
+  } catch (err) {
+    return (err as Error).message;
+  }
+}
+const cudaSkip = await cudaUnavailableReason();
+const DEVICES: Array<['cpu' | 'cuda', string | null]> = [['cpu', null], ['cuda', cudaSkip]];
+
 async function run(engine: Engine, c: GoldenCase): Promise<TokenEvent[]> {
   const out: TokenEvent[] = [];
   const gen = engine.generate(c.prompt_ids, { maxTokens: c.greedy_ids.length, temperature: 0, ignoreEos: true, logprobs: 5 }, { adapter: c.adapter ? adapterId(c.adapter) : null });
@@ -32,13 +46,15 @@ function checkAgainstGolden(c: GoldenCase, got: TokenEvent[]): void {
   }
 }
 
+for (const [device, skipReason] of DEVICES)
+describe.skipIf(skipReason !== null)(`${device}${skipReason ? ` (skipped: ${skipReason})` : ''}`, () => {
 describe.each(MODEL_NAMES)('%s', (name) => {
   const golden = loadGolden(name);
   let engine: Engine;
   const single = new Map<GoldenCase, TokenEvent[]>();
 
   beforeAll(async () => {
-    engine = await Engine.create({ model: modelDir(name), adapterDir: adapterRoot(name), memoryBudget: 8 << 20 });
+    engine = await Engine.create({ model: modelDir(name), adapterDir: adapterRoot(name), memoryBudget: 8 << 20, device });
   });
   afterAll(async () => {
     await engine?.close();
@@ -74,4 +90,5 @@ describe.each(MODEL_NAMES)('%s', (name) => {
     });
     expect(engine.paging.stats().kvPages).toBe(0);
   });
+});
 });
