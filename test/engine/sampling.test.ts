@@ -32,6 +32,19 @@ describe('sampling', () => {
     expect(new Set(others.map((o) => o.join(','))).size).toBeGreaterThan(1);
   });
 
+  it('samples at temperature 1 with the model\'s own probabilities', async () => {
+    const first: Array<{ token: number; top: Array<[number, number]> | null }> = [];
+    for await (const t of engine.generate(prompt, { maxTokens: 1, temperature: 0, logprobs: 3 })) first.push(t);
+    const [[id0, lp0], [id1, lp1]] = first[0].top!;
+    const N = 400;
+    const draws = await Promise.all(Array.from({ length: N }, (_, s) => gen({ temperature: 1, seed: 1000 + s, maxTokens: 1 })));
+    for (const [id, lp] of [[id0, lp0], [id1, lp1]]) {
+      const p = Math.exp(lp);
+      const freq = draws.filter((d) => d[0] === id).length / N;
+      expect(Math.abs(freq - p), `token ${id}: p=${p.toFixed(3)} freq=${freq.toFixed(3)}`).toBeLessThan(4 * Math.sqrt((p * (1 - p)) / N) + 1e-3);
+    }
+  });
+
   it('top_k 1, a tiny top_p and min_p 1 all reduce to greedy', async () => {
     const greedy = await gen({ temperature: 0 });
     expect(await gen({ temperature: 1, topK: 1, seed: 3 })).toEqual(greedy);
