@@ -11,6 +11,21 @@
 
 namespace loraplex::cpu::LP_ISA_NS {
 
+// Softmax of each of `group` score rows of length n in place (exp only); inv[h] = 1 / row sum.
+static inline void softmax_rows(float* scores, int n, int group, const float* mx, float* inv) {
+  for (int h = 0; h < group; h++) {
+    float* sc = scores + size_t(h) * n;
+    float sum = 0.f;
+    const float m = mx[h];
+#pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < n; j++) {
+      sc[j] = exp_nonpos(sc[j] - m);
+      sum += sc[j];
+    }
+    inv[h] = 1.0f / sum;
+  }
+}
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
@@ -45,17 +60,7 @@ static void attend_item(const uint8_t* pool, const KvLayout& L, int layer, const
     }
   }
   float inv[G];
-  for (int h = 0; h < G; h++) {
-    float* sc = scores + size_t(h) * n;
-    float sum = 0.f;
-    const float m = mx[h];
-#pragma omp simd reduction(+ : sum)
-    for (int j = 0; j < n; j++) {
-      sc[j] = exp_nonpos(sc[j] - m);
-      sum += sc[j];
-    }
-    inv[h] = 1.0f / sum;
-  }
+  softmax_rows(scores, n, G, mx, inv);
   __m512 o[G][C];
   for (int h = 0; h < G; h++)
     for (int c = 0; c < C; c++) o[h][c] = _mm512_setzero_ps();
@@ -160,16 +165,8 @@ void paged_attention(const uint8_t* pool, const KvLayout& L, int layer, const At
         }
       }
       float inv[64];
+      softmax_rows(scores.data(), n, group, mx, inv);
       for (int h = 0; h < group; h++) {
-        float* sc = scores.data() + size_t(h) * n;
-        float sum = 0.f;
-        const float m = mx[h];
-#pragma omp simd reduction(+ : sum)
-        for (int j = 0; j < n; j++) {
-          sc[j] = exp_nonpos(sc[j] - m);
-          sum += sc[j];
-        }
-        inv[h] = 1.0f / sum;
         float* o = out + (size_t(it.t) * n_heads + size_t(g) * group + h) * hd;
         std::fill(o, o + hd, 0.f);
       }
