@@ -175,41 +175,14 @@ void gemv(const float* x, int K, const void* W, int N, const float* bias, float*
 // every token.
 constexpr int kTileRows = 24;
 
-template <int TT, int R>
-LP_AVX512 inline void micro_avx512(const float* x, int K, const float* w, float* y, int N,
-                                                            const float* bias) {
-  __m512 acc[TT][R];
-  for (int t = 0; t < TT; t++)
-    for (int r = 0; r < R; r++) acc[t][r] = _mm512_setzero_ps();
-  int k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m512 wv[R];
-    for (int r = 0; r < R; r++) wv[r] = _mm512_loadu_ps(w + size_t(r) * K + k);
-    for (int t = 0; t < TT; t++) {
-      const __m512 xv = _mm512_loadu_ps(x + size_t(t) * K + k);
-      for (int r = 0; r < R; r++) acc[t][r] = _mm512_fmadd_ps(xv, wv[r], acc[t][r]);
-    }
-  }
-  if (k < K) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1);
-    __m512 wv[R];
-    for (int r = 0; r < R; r++) wv[r] = _mm512_maskz_loadu_ps(m, w + size_t(r) * K + k);
-    for (int t = 0; t < TT; t++) {
-      const __m512 xv = _mm512_maskz_loadu_ps(m, x + size_t(t) * K + k);
-      for (int r = 0; r < R; r++) acc[t][r] = _mm512_fmadd_ps(xv, wv[r], acc[t][r]);
-    }
-  }
-  for (int t = 0; t < TT; t++)
-    for (int r = 0; r < R; r++) y[size_t(t) * N + r] = _mm512_reduce_add_ps(acc[t][r]) + (bias ? bias[r] : 0.f);
-}
-
 template <int R>
 LP_AVX512 void tile_avx512(const float* x, int T, int K, const float* w, float* y, int N,
                                                      const float* bias) {
   int t = 0;
-  for (; t + 4 <= T; t += 4) micro_avx512<4, R>(x + size_t(t) * K, K, w, y + size_t(t) * N, N, bias);
-  for (; t + 2 <= T; t += 2) micro_avx512<2, R>(x + size_t(t) * K, K, w, y + size_t(t) * N, N, bias);
-  for (; t < T; t++) micro_avx512<1, R>(x + size_t(t) * K, K, w, y + size_t(t) * N, N, bias);
+  // The converted tile is plain fp32 rows, so the decode kernel (F32, rows from 0) is the micro-kernel.
+  for (; t + 4 <= T; t += 4) gemv_rows<WType::F32, 4, R>(x + size_t(t) * K, K, w, 0, y + size_t(t) * N, N, bias);
+  for (; t + 2 <= T; t += 2) gemv_rows<WType::F32, 2, R>(x + size_t(t) * K, K, w, 0, y + size_t(t) * N, N, bias);
+  for (; t < T; t++) gemv_rows<WType::F32, 1, R>(x + size_t(t) * K, K, w, 0, y + size_t(t) * N, N, bias);
 }
 
 void tile_scalar(const float* x, int T, int K, const float* w, int R, float* y, int N, const float* bias) {
