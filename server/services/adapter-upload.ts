@@ -2,7 +2,8 @@
 // to disk with a size cap and sha256, never buffered whole; then fully validated against the base
 // model. On any failure the staging folder is removed, so nothing half-written is ever left.
 import { createHash } from 'node:crypto';
-import { createWriteStream, mkdtempSync, rmSync, statSync } from 'node:fs';
+import { createWriteStream, mkdtempSync, rmSync, statSync, type WriteStream } from 'node:fs';
+import { once } from 'node:events';
 import { basename, join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { Transform } from 'node:stream';
@@ -38,6 +39,7 @@ export async function receiveUpload(req: FastifyRequest, adapterDir: string, max
   const sha256: Record<string, string> = {};
   let id: unknown;
   let total = 0;
+  const sinks: WriteStream[] = [];
   try {
     for await (const part of req.parts({ limits: { fileSize: maxBytes, files: 2, fields: 4, parts: 6 } })) {
       if (part.type === 'field') {
@@ -60,7 +62,9 @@ export async function receiveUpload(req: FastifyRequest, adapterDir: string, max
           cb(null, chunk);
         },
       });
-      await pipeline(part.file, counter, createWriteStream(join(dir, name), { flags: 'wx' }));
+      const sink = createWriteStream(join(dir, name), { flags: 'wx' });
+      sinks.push(sink);
+      await pipeline(part.file, counter, sink);
       if (part.file.truncated)
         throw new LoraplexError(`adapter is larger than --max-adapter-bytes (${maxBytes} bytes)`, 413, 'invalid_request_error', name, 'adapter_too_large');
       sha256[name] = hash.digest('hex');
@@ -70,7 +74,10 @@ export async function receiveUpload(req: FastifyRequest, adapterDir: string, max
       if (!sha256[f]) throw new LoraplexError(`file ${f} is required`, 400, 'invalid_request_error', f, 'invalid_value');
     return { id: id as string, dir, sha256, size: total };
   } catch (e) {
-    rmSync(dir, { recursive: true, force: true });
+    // A failed pipeline rejects before a destroyed file stream has finished opening (and creating)
+    // its file; wait for every sink to close so the folder is really empty-able, then remove it.
+    await Promise.all(sinks.map((s) => (s.closed ? undefined : once(s, 'close').catch(() => undefined))));
+    rmSync(dir, { recursive: true, force: true, maxRetries: 3 });
     const code = (e as { code?: string }).code;
     if (code === 'FST_REQ_FILE_TOO_LARGE')
       throw new LoraplexError(`adapter is larger than --max-adapter-bytes (${maxBytes} bytes)`, 413, 'invalid_request_error', null, 'adapter_too_large');
