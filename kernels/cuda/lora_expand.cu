@@ -12,9 +12,14 @@ __device__ __forceinline__ const float* pool_row(const uint8_t* pool, int64_t of
   return reinterpret_cast<const float*>(pool + off);
 }
 
-// ---- BGMV: one block per (token, 1024 output columns); threads across columns ------------------
+// ---- BGMV: one block per (token, 512 output columns); 4 columns a thread ----------------------
+// The adapter's z values and B^T row offsets are staged in shared memory 32 at a time, so the
+// rank loop issues only independent pool loads (no dependent offset load per row), and narrow
+// blocks spread a decode step's few tokens over more SMs.
 
-constexpr int kBgmvThreads = 256;
+constexpr int kBgmvThreads = 128;
+constexpr int kBgmvCols = kBgmvThreads * 4;
+constexpr int kStage = 32;
 
 template <bool VEC4>
 __global__ void __launch_bounds__(kBgmvThreads) expand_bgmv_kernel(const uint8_t* __restrict__ pool,
@@ -24,38 +29,58 @@ __global__ void __launch_bounds__(kBgmvThreads) expand_bgmv_kernel(const uint8_t
                                                                    int max_rank,
                                                                    float* __restrict__ y,  // [T, out]
                                                                    int out) {
+  __shared__ float zs[kStage];
+  __shared__ int64_t bo[kStage];
   const int t = blockIdx.x;
   const LoraRef r = refs[size_t(token_slot[t]) * ref_stride];
-  if (r.rank == 0) return;
+  if (r.rank == 0) return;  // block-uniform
   const float* zt = z + size_t(t) * max_rank;
   float* yt = y + size_t(t) * out;
-  if (VEC4) {
-    // 4 consecutive columns per thread: 16-byte loads of each B^T row (64-byte aligned rows) and
-    // of y (out % 4 == 0).
-    const int c = (blockIdx.y * kBgmvThreads + threadIdx.x) * 4;
-    if (c >= out) return;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int j = 0; j < r.rank; j++) {
-      const float zj = zt[j];
-      const float4 b = *reinterpret_cast<const float4*>(pool_row(pool, r.b_rows[j]) + c);
-      acc.x += zj * b.x;
-      acc.y += zj * b.y;
-      acc.z += zj * b.z;
-      acc.w += zj * b.w;
+  const int c = blockIdx.y * kBgmvCols + threadIdx.x * (VEC4 ? 4 : 1);
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int j0 = 0; j0 < r.rank; j0 += kStage) {
+    const int n = imin(kStage, r.rank - j0);
+    __syncthreads();  // the previous chunk is consumed
+    if (threadIdx.x < n) {
+      zs[threadIdx.x] = zt[j0 + threadIdx.x];
+      bo[threadIdx.x] = r.b_rows[j0 + threadIdx.x];
     }
-    float4* yp = reinterpret_cast<float4*>(yt + c);
-    float4 yv = *yp;
-    yv.x += acc.x;
-    yv.y += acc.y;
-    yv.z += acc.z;
-    yv.w += acc.w;
-    *yp = yv;
+    __syncthreads();
+    if (VEC4) {
+      // 16-byte loads of each B^T row (64-byte aligned rows; out % 4 == 0).
+      if (c < out) {
+#pragma unroll 4
+        for (int j = 0; j < n; j++) {
+          const float zj = zs[j];
+          const float4 b = *reinterpret_cast<const float4*>(pool_row(pool, bo[j]) + c);
+          acc[0] += zj * b.x;
+          acc[1] += zj * b.y;
+          acc[2] += zj * b.z;
+          acc[3] += zj * b.w;
+        }
+      }
+    } else {
+      for (int q = 0; q < 4; q++) {
+        const int cc = blockIdx.y * kBgmvCols + q * kBgmvThreads + threadIdx.x;
+        if (cc < out)
+          for (int j = 0; j < n; j++) acc[q] += zs[j] * pool_row(pool, bo[j])[cc];
+      }
+    }
+  }
+  if (VEC4) {
+    if (c < out) {
+      float4* yp = reinterpret_cast<float4*>(yt + c);
+      float4 yv = *yp;
+      yv.x += acc[0];
+      yv.y += acc[1];
+      yv.z += acc[2];
+      yv.w += acc[3];
+      *yp = yv;
+    }
   } else {
-    const int c0 = blockIdx.y * kBgmvThreads * 4 + threadIdx.x;
-    for (int c = c0; c < imin(out, c0 + kBgmvThreads * 4); c += kBgmvThreads) {
-      float acc = 0.f;
-      for (int j = 0; j < r.rank; j++) acc += zt[j] * pool_row(pool, r.b_rows[j])[c];
-      yt[c] += acc;
+    for (int q = 0; q < 4; q++) {
+      const int cc = blockIdx.y * kBgmvCols + q * kBgmvThreads + threadIdx.x;
+      if (cc < out) yt[cc] += acc[q];
     }
   }
 }
@@ -118,7 +143,8 @@ __global__ void __launch_bounds__(256) expand_sgmv_kernel(const uint8_t* __restr
 void lora_expand_bgmv(const uint8_t* pool, const LoraRef* refs, int ref_stride, const int32_t* token_slot, int T,
                       const float* z, int max_rank, float* y, int out, cudaStream_t stream) {
   if (T <= 0 || max_rank <= 0 || out <= 0) return;
-  const dim3 grid(T, ceil_div(out, kBgmvThreads * 4));
+  if (ceil_div(out, kBgmvCols) > 65535) throw std::runtime_error("lora_expand_bgmv: output too wide");
+  const dim3 grid(T, ceil_div(out, kBgmvCols));
   if (out % 4 == 0)
     LP_LAUNCH(expand_bgmv_kernel<true>, grid, dim3(kBgmvThreads), 0, stream, pool, refs, ref_stride, token_slot, z,
               max_rank, y, out);

@@ -143,6 +143,16 @@ float canary() {
   return c;
 }
 
+// cudaMemcpy from pageable memory returns once the data is staged, before the DMA has landed, and
+// runs on the legacy stream, which does not order against the test's non-blocking stream: every
+// harness copy therefore waits for the whole device before and after (a race seen on an H200:
+// canaries landing after the kernel's writes, beyond the first MiB of large outputs).
+void copy_sync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, const char* what) {
+  ck(cudaDeviceSynchronize(), what);
+  ck(cudaMemcpy(dst, src, bytes, kind), what);
+  ck(cudaDeviceSynchronize(), what);
+}
+
 // A device array with canaries on both sides.
 template <typename T>
 struct Dev {
@@ -154,7 +164,7 @@ struct Dev {
     ck(cudaMalloc(reinterpret_cast<void**>(&base), (n + 2 * kPad) * sizeof(T)), "cudaMalloc");
     std::vector<T> fill(n + 2 * kPad);
     for (auto& v : fill) std::memcpy(static_cast<void*>(&v), &kCanaryBits, std::min(sizeof(T), sizeof(uint32_t)));
-    ck(cudaMemcpy(base, fill.data(), fill.size() * sizeof(T), cudaMemcpyHostToDevice), "fill");
+    copy_sync(base, fill.data(), fill.size() * sizeof(T), cudaMemcpyHostToDevice, "fill");
   }
   explicit Dev(const std::vector<T>& h) : Dev(h.size()) { upload(h); }
   ~Dev() {
@@ -164,16 +174,16 @@ struct Dev {
   Dev& operator=(const Dev&) = delete;
   T* p() const { return base + kPad; }
   void upload(const std::vector<T>& h) {
-    ck(cudaMemcpy(p(), h.data(), std::min(h.size(), n) * sizeof(T), cudaMemcpyHostToDevice), "upload");
+    copy_sync(p(), h.data(), std::min(h.size(), n) * sizeof(T), cudaMemcpyHostToDevice, "upload");
   }
   std::vector<T> host() const {
     std::vector<T> h(n);
-    ck(cudaMemcpy(h.data(), p(), n * sizeof(T), cudaMemcpyDeviceToHost), "download");
+    copy_sync(h.data(), p(), n * sizeof(T), cudaMemcpyDeviceToHost, "download");
     return h;
   }
   bool intact() const {
     std::vector<T> all(n + 2 * kPad);
-    ck(cudaMemcpy(all.data(), base, all.size() * sizeof(T), cudaMemcpyDeviceToHost), "download");
+    copy_sync(all.data(), base, all.size() * sizeof(T), cudaMemcpyDeviceToHost, "download");
     for (size_t i = 0; i < all.size(); i++) {
       if (i >= kPad && i < kPad + n) continue;
       uint32_t u = 0;
@@ -231,7 +241,7 @@ struct DevWeights {
   void* p = nullptr;
   explicit DevWeights(const Weights& w) {
     ck(cudaMalloc(&p, std::max<size_t>(w.bytes(), 1)), "cudaMalloc");
-    ck(cudaMemcpy(p, w.data(), w.bytes(), cudaMemcpyHostToDevice), "upload");
+    copy_sync(p, w.data(), w.bytes(), cudaMemcpyHostToDevice, "upload");
   }
   ~DevWeights() { cudaFree(p); }
 };

@@ -85,8 +85,8 @@ if [ -n "${LORAPLEX_SKIP_GOLDEN:-}" ]; then
   echo "SKIPPED: LORAPLEX_SKIP_GOLDEN is set"
   SUMMARY+=("SKIPPED golden parity (LORAPLEX_SKIP_GOLDEN)")
 elif command -v node >/dev/null && [ -x node_modules/.bin/vitest ] && [ -x node_modules/.bin/cmake-js ]; then
-  GOLDEN="CMAKE_BUILD_PARALLEL_LEVEL=$JOBS npx cmake-js compile --CDCMAKE_BUILD_TYPE=Release --CDLORAPLEX_CUDA=ON \
-    ${CUBLAS_ARG:+--CDCUBLAS_ROOT=$CUBLAS_ARG} && LORAPLEX_DEVICE=cuda npx vitest run test/golden"
+  GOLDEN="CMAKE_BUILD_PARALLEL_LEVEL=$JOBS node_modules/.bin/cmake-js compile --CDCMAKE_BUILD_TYPE=Release --CDLORAPLEX_CUDA=ON \
+    ${CUBLAS_ARG:+--CDCUBLAS_ROOT=$CUBLAS_ARG} && LORAPLEX_DEVICE=cuda node_modules/.bin/vitest run test/golden"
   stage "golden parity on CUDA (LORAPLEX_DEVICE=cuda vitest run test/golden)" 300 golden.log "$GOLDEN"
 else
   note "golden parity"

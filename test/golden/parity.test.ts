@@ -80,13 +80,17 @@ describe.each(MODEL_NAMES)('%s', (name) => {
     }
   });
 
+  // On CPU a row's arithmetic does not depend on its batch; on CUDA the batched GEMM takes another
+  // kernel (cuBLAS above 8 rows, the skinny kernel below) with another reduction order, which moved
+  // a logprob by 1.0014e-5 on an H200 (llama3-bf16), so the CUDA bound is 1e-4.
+  const batchTol = device === 'cuda' ? 1e-4 : 1e-5;
   it('gives every request the same output when all cases share one mixed batch', async () => {
     const batch = await Promise.all(golden.cases.map((c) => run(engine, c)));
     golden.cases.forEach((c, i) => {
       checkAgainstGolden(c, batch[i]);
       const alone = single.get(c)!;
       expect(batch[i].map((t) => t.token)).toEqual(alone.map((t) => t.token));
-      batch[i].forEach((t, j) => expect(Math.abs(t.logprob - alone[j].logprob)).toBeLessThan(1e-5));
+      batch[i].forEach((t, j) => expect(Math.abs(t.logprob - alone[j].logprob)).toBeLessThan(batchTol));
     });
     expect(engine.paging.stats().kvPages).toBe(0);
   });
