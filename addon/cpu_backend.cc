@@ -5,6 +5,8 @@
 #include <cstring>
 #include <stdexcept>
 
+#include <sys/mman.h>
+
 #include <chrono>
 #include <cstdio>
 
@@ -20,15 +22,18 @@ size_t kv_page_bytes(const ModelSpec& s, int block_size) {
 
 namespace {
 
-// LORAPLEX_PROFILE=1: per-op wall time of decode-only steps, printed to stderr every 50 of them.
+// LORAPLEX_PROFILE=1: per-op wall time of decode-only steps, printed to stderr every 50 of them;
+// LORAPLEX_PROFILE=prefill: the same for the steps that carry prompt tokens.
 struct OpProfile {
-  const bool enabled = std::getenv("LORAPLEX_PROFILE") != nullptr;
+  const char* env = std::getenv("LORAPLEX_PROFILE");
+  const bool enabled = env != nullptr;
+  const bool prefill = env != nullptr && std::strcmp(env, "prefill") == 0;
   bool on = false;  // enabled and this step is decode-only (what the profile is for)
   double ms[8] = {};
   int steps = 0;
   static constexpr const char* kNames[8] = {"embed+norm", "qkv", "rope+kv", "attention", "o", "mlp-in", "act+down", "lm_head"};
   void report() {
-    if (!on || ++steps % 50 != 0) return;
+    if (!on || ++steps % (prefill ? 4 : 50) != 0) return;
     std::fprintf(stderr, "[profile] %d steps:", steps);
     for (int i = 0; i < 8; i++) std::fprintf(stderr, " %s %.2f ms/step", kNames[i], ms[i] / steps);
     std::fprintf(stderr, "\n");
@@ -61,10 +66,27 @@ class CpuBackend final : public Backend {
     pool_info_.page_bytes = kv_page_bytes(s, block_size);
     layout_ = {s.n_layers, block_size, s.n_kv_heads, s.head_dim, pool_info_.page_bytes};
     const size_t total = pool_info_.page_bytes * size_t(num_pages);
-    pool_ = static_cast<uint8_t*>(std::aligned_alloc(64, total));
+    // 2 MiB aligned (and rounded) so that transparent huge pages can back it, then touched once
+    // in parallel: the budget is committed up front (as a GPU pool would be) and no step pays
+    // first-touch page faults for KV blocks or adapter rows it is given later.
+    constexpr size_t kHuge = size_t(2) << 20;
+    const size_t alloc = (total + kHuge - 1) / kHuge * kHuge;
+    pool_ = static_cast<uint8_t*>(std::aligned_alloc(kHuge, alloc));
     if (!pool_) throw std::runtime_error("cannot allocate the memory pool (" + std::to_string(total) + " bytes)");
+#ifdef MADV_HUGEPAGE
+    madvise(pool_, alloc, MADV_HUGEPAGE);  // advisory: ignored where THP is off
+#endif
+    const long n_chunks = long(alloc / kHuge);
+#pragma omp parallel for schedule(static)
+    for (long c = 0; c < n_chunks; c++) std::memset(pool_ + size_t(c) * kHuge, 0, kHuge);
     refs_.assign(size_t(s.n_layers) * kNumProj * max_slots_, cpu::LoraRef{});
     installed_.resize(max_slots_);
+    // Every projection and the lm_head packed once for the GEMM kernel (same dtype and bytes as
+    // the file; the mmap stays for the embedding gather and for other backends).
+    packed_.resize(size_t(s.n_layers) * kNumProj);
+    for (int l = 0; l < s.n_layers; l++)
+      for (int p = 0; p < kNumProj; p++) packed_[size_t(l) * kNumProj + p] = pack(model_->layers[l].proj[p]);
+    packed_lm_head_ = pack(model_->lm_head);
   }
   ~CpuBackend() override { std::free(pool_); }
 
@@ -114,6 +136,11 @@ class CpuBackend final : public Backend {
     off = int64_t(pages[pl.page_index]) * int64_t(pool_info_.page_bytes) + int64_t(pl.offset);
     std::memcpy(pool_ + off, src, n * sizeof(float));
   }
+  static std::vector<uint8_t> pack(const Weight& w) {
+    std::vector<uint8_t> out(cpu::packed_elems(w.rows, w.cols) * cpu::wtype_size(w.type));
+    cpu::pack_weights(w.data, w.type, w.rows, w.cols, out.data());
+    return out;
+  }
   // y[T, out] += LoRA of projection p for each token's adapter.
   void apply_lora(int layer, int p, const float* x, float* y);
   void project(int layer, int p, const float* x, float* y, const std::vector<float>* bias);
@@ -125,6 +152,8 @@ class CpuBackend final : public Backend {
   uint8_t* pool_ = nullptr;
   std::vector<cpu::LoraRef> refs_;           // [layer][proj][slot]
   std::vector<InstalledAdapter> installed_;  // [slot]
+  std::vector<std::vector<uint8_t>> packed_;  // [layer][proj], cpu::pack_weights layout
+  std::vector<uint8_t> packed_lm_head_;
 
   // Per-step state and scratch (reused across steps to avoid allocation in the hot loop).
   const StepBatch* batch_ = nullptr;
@@ -136,7 +165,8 @@ class CpuBackend final : public Backend {
 
 void CpuBackend::project(int layer, int p, const float* x, float* y, const std::vector<float>* bias) {
   const Weight& w = model_->layers[layer].proj[p];
-  cpu::matmul(x, batch_->n_tokens, w.cols, w.data, w.type, w.rows, bias && !bias->empty() ? bias->data() : nullptr, y);
+  cpu::matmul_packed(x, batch_->n_tokens, w.cols, packed_[size_t(layer) * kNumProj + p].data(), w.type, w.rows,
+                     bias && !bias->empty() ? bias->data() : nullptr, y);
   if (any_lora_) apply_lora(layer, p, x, y);
 }
 
@@ -155,7 +185,7 @@ void CpuBackend::forward(const StepBatch& b, float* logits) {
   const ModelSpec& s = m.spec;
   const int T = b.n_tokens, H = s.hidden, QD = m.q_dim(), KD = m.kv_dim(), I = s.intermediate;
   batch_ = &b;
-  prof_.on = prof_.enabled && b.n_seqs == b.n_tokens;
+  prof_.on = prof_.enabled && (b.n_seqs == b.n_tokens) != prof_.prefill;
   // Segments of consecutive tokens sharing an adapter (the scheduler orders sequences by adapter).
   segs_.clear();
   any_lora_ = false;
@@ -238,7 +268,7 @@ void CpuBackend::forward(const StepBatch& b, float* logits) {
     std::memcpy(last_.data() + size_t(i) * H, x_.data() + size_t(t) * H, H * sizeof(float));
   }
   cpu::rmsnorm(last_.data(), m.final_norm.data(), n, H, s.rms_eps, last_.data());
-  cpu::matmul(last_.data(), n, H, m.lm_head.data, m.lm_head.type, s.vocab, nullptr, logits);
+  cpu::matmul_packed(last_.data(), n, H, packed_lm_head_.data(), m.lm_head.type, s.vocab, nullptr, logits);
   prof_.report();
 }
 

@@ -31,15 +31,17 @@ int main(int argc, char** argv) {
       std::memcpy(&u, &f, 4);
       v = uint16_t(u >> 16);
     }
+    std::vector<uint8_t> P(packed_elems(s.N, s.K) * 2);
+    pack_weights(w.data(), WType::BF16, s.N, s.K, P.data());  // as the engine does at load
     for (int T : Ts) {
       if (s.N == 49152 && T > 32) continue;
       std::vector<float> x(size_t(T) * s.K, 0.01f), y(size_t(T) * s.N);
-      matmul(x.data(), T, s.K, w.data(), WType::BF16, s.N, nullptr, y.data());
+      matmul_packed(x.data(), T, s.K, P.data(), WType::BF16, s.N, nullptr, y.data());
       const double flops = 2.0 * T * s.N * s.K;
       int reps = std::max(3, int(2e9 / flops));
       if (reps > 2000) reps = 2000;
       auto t0 = std::chrono::steady_clock::now();
-      for (int r = 0; r < reps; r++) matmul(x.data(), T, s.K, w.data(), WType::BF16, s.N, nullptr, y.data());
+      for (int r = 0; r < reps; r++) matmul_packed(x.data(), T, s.K, P.data(), WType::BF16, s.N, nullptr, y.data());
       const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps;
       std::printf("%-18s T=%-4d %8.3f ms  %7.1f GFLOP/s  %6.1f GB/s(W)\n", s.name, T, sec * 1e3, flops / sec / 1e9,
                   w.size() * 2.0 / sec / 1e9);

@@ -16,7 +16,13 @@ float f16_to_f32(uint16_t h);
 // Converts n weights of type t starting at element offset `off` into fp32.
 void convert_row(const void* w, WType t, size_t off, int n, float* out);
 
-// y[T, N] = x[T, K] . W[N, K]^T (+ bias[N]); fp32 accumulation. W in its stored dtype.
+// y[T, N] = x[T, K] . W[N, K]^T (+ bias[N]); fp32 accumulation, W in its stored dtype.
+// The optimised kernel reads W packed (pack_weights, once at load): groups of 16 rows interleaved
+// by column, P[g][k][l] = W[16 g + l][k], rows past N zero; packed_elems(N, K) elements.
+size_t packed_elems(int N, int K);
+void pack_weights(const void* W, WType t, int N, int K, void* out);
+void matmul_packed(const float* x, int T, int K, const void* P, WType wt, int N, const float* bias, float* y);
+// Row-major convenience (packs W into a temporary first): for tests and one-off products.
 void matmul(const float* x, int T, int K, const void* W, WType wt, int N, const float* bias, float* y);
 void matmul_ref(const float* x, int T, int K, const void* W, WType wt, int N, const float* bias, float* y);
 

@@ -38,7 +38,7 @@ namespace loraplex::cpu {
 // polynomial on [-ln2/2, ln2/2], and 2^n by building the exponent bits. Max relative error ~2e-7.
 inline float exp_nonpos(float x) {
   x = x < -87.0f ? -87.0f : x;
-  const float n = __builtin_roundf(x * 1.44269504088896341f);
+  const float n = __builtin_rintf(x * 1.44269504088896341f);  // rint (not round): vectorises to one rounding instruction
   const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
   float p = 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;

@@ -1,12 +1,15 @@
 // Base-weight GEMM/GEMV. W is [N, K] row-major in its stored dtype (F32/BF16/F16).
 //
-// Optimised path: the N rows are cut into tiles of kTileRows; each thread converts one tile of W
-// to fp32 in a small L1/L2-resident buffer (so BF16/F16 rows are converted once per call, not once
-// per token), then a 4x4 register-blocked AVX-512 micro-kernel computes 4 tokens x 4 rows with 16
-// accumulators. Decode (T small) is bound by streaming W once; prefill reuses each tile T times.
+// The engine packs every projection once at load (pack_weights): groups of 16 rows interleaved
+// by column, P[g][k][l] = W[16 g + l][k], in the stored dtype (same bytes, no fp32 copy). A
+// 16-row group at one k is then one contiguous vector: the kernel loads it (converting BF16/F16
+// in registers), broadcasts each token's activation and accumulates 16 output rows per FMA, with
+// no horizontal sums. The same kernel serves decode (T = 1: W streamed once, memory bound) and
+// prefill (8-token x 48-row register blocks, FMA bound); only the token blocking differs.
 #include <immintrin.h>
 #include <omp.h>
 
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -104,147 +107,140 @@ void matmul_ref(const float* x, int T, int K, const void* W, WType wt, int N, co
 
 namespace {
 
-// Loads 16 weights of row `w` at column k as fp32: BF16 is a shift, F16 the F16C conversion.
+constexpr int kG = 16;  // rows per packed group = fp32 lanes of an AVX-512 vector
+
+// 16 consecutive packed elements (the 16 rows of a group at one k) as fp32.
 template <WType WT>
-LP_AVX512 inline __m512 load16(const void* w, size_t off) {
+LP_AVX512 inline __m512 load_group(const void* p, size_t off) {
   if constexpr (WT == WType::F32) {
-    return _mm512_loadu_ps(static_cast<const float*>(w) + off);
+    return _mm512_loadu_ps(static_cast<const float*>(p) + off);
   } else if constexpr (WT == WType::BF16) {
-    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(w) + off));
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + off));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   } else {
-    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(w) + off));
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + off));
     return _mm512_cvtph_ps(h);
   }
 }
 
-template <WType WT>
-LP_AVX512 inline __m512 load16_masked(const void* w, size_t off, __mmask16 m) {
-  if constexpr (WT == WType::F32) {
-    return _mm512_maskz_loadu_ps(m, static_cast<const float*>(w) + off);
-  } else {
-    __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(w) + off);
-    if constexpr (WT == WType::BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    else return _mm512_cvtph_ps(h);
-  }
-}
-
-// Decode path (few tokens): stream W once, converting in registers; R rows x TT tokens of dot
-// products share each loaded weight vector. Memory-bound: the point is to read W exactly once.
-template <WType WT, int TT, int R>
-LP_AVX512 void gemv_rows(const float* x, int K, const void* W, size_t row0, float* y,
-                                                           int N, const float* bias) {
-  __m512 acc[TT][R];
-  for (int t = 0; t < TT; t++)
-    for (int r = 0; r < R; r++) acc[t][r] = _mm512_setzero_ps();
-  int k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m512 wv[R];
-    for (int r = 0; r < R; r++) wv[r] = load16<WT>(W, (row0 + r) * size_t(K) + k);
-    for (int t = 0; t < TT; t++) {
-      const __m512 xv = _mm512_loadu_ps(x + size_t(t) * K + k);
-      for (int r = 0; r < R; r++) acc[t][r] = _mm512_fmadd_ps(xv, wv[r], acc[t][r]);
+// y[t0 + t][16 g + l] for TB tokens x G groups: TB * G accumulators, each a vector of 16 output
+// rows. At every k, G packed weight vectors are loaded (and converted) once and each of the TB
+// activations is broadcast once, so a weight load feeds TB FMAs and a broadcast feeds G.
+template <WType WT, int TB, int G>
+LP_AVX512 void packed_block(const float* x, int K, const void* P, int g0, int N, const float* bias, float* y) {
+  __m512 acc[TB][G];
+#pragma GCC unroll 8
+  for (int t = 0; t < TB; t++)
+#pragma GCC unroll 8
+    for (int j = 0; j < G; j++) acc[t][j] = _mm512_setzero_ps();
+  const size_t stride = size_t(K) * kG;  // elements between groups
+  const size_t base = size_t(g0) * stride;
+  for (int k = 0; k < K; k++) {
+    __m512 w[G];
+#pragma GCC unroll 8
+    for (int j = 0; j < G; j++) w[j] = load_group<WT>(P, base + j * stride + size_t(k) * kG);
+#pragma GCC unroll 8
+    for (int t = 0; t < TB; t++) {
+      const __m512 xb = _mm512_set1_ps(x[size_t(t) * K + k]);
+#pragma GCC unroll 8
+      for (int j = 0; j < G; j++) acc[t][j] = _mm512_fmadd_ps(w[j], xb, acc[t][j]);
     }
   }
-  if (k < K) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1);
-    __m512 wv[R];
-    for (int r = 0; r < R; r++) wv[r] = load16_masked<WT>(W, (row0 + r) * size_t(K) + k, m);
-    for (int t = 0; t < TT; t++) {
-      const __m512 xv = _mm512_maskz_loadu_ps(m, x + size_t(t) * K + k);
-      for (int r = 0; r < R; r++) acc[t][r] = _mm512_fmadd_ps(xv, wv[r], acc[t][r]);
-    }
+#pragma GCC unroll 8
+  for (int j = 0; j < G; j++) {
+    const int n0 = (g0 + j) * kG;
+    const int n = N - n0 < kG ? N - n0 : kG;
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + n0) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int t = 0; t < TB; t++) _mm512_mask_storeu_ps(y + size_t(t) * N + n0, m, _mm512_add_ps(acc[t][j], b));
   }
-  for (int t = 0; t < TT; t++)
-    for (int r = 0; r < R; r++)
-      y[size_t(t) * N + row0 + r] = _mm512_reduce_add_ps(acc[t][r]) + (bias ? bias[row0 + r] : 0.f);
 }
 
-template <WType WT, int TT>
-void gemv(const float* x, int K, const void* W, int N, const float* bias, float* y) {
-  constexpr int R = TT == 1 ? 8 : 4;  // more rows in flight when there is one token: more loads to overlap
-  const int groups = N / R;
-#pragma omp parallel for schedule(static)
-  for (int g = 0; g < groups; g++) gemv_rows<WT, TT, R>(x, K, W, size_t(g) * R, y, N, bias);
-  for (int n = groups * R; n < N; n++) gemv_rows<WT, TT, 1>(x, K, W, size_t(n), y, N, bias);
-}
-
-// Batched path: rows are cut into tiles of kTileRows; each thread converts its tile to fp32 once
-// (an L2-resident buffer, so BF16/F16 rows are converted once per call, not once per token), then
-// a 6-row x 4-token register-blocked micro-kernel (24 accumulators, 10 loads per 24 FMAs) covers
-// every token.
-constexpr int kTileRows = 24;
-
-template <int R>
-LP_AVX512 void tile_avx512(const float* x, int T, int K, const float* w, float* y, int N,
-                                                     const float* bias) {
+// Groups [g0, g1) for every token, in token blocks of TB (then 4, 2, 1 for the tail).
+template <WType WT, int G>
+LP_AVX512 void packed_groups(const float* x, int T, int K, const void* P, int g0, int N, const float* bias, float* y) {
   int t = 0;
-  // The converted tile is plain fp32 rows, so the decode kernel (F32, rows from 0) is the micro-kernel.
-  for (; t + 4 <= T; t += 4) gemv_rows<WType::F32, 4, R>(x + size_t(t) * K, K, w, 0, y + size_t(t) * N, N, bias);
-  for (; t + 2 <= T; t += 2) gemv_rows<WType::F32, 2, R>(x + size_t(t) * K, K, w, 0, y + size_t(t) * N, N, bias);
-  for (; t < T; t++) gemv_rows<WType::F32, 1, R>(x + size_t(t) * K, K, w, 0, y + size_t(t) * N, N, bias);
-}
-
-void tile_scalar(const float* x, int T, int K, const float* w, int R, float* y, int N, const float* bias) {
-  for (int t = 0; t < T; t++)
-    for (int r = 0; r < R; r++) {
-      float acc = 0.f;
-      for (int k = 0; k < K; k++) acc += x[size_t(t) * K + k] * w[size_t(r) * K + k];
-      y[size_t(t) * N + r] = acc + (bias ? bias[r] : 0.f);
-    }
-}
-
-void gemm_tiled(const float* x, int T, int K, const void* W, WType wt, int N, const float* bias, float* y, bool avx) {
-  const int n_tiles = (N + kTileRows - 1) / kTileRows;
-#pragma omp parallel
-  {
-    std::vector<float> buf(wt == WType::F32 ? 0 : size_t(kTileRows) * K);
-#pragma omp for schedule(static)
-    for (int tile = 0; tile < n_tiles; tile++) {
-      const int n0 = tile * kTileRows;
-      const int R = N - n0 < kTileRows ? N - n0 : kTileRows;
-      const float* w;
-      if (wt == WType::F32) {
-        w = static_cast<const float*>(W) + size_t(n0) * K;
-      } else {
-        convert_row(W, wt, size_t(n0) * K, R * K, buf.data());
-        w = buf.data();
-      }
-      const float* b = bias ? bias + n0 : nullptr;
-      if (!avx) {
-        tile_scalar(x, T, K, w, R, y + n0, N, b);
-        continue;
-      }
-      int r = 0;
-      for (; r + 6 <= R; r += 6) tile_avx512<6>(x, T, K, w + size_t(r) * K, y + n0 + r, N, b ? b + r : nullptr);
-      for (; r + 2 <= R; r += 2) tile_avx512<2>(x, T, K, w + size_t(r) * K, y + n0 + r, N, b ? b + r : nullptr);
-      for (; r < R; r++) tile_avx512<1>(x, T, K, w + size_t(r) * K, y + n0 + r, N, b ? b + r : nullptr);
-    }
-  }
+  for (; t + 8 <= T; t += 8) packed_block<WT, 8, G>(x + size_t(t) * K, K, P, g0, N, bias, y + size_t(t) * N);
+  for (; t + 4 <= T; t += 4) packed_block<WT, 4, G>(x + size_t(t) * K, K, P, g0, N, bias, y + size_t(t) * N);
+  for (; t + 2 <= T; t += 2) packed_block<WT, 2, G>(x + size_t(t) * K, K, P, g0, N, bias, y + size_t(t) * N);
+  for (; t < T; t++) packed_block<WT, 1, G>(x + size_t(t) * K, K, P, g0, N, bias, y + size_t(t) * N);
 }
 
 template <WType WT>
-bool gemv_dispatch(const float* x, int T, int K, const void* W, int N, const float* bias, float* y) {
-  switch (T) {
-    case 1: gemv<WT, 1>(x, K, W, N, bias, y); return true;
-    case 2: gemv<WT, 2>(x, K, W, N, bias, y); return true;
-    case 3: gemv<WT, 3>(x, K, W, N, bias, y); return true;
-    case 4: gemv<WT, 4>(x, K, W, N, bias, y); return true;
-    default: return false;
+void matmul_packed_avx512(const float* x, int T, int K, const void* P, int N, const float* bias, float* y) {
+  // Three groups (48 rows) per job: 8 tokens x 3 groups = 24 accumulators, 11 loads per 24 FMAs.
+  // Long batches (prefill) go in chunks of kChunk tokens, chunk-major: a thread's x chunk stays in
+  // L2 while it walks the weight panels (from L3), instead of every panel re-reading all of x.
+  constexpr int G = 3, kChunk = 64;
+  const int n_groups = (N + kG - 1) / kG;
+  const int n_jobs = (n_groups + G - 1) / G;
+  const int n_chunks = (T + kChunk - 1) / kChunk;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int c = 0; c < n_chunks; c++)
+    for (int job = 0; job < n_jobs; job++) {
+      const int t0 = c * kChunk, tn = T - t0 < kChunk ? T - t0 : kChunk;
+      const float* xc = x + size_t(t0) * K;
+      float* yc = y + size_t(t0) * N;
+      const int g0 = job * G, g1 = g0 + G < n_groups ? g0 + G : n_groups;
+      if (g1 - g0 == G) packed_groups<WT, G>(xc, tn, K, P, g0, N, bias, yc);
+      else
+        for (int g = g0; g < g1; g++) packed_groups<WT, 1>(xc, tn, K, P, g, N, bias, yc);
+    }
+}
+
+// Portable path: the same layout, plain loops (one group of 16 accumulators per token).
+void matmul_packed_scalar(const float* x, int T, int K, const void* P, WType wt, int N, const float* bias, float* y) {
+  const int n_groups = (N + kG - 1) / kG;
+#pragma omp parallel for schedule(static)
+  for (int g = 0; g < n_groups; g++) {
+    std::vector<float> w(size_t(K) * kG);
+    convert_row(P, wt, size_t(g) * K * kG, K * kG, w.data());
+    const int n0 = g * kG, n = N - n0 < kG ? N - n0 : kG;
+    for (int t = 0; t < T; t++) {
+      float acc[kG] = {};
+      for (int k = 0; k < K; k++)
+        for (int l = 0; l < kG; l++) acc[l] += w[size_t(k) * kG + l] * x[size_t(t) * K + k];
+      for (int l = 0; l < n; l++) y[size_t(t) * N + n0 + l] = acc[l] + (bias ? bias[n0 + l] : 0.f);
+    }
   }
 }
 
 }  // namespace
 
-void matmul(const float* x, int T, int K, const void* W, WType wt, int N, const float* bias, float* y) {
-  const bool avx = has_avx512();
-  if (avx && T <= 4) {
-    const bool done = wt == WType::F32    ? gemv_dispatch<WType::F32>(x, T, K, W, N, bias, y)
-                      : wt == WType::BF16 ? gemv_dispatch<WType::BF16>(x, T, K, W, N, bias, y)
-                                          : gemv_dispatch<WType::F16>(x, T, K, W, N, bias, y);
-    if (done) return;
+size_t packed_elems(int N, int K) { return size_t((N + kG - 1) / kG) * kG * size_t(K); }
+
+void pack_weights(const void* W, WType t, int N, int K, void* out) {
+  const int n_groups = (N + kG - 1) / kG;
+  const size_t es = wtype_size(t);
+  const auto* src = static_cast<const uint8_t*>(W);
+  auto* dst = static_cast<uint8_t*>(out);
+#pragma omp parallel for schedule(static)
+  for (int g = 0; g < n_groups; g++)
+    for (int l = 0; l < kG; l++) {
+      const int n = g * kG + l;
+      for (int k = 0; k < K; k++) {
+        uint8_t* d = dst + ((size_t(g) * K + k) * kG + l) * es;
+        if (n < N) std::memcpy(d, src + (size_t(n) * K + k) * es, es);
+        else std::memset(d, 0, es);
+      }
+    }
+}
+
+void matmul_packed(const float* x, int T, int K, const void* P, WType wt, int N, const float* bias, float* y) {
+  if (T <= 0 || N <= 0) return;
+  if (!has_avx512()) return matmul_packed_scalar(x, T, K, P, wt, N, bias, y);
+  switch (wt) {
+    case WType::F32: return matmul_packed_avx512<WType::F32>(x, T, K, P, N, bias, y);
+    case WType::BF16: return matmul_packed_avx512<WType::BF16>(x, T, K, P, N, bias, y);
+    case WType::F16: return matmul_packed_avx512<WType::F16>(x, T, K, P, N, bias, y);
   }
-  gemm_tiled(x, T, K, W, wt, N, bias, y, avx);
+}
+
+void matmul(const float* x, int T, int K, const void* W, WType wt, int N, const float* bias, float* y) {
+  std::vector<uint8_t> packed(packed_elems(N, K) * wtype_size(wt));
+  pack_weights(W, wt, N, K, packed.data());
+  matmul_packed(x, T, K, packed.data(), wt, N, bias, y);
 }
 
 }  // namespace loraplex::cpu

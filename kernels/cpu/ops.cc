@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "kernels/cpu/isa.h"
+#include "kernels/cpu/kv_access.h"
 
 namespace loraplex::cpu::LP_ISA_NS {
 
@@ -60,10 +61,14 @@ void rope_apply(float* x, int T, int n_heads, int head_dim, const float* cs, con
 
 void silu_mul(const float* gate, const float* up, int T, int I, float* act) {
   const size_t n = size_t(T) * I;
-#pragma omp parallel for schedule(static) if (n > 65536)
+  // sigmoid(g) from e = exp(-|g|) <= 1 (exp_nonpos vectorises; std::exp is a scalar libm call):
+  // 1 / (1 + e) for g >= 0, e / (1 + e) below. Relative error ~2e-7, as libm's.
+#pragma omp parallel for simd schedule(static) if (n > 65536)
   for (size_t i = 0; i < n; i++) {
     const float g = gate[i];
-    act[i] = g / (1.0f + std::exp(-g)) * up[i];
+    const float e = exp_nonpos(g >= 0.f ? -g : g);
+    const float sig = (g >= 0.f ? 1.0f : e) / (1.0f + e);
+    act[i] = g * sig * up[i];
   }
 }
 

@@ -214,7 +214,7 @@ void test_matmul(Rng& rng) {
       for (int N : {1, 7, 16, 17, 64, 250}) {
         const Weights W = random_weights(rng, wt, size_t(N) * K);
         const std::vector<float> bias = rng.vec(N);
-        for (int T : {1, 3, 4, 5, 16, 33}) {
+        for (int T : {1, 2, 3, 4, 5, 9, 16, 33}) {
           const std::vector<float> x = rng.vec(size_t(T) * K);
           for (bool with_bias : {false, true}) {
             const std::string what = fmt("matmul W=%s T=%d K=%d N=%d bias=%d", wname(wt), T, K, N, with_bias);
@@ -224,6 +224,14 @@ void test_matmul(Rng& rng) {
             matmul(x.data(), T, K, W.data(), wt, N, b, got.data());
             expect_close(what, got.data(), want.data(), size_t(T) * N);
             expect_guard(what, got);
+            {  // the engine's path: packed once, then multiplied
+              std::vector<uint8_t> P(packed_elems(N, K) * wtype_size(wt));
+              pack_weights(W.data(), wt, N, K, P.data());
+              Guarded got2(size_t(T) * N);
+              matmul_packed(x.data(), T, K, P.data(), wt, N, b, got2.data());
+              expect_close(what + " packed", got2.data(), want.data(), size_t(T) * N);
+              expect_guard(what + " packed", got2);
+            }
             if (T == 3) {  // the oracle itself against a double-precision loop over independently decoded W
               std::vector<float> dbl(size_t(T) * N);
               for (int t = 0; t < T; t++)
