@@ -108,6 +108,7 @@ void matmul_ref(const float* x, int T, int K, const void* W, WType wt, int N, co
 namespace {
 
 constexpr int kG = 16;  // rows per packed group = fp32 lanes of an AVX-512 vector
+constexpr int kPrefetchK = 32;  // k steps ahead (32 x 16 BF16 = 1 KiB per group stream)
 
 // 16 consecutive packed elements (the 16 rows of a group at one k) as fp32.
 template <WType WT>
@@ -123,19 +124,33 @@ LP_AVX512 inline __m512 load_group(const void* p, size_t off) {
   }
 }
 
-// y[t0 + t][16 g + l] for TB tokens x G groups: TB * G accumulators, each a vector of 16 output
-// rows. At every k, G packed weight vectors are loaded (and converted) once and each of the TB
-// activations is broadcast once, so a weight load feeds TB FMAs and a broadcast feeds G.
+// y[t][16 g + l] for TB tokens x G groups over k in [k0, k1): TB * G accumulators, each a vector
+// of 16 output rows, started from zero (first slice) or from y, stored back with the bias added
+// after the last slice. At every k, G packed weight vectors are loaded (and converted) once and
+// each of the TB activations is broadcast once: a weight load feeds TB FMAs, a broadcast G.
 template <WType WT, int TB, int G>
-LP_AVX512 void packed_block(const float* x, int K, const void* P, int g0, int N, const float* bias, float* y) {
+LP_AVX512 void packed_block(const float* x, int K, int k0, int k1, const void* P, int g0, int N, const float* bias,
+                            float* y, bool first, bool last) {
+  __mmask16 mask[G];
+#pragma GCC unroll 8
+  for (int j = 0; j < G; j++) {
+    const int n = N - (g0 + j) * kG;
+    mask[j] = static_cast<__mmask16>(n >= kG ? 0xFFFFu : (1u << n) - 1);
+  }
   __m512 acc[TB][G];
 #pragma GCC unroll 8
   for (int t = 0; t < TB; t++)
 #pragma GCC unroll 8
-    for (int j = 0; j < G; j++) acc[t][j] = _mm512_setzero_ps();
+    for (int j = 0; j < G; j++)
+      acc[t][j] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[j], y + size_t(t) * N + (g0 + j) * kG);
   const size_t stride = size_t(K) * kG;  // elements between groups
   const size_t base = size_t(g0) * stride;
-  for (int k = 0; k < K; k++) {
+  constexpr size_t es = WT == WType::F32 ? 4 : 2;
+  const char* pb = static_cast<const char*>(P) + base * es;
+  for (int k = k0; k < k1; k++) {
+    // Prefetch each group stream ~1 KiB ahead so the loads from memory overlap the FMAs.
+#pragma GCC unroll 8
+    for (int j = 0; j < G; j++) _mm_prefetch(pb + (j * stride + size_t(k + kPrefetchK) * kG) * es, _MM_HINT_T0);
     __m512 w[G];
 #pragma GCC unroll 8
     for (int j = 0; j < G; j++) w[j] = load_group<WT>(P, base + j * stride + size_t(k) * kG);
@@ -149,22 +164,31 @@ LP_AVX512 void packed_block(const float* x, int K, const void* P, int g0, int N,
 #pragma GCC unroll 8
   for (int j = 0; j < G; j++) {
     const int n0 = (g0 + j) * kG;
-    const int n = N - n0 < kG ? N - n0 : kG;
-    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + n0) : _mm512_setzero_ps();
+    const __m512 b = last && bias ? _mm512_maskz_loadu_ps(mask[j], bias + n0) : _mm512_setzero_ps();
 #pragma GCC unroll 8
-    for (int t = 0; t < TB; t++) _mm512_mask_storeu_ps(y + size_t(t) * N + n0, m, _mm512_add_ps(acc[t][j], b));
+    for (int t = 0; t < TB; t++) _mm512_mask_storeu_ps(y + size_t(t) * N + n0, mask[j], _mm512_add_ps(acc[t][j], b));
   }
 }
 
-// Groups [g0, g1) for every token, in token blocks of TB (then 4, 2, 1 for the tail).
+// Groups [g0, g0 + G) for every token. K is cut into slices whose weight panel (G groups x kc
+// columns, 24 KiB) stays in L1 while every token block uses it: W is read from memory once per
+// call however many token blocks there are (8 tokens, then 4, 2, 1 for the tail).
 template <WType WT, int G>
 LP_AVX512 void packed_groups(const float* x, int T, int K, const void* P, int g0, int N, const float* bias, float* y) {
-  int t = 0;
-  for (; t + 8 <= T; t += 8) packed_block<WT, 8, G>(x + size_t(t) * K, K, P, g0, N, bias, y + size_t(t) * N);
-  for (; t + 4 <= T; t += 4) packed_block<WT, 4, G>(x + size_t(t) * K, K, P, g0, N, bias, y + size_t(t) * N);
-  for (; t + 2 <= T; t += 2) packed_block<WT, 2, G>(x + size_t(t) * K, K, P, g0, N, bias, y + size_t(t) * N);
-  for (; t < T; t++) packed_block<WT, 1, G>(x + size_t(t) * K, K, P, g0, N, bias, y + size_t(t) * N);
+  constexpr int kc = WT == WType::F32 ? 128 : 256;
+  for (int k0 = 0; k0 < K; k0 += kc) {
+    const int k1 = k0 + kc < K ? k0 + kc : K;
+    const bool first = k0 == 0, last = k1 == K;
+    int t = 0;
+    for (; t + 8 <= T; t += 8)
+      packed_block<WT, 8, G>(x + size_t(t) * K, K, k0, k1, P, g0, N, bias, y + size_t(t) * N, first, last);
+    for (; t + 4 <= T; t += 4)
+      packed_block<WT, 4, G>(x + size_t(t) * K, K, k0, k1, P, g0, N, bias, y + size_t(t) * N, first, last);
+    for (; t + 2 <= T; t += 2)
+      packed_block<WT, 2, G>(x + size_t(t) * K, K, k0, k1, P, g0, N, bias, y + size_t(t) * N, first, last);
+    for (; t < T; t++)
+      packed_block<WT, 1, G>(x + size_t(t) * K, K, k0, k1, P, g0, N, bias, y + size_t(t) * N, first, last);
+  }
 }
 
 template <WType WT>
