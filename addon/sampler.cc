@@ -7,6 +7,28 @@
 
 namespace loraplex {
 
+namespace {
+
+// Index of the first maximum (as torch.argmax). The obvious loop carries `chosen` through a cmov
+// and a dependent load of logits[chosen] (~7 cycles an element: 3.6 ms for 16 x 49152 logits);
+// 16 independent running maxima, then a scan for the first index holding the maximum, vectorise.
+int32_t argmax_first(const float* x, int V) {
+  constexpr int L = 16;
+  float m[L];
+  for (int l = 0; l < L; l++) m[l] = -INFINITY;
+  int i = 0;
+  for (; i + L <= V; i += L)
+    for (int l = 0; l < L; l++) m[l] = x[i + l] > m[l] ? x[i + l] : m[l];
+  float best = -INFINITY;
+  for (int l = 0; l < L; l++) best = m[l] > best ? m[l] : best;
+  for (; i < V; i++) best = x[i] > best ? x[i] : best;
+  for (int j = 0; j < V; j++)
+    if (x[j] == best) return j;
+  return 0;  // every logit NaN or -inf: the first, as the plain loop gives
+}
+
+}  // namespace
+
 void Sampler::add_sequence(uint32_t seq_id, int64_t seed, const int32_t* prompt, int n_prompt) {
   SeqSamplingState st;
   if (seed >= 0) {
@@ -83,9 +105,7 @@ SampleResult Sampler::sample(uint32_t seq_id, float* logits, const SamplingParam
   };
   int32_t chosen = 0;
   if (p.temperature < 1e-5f) {
-    // Greedy: first maximum, as argmax does.
-    for (int i = 1; i < V; i++)
-      if (logits[i] > logits[chosen]) chosen = i;
+    chosen = argmax_first(logits, V);
   } else {
     for (int i = 0; i < V; i++) logits[i] /= p.temperature;
     if (p.top_k <= 0 && p.top_p >= 1.f && p.min_p <= 0.f) {
