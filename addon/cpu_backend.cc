@@ -158,7 +158,7 @@ class CpuBackend final : public Backend {
   // Per-step state and scratch (reused across steps to avoid allocation in the hot loop).
   const StepBatch* batch_ = nullptr;
   std::vector<cpu::LoraSegment> segs_;
-  bool any_lora_ = false, decode_only_ = false;
+  bool any_lora_ = false, per_token_ = false;
   std::vector<float> x_, h_, q_, k_, v_, att_, o_, gate_, up_, act_, z_, last_, rope_cos_, rope_sin_;
   OpProfile prof_;
 };
@@ -173,7 +173,7 @@ void CpuBackend::project(int layer, int p, const float* x, float* y, const std::
 void CpuBackend::apply_lora(int layer, int p, const float* x, float* y) {
   const cpu::LoraRef* refs = &ref_at(layer, p, 0);
   const int in = model_->proj_in(p), out = model_->proj_out(p);
-  if (decode_only_) {
+  if (per_token_) {
     cpu::lora_bgmv(pool_, refs, batch_->token_slots.data(), batch_->n_tokens, x, in, y, out, z_.data());
   } else {
     cpu::lora_sgmv(pool_, refs, segs_.data(), int(segs_.size()), x, in, y, out, z_.data());
@@ -200,8 +200,10 @@ void CpuBackend::forward(const StepBatch& b, float* logits) {
     for (int l = 0; l < s.n_layers; l++)
       for (int p = 0; p < kNumProj; p++)
         for (auto& sg : segs_) max_rank = std::max(max_rank, ref_at(l, p, sg.slot).rank);
-    // Decode-only batches (one token per sequence) take the per-token gather path.
-    decode_only_ = b.n_seqs == T;
+    // Every token on its own adapter (no two neighbours share one): the per-token gather path
+    // (BGMV). Otherwise segments (SGMV), so tokens that share an adapter read its rows once; the
+    // engine orders sequences by adapter, so a decode batch of 16 on 8 adapters is 8 segments.
+    per_token_ = int(segs_.size()) == T;
     z_.resize(size_t(T) * std::max(max_rank, 1));
   }
   x_.resize(size_t(T) * H); h_.resize(size_t(T) * H); o_.resize(size_t(T) * H);

@@ -3,6 +3,7 @@
 //   expand: y[t, :] += s_a * sum_j z[t, j] B_a^T[j, :] (r_a axpys of length `out` per token)
 // Rows come from the unified pool through per-adapter row tables, so adapters of any rank share
 // pages with the KV cache and need no contiguous slab.
+#include <immintrin.h>
 #include <omp.h>
 
 #include <vector>
@@ -14,55 +15,108 @@ namespace loraplex::cpu::LP_ISA_NS {
 
 namespace {
 
-
-inline float dot(const float* a, const float* b, int n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int i = 0; i < n; i++) acc += a[i] * b[i];
-  return acc;
+// z[t, j] = scale * A[j, :] . x[t, :] for rank rows [j0, j0 + 4) (rows past `rank` skipped) of
+// tokens [t0, t1): four independent accumulators share each x load (a single dot product is one
+// FMA latency chain per vector and runs at a quarter of the machine).
+inline void shrink4(const uint8_t* pool, const LoraRef& r, int j0, const float* x, int in, int t0, int t1, float* z,
+                    int z_stride) {
+  const int nr = r.rank - j0 < 4 ? r.rank - j0 : 4;
+  const float* a0 = lora_row(pool, r.a_rows[j0]);
+  const float* a1 = nr > 1 ? lora_row(pool, r.a_rows[j0 + 1]) : a0;
+  const float* a2 = nr > 2 ? lora_row(pool, r.a_rows[j0 + 2]) : a0;
+  const float* a3 = nr > 3 ? lora_row(pool, r.a_rows[j0 + 3]) : a0;
+  for (int t = t0; t < t1; t++) {
+    const float* xt = x + size_t(t) * in;
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int k = 0; k < in; k++) {
+      const float v = xt[k];
+      s0 += a0[k] * v;
+      s1 += a1[k] * v;
+      s2 += a2[k] * v;
+      s3 += a3[k] * v;
+    }
+    float* zt = z + size_t(t) * z_stride + j0;
+    const float s[4] = {s0, s1, s2, s3};
+    for (int q = 0; q < nr; q++) zt[q] = r.scale * s[q];
+  }
 }
 
-inline void axpy(float alpha, const float* x, float* y, int n) {
+// y[t, c0 : c0 + len] += sum_j z[t, j] B^T[j, c0 : c0 + len] for tokens [t0, t1). With AVX-512
+// the sum over the rank is kept in a register per 16 columns, so y is read and written once (not
+// once per rank row); elsewhere one axpy per rank row over a y chunk that stays in L1.
+inline void expand_cols(const uint8_t* pool, const LoraRef& r, const float* z, int z_stride, int t0, int t1, float* y,
+                        int out, int c0, int len) {
+#if defined(__AVX512F__)
+  constexpr int kMaxStage = 64;
+  const float* rows[kMaxStage];
+  for (int jb = 0; jb < r.rank; jb += kMaxStage) {
+    const int nj = r.rank - jb < kMaxStage ? r.rank - jb : kMaxStage;
+    for (int j = 0; j < nj; j++) rows[j] = lora_row(pool, r.b_rows[jb + j]) + c0;
+    for (int t = t0; t < t1; t++) {
+      const float* zt = z + size_t(t) * z_stride + jb;
+      float* yt = y + size_t(t) * out + c0;
+      int c = 0;
+      for (; c + 32 <= len; c += 32) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (int j = 0; j < nj; j++) {
+          const __m512 zj = _mm512_set1_ps(zt[j]);
+          a0 = _mm512_fmadd_ps(zj, _mm512_loadu_ps(rows[j] + c), a0);
+          a1 = _mm512_fmadd_ps(zj, _mm512_loadu_ps(rows[j] + c + 16), a1);
+        }
+        _mm512_storeu_ps(yt + c, _mm512_add_ps(_mm512_loadu_ps(yt + c), a0));
+        _mm512_storeu_ps(yt + c + 16, _mm512_add_ps(_mm512_loadu_ps(yt + c + 16), a1));
+      }
+      for (; c < len; c += 16) {
+        const __mmask16 m = static_cast<__mmask16>(len - c >= 16 ? 0xFFFFu : (1u << (len - c)) - 1);
+        __m512 a0 = _mm512_setzero_ps();
+        for (int j = 0; j < nj; j++) a0 = _mm512_fmadd_ps(_mm512_set1_ps(zt[j]), _mm512_maskz_loadu_ps(m, rows[j] + c), a0);
+        _mm512_mask_storeu_ps(yt + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, yt + c), a0));
+      }
+    }
+  }
+#else
+  for (int t = t0; t < t1; t++)
+    for (int j = 0; j < r.rank; j++) {
+      const float zj = z[size_t(t) * z_stride + j];
+      const float* b = lora_row(pool, r.b_rows[j]) + c0;
+      float* yt = y + size_t(t) * out + c0;
 #pragma omp simd
-  for (int i = 0; i < n; i++) y[i] += alpha * x[i];
+      for (int c = 0; c < len; c++) yt[c] += zj * b[c];
+    }
+#endif
 }
 
 }  // namespace
 
+// Both kernels: one parallel region per projection (a decode step calls this 7 times per layer):
+// shrink, the barrier of its loop, then expand with the output columns split across threads.
 
 void lora_sgmv(const uint8_t* pool, const LoraRef* refs, const LoraSegment* segs, int n_segs, const float* x,
                int in, float* y, int out, float* z) {
-  // Shrink: one work item per (segment, rank row); the A row stays in L1 across the segment.
-  struct Work { int seg, j; };
-  std::vector<Work> work;
   int max_rank = 0;
-  for (int s = 0; s < n_segs; s++) {
-    const LoraRef& r = refs[segs[s].slot];
-    for (int j = 0; j < r.rank; j++) work.push_back({s, j});
-    if (r.rank > max_rank) max_rank = r.rank;
-  }
-  if (work.empty()) return;
-#pragma omp parallel for schedule(static)
-  for (size_t w = 0; w < work.size(); w++) {
-    const LoraSegment& sg = segs[work[w].seg];
-    const LoraRef& r = refs[sg.slot];
-    const int j = work[w].j;
-    const float* a = lora_row(pool, r.a_rows[j]);
-    for (int t = sg.start; t < sg.end; t++) z[size_t(t) * max_rank + j] = r.scale * dot(a, x + size_t(t) * in, in);
-  }
-  // Expand: split the output columns across threads; each thread walks every segment so that a
-  // B^T row chunk is reused by all tokens of its segment while it is hot.
-  const int n_threads = omp_get_max_threads();
-  const int chunk = ((out + n_threads - 1) / n_threads + 15) / 16 * 16;
-#pragma omp parallel for schedule(static)
-  for (int c0 = 0; c0 < out; c0 += chunk) {
-    const int len = c0 + chunk <= out ? chunk : out - c0;
-    for (int s = 0; s < n_segs; s++) {
-      const LoraSegment& sg = segs[s];
+  for (int s = 0; s < n_segs; s++) max_rank = refs[segs[s].slot].rank > max_rank ? refs[segs[s].slot].rank : max_rank;
+  if (max_rank == 0) return;
+  const int row_blocks = (max_rank + 3) / 4;
+  const long n_work = long(n_segs) * row_blocks;
+#pragma omp parallel
+  {
+    // Shrink: one work item per (segment, 4 rank rows); the A rows stay in L1 across the segment.
+#pragma omp for schedule(static)
+    for (long w = 0; w < n_work; w++) {
+      const LoraSegment& sg = segs[w / row_blocks];
       const LoraRef& r = refs[sg.slot];
-      for (int t = sg.start; t < sg.end; t++)
-        for (int j = 0; j < r.rank; j++)
-          axpy(z[size_t(t) * max_rank + j], lora_row(pool, r.b_rows[j]) + c0, y + size_t(t) * out + c0, len);
+      const int j0 = int(w % row_blocks) * 4;
+      if (j0 < r.rank) shrink4(pool, r, j0, x, in, sg.start, sg.end, z, max_rank);
+    }
+    const int n_threads = omp_get_num_threads();
+    const int chunk = ((out + n_threads - 1) / n_threads + 15) / 16 * 16;
+#pragma omp for schedule(static)
+    for (int c0 = 0; c0 < out; c0 += chunk) {
+      const int len = c0 + chunk <= out ? chunk : out - c0;
+      for (int s = 0; s < n_segs; s++)
+        if (refs[segs[s].slot].rank > 0)
+          expand_cols(pool, refs[segs[s].slot], z, max_rank, segs[s].start, segs[s].end, y, out, c0, len);
     }
   }
 }
@@ -73,19 +127,24 @@ void lora_bgmv(const uint8_t* pool, const LoraRef* refs, const int32_t* token_sl
   for (int t = 0; t < T; t++)
     if (refs[token_slot[t]].rank > max_rank) max_rank = refs[token_slot[t]].rank;
   if (max_rank == 0) return;
-  const long n_work = long(T) * max_rank;
-#pragma omp parallel for schedule(static)
-  for (long w = 0; w < n_work; w++) {
-    const int t = int(w / max_rank), j = int(w % max_rank);
-    const LoraRef& r = refs[token_slot[t]];
-    if (j >= r.rank) continue;
-    z[w] = r.scale * dot(lora_row(pool, r.a_rows[j]), x + size_t(t) * in, in);
-  }
-#pragma omp parallel for schedule(static)
-  for (int t = 0; t < T; t++) {
-    const LoraRef& r = refs[token_slot[t]];
-    for (int j = 0; j < r.rank; j++)
-      axpy(z[size_t(t) * max_rank + j], lora_row(pool, r.b_rows[j]), y + size_t(t) * out, out);
+  const int row_blocks = (max_rank + 3) / 4;
+  const long n_work = long(T) * row_blocks;
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (long w = 0; w < n_work; w++) {
+      const int t = int(w / row_blocks), j0 = int(w % row_blocks) * 4;
+      const LoraRef& r = refs[token_slot[t]];
+      if (j0 < r.rank) shrink4(pool, r, j0, x, in, t, t + 1, z, max_rank);
+    }
+    const int n_threads = omp_get_num_threads();
+    const int chunk = ((out + n_threads - 1) / n_threads + 15) / 16 * 16;
+#pragma omp for schedule(static)
+    for (int c0 = 0; c0 < out; c0 += chunk) {
+      const int len = c0 + chunk <= out ? chunk : out - c0;
+      for (int t = 0; t < T; t++)
+        if (refs[token_slot[t]].rank > 0) expand_cols(pool, refs[token_slot[t]], z, max_rank, t, t + 1, y, out, c0, len);
+    }
   }
 }
 
