@@ -58,8 +58,8 @@ struct InstalledAdapter {
 
 class CpuBackend final : public Backend {
  public:
-  CpuBackend(std::shared_ptr<Model> model, int block_size, int num_pages, int max_slots)
-      : model_(std::move(model)), max_slots_(max_slots) {
+  CpuBackend(std::shared_ptr<Model> model, int block_size, int num_pages, int max_slots, bool lora_bf16)
+      : model_(std::move(model)), max_slots_(max_slots), lora_bf16_(lora_bf16) {
     const ModelSpec& s = model_->spec;
     pool_info_.block_size = block_size;
     pool_info_.num_pages = num_pages;
@@ -93,10 +93,11 @@ class CpuBackend final : public Backend {
   std::string name() const override { return "cpu"; }
   const Model& model() const override { return *model_; }
   const PoolInfo& pool() const override { return pool_info_; }
+  size_t lora_elem_bytes() const override { return lora_bf16_ ? 2 : sizeof(float); }
 
   void install_adapter(int slot, const ParsedAdapter& a, const std::vector<int32_t>& pages) override {
     if (slot <= 0 || slot >= max_slots_) throw std::runtime_error("adapter slot " + std::to_string(slot) + " out of range");
-    auto placement = place_rows(a, pool_info_.page_bytes);
+    auto placement = place_rows(a, pool_info_.page_bytes, lora_elem_bytes());
     const int need = placement.empty() ? 0 : placement.back().page_index + 1;
     if (int(pages.size()) != need)
       throw std::runtime_error("adapter needs " + std::to_string(need) + " pages, got " + std::to_string(pages.size()));
@@ -116,6 +117,7 @@ class CpuBackend final : public Backend {
       ref.scale = m.scale;
       ref.a_rows = ia.rows.data() + first;
       ref.b_rows = ia.rows.data() + first + m.rank;
+      ref.bf16 = lora_bf16_;
     }
   }
 
@@ -134,7 +136,16 @@ class CpuBackend final : public Backend {
   }
   void copy_row(int64_t& off, const RowPlacement& pl, const std::vector<int32_t>& pages, const float* src, size_t n) {
     off = int64_t(pages[pl.page_index]) * int64_t(pool_info_.page_bytes) + int64_t(pl.offset);
-    std::memcpy(pool_ + off, src, n * sizeof(float));
+    if (!lora_bf16_) {
+      std::memcpy(pool_ + off, src, n * sizeof(float));
+      return;
+    }
+    uint16_t* dst = reinterpret_cast<uint16_t*>(pool_ + off);
+    for (size_t i = 0; i < n; i++) {  // round to nearest even (finite values: the parser checked)
+      uint32_t u;
+      std::memcpy(&u, src + i, 4);
+      dst[i] = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    }
   }
   static std::vector<uint8_t> pack(const Weight& w) {
     std::vector<uint8_t> out(cpu::packed_elems(w.rows, w.cols) * cpu::wtype_size(w.type));
@@ -147,6 +158,7 @@ class CpuBackend final : public Backend {
 
   std::shared_ptr<Model> model_;
   int max_slots_;
+  bool lora_bf16_;
   PoolInfo pool_info_;
   cpu::KvLayout layout_{};
   uint8_t* pool_ = nullptr;
@@ -277,8 +289,8 @@ void CpuBackend::forward(const StepBatch& b, float* logits) {
 }  // namespace
 
 std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<Model> model, int block_size, int num_pages,
-                                          int max_slots) {
-  return std::make_unique<CpuBackend>(std::move(model), block_size, num_pages, max_slots);
+                                          int max_slots, bool lora_bf16) {
+  return std::make_unique<CpuBackend>(std::move(model), block_size, num_pages, max_slots, lora_bf16);
 }
 
 }  // namespace loraplex

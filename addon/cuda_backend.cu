@@ -363,7 +363,7 @@ void CudaBackend::clear_slot(int slot) {
 
 void CudaBackend::install_adapter(int slot, const ParsedAdapter& a, const std::vector<int32_t>& pages) {
   if (slot <= 0 || slot >= max_slots_) throw std::runtime_error("adapter slot " + std::to_string(slot) + " out of range");
-  const auto placement = place_rows(a, pool_info_.page_bytes);
+  const auto placement = place_rows(a, pool_info_.page_bytes, sizeof(float));
   const int need = placement.empty() ? 0 : placement.back().page_index + 1;
   if (int(pages.size()) != need)
     throw std::runtime_error("adapter needs " + std::to_string(need) + " pages, got " + std::to_string(pages.size()));

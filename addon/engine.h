@@ -52,6 +52,7 @@ class Engine : public Napi::ObjectWrap<Engine> {
   // Set by Load on the engine thread; read on the JS thread only after Load's promise resolved.
   std::shared_ptr<Model> model_;
   size_t page_bytes_ = 0;
+  size_t lora_elem_bytes_ = sizeof(float);  // the backend's adapter row element size
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<Sampler> sampler_;
   std::vector<float> logits_;

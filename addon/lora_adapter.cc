@@ -98,7 +98,7 @@ std::shared_ptr<ParsedAdapter> parse_adapter(const std::string& path, const std:
   return out;
 }
 
-std::vector<RowPlacement> place_rows(const ParsedAdapter& a, size_t page_bytes) {
+std::vector<RowPlacement> place_rows(const ParsedAdapter& a, size_t page_bytes, size_t elem_bytes) {
   std::vector<RowPlacement> rows;
   int page = 0;
   size_t used = 0;
@@ -116,14 +116,14 @@ std::vector<RowPlacement> place_rows(const ParsedAdapter& a, size_t page_bytes) 
   };
   for (const auto& m : a.modules) {
     const size_t in = m.a.size() / m.rank, out = m.bt.size() / m.rank;
-    for (int j = 0; j < m.rank; j++) place(in * sizeof(float));
-    for (int j = 0; j < m.rank; j++) place(out * sizeof(float));
+    for (int j = 0; j < m.rank; j++) place(in * elem_bytes);
+    for (int j = 0; j < m.rank; j++) place(out * elem_bytes);
   }
   return rows;
 }
 
-int pages_needed(const ParsedAdapter& a, size_t page_bytes) {
-  auto rows = place_rows(a, page_bytes);
+int pages_needed(const ParsedAdapter& a, size_t page_bytes, size_t elem_bytes) {
+  auto rows = place_rows(a, page_bytes, elem_bytes);
   return rows.empty() ? 0 : rows.back().page_index + 1;
 }
 

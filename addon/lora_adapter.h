@@ -42,7 +42,8 @@ struct RowPlacement {
   int page_index;     // index into the adapter's page list
   size_t offset;      // byte offset inside that page
 };
-int pages_needed(const ParsedAdapter& a, size_t page_bytes);
-std::vector<RowPlacement> place_rows(const ParsedAdapter& a, size_t page_bytes);
+// elem_bytes: 4 for fp32 rows, 2 for BF16 rows (the backend's Backend::lora_elem_bytes()).
+int pages_needed(const ParsedAdapter& a, size_t page_bytes, size_t elem_bytes);
+std::vector<RowPlacement> place_rows(const ParsedAdapter& a, size_t page_bytes, size_t elem_bytes);
 
 }  // namespace loraplex

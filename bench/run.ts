@@ -8,6 +8,7 @@
 //   --concurrency 16         concurrent streams (a list sweeps: 1,8,32)
 //   --requests 64 --prompt-tokens 128 --max-tokens 64
 //   --dtype bf16|f16|f32     weights of the generated model
+//   --lora-dtype bfloat16    passed to loraplex serve (adapter rows in the pool; default float32)
 //   --url URL --model NAME   benchmark a running server instead (adapters named <prefix><i>)
 //   --adapter-prefix a       adapter names on that server
 //   --lora-field             select adapters llama.cpp-style: {"lora":[{"id":i,"scale":1}]}
@@ -38,6 +39,7 @@ const { values: a } = parseArgs({
     'lora-field': { type: 'boolean', default: false },
     'engine-api': { type: 'boolean', default: false },
     threads: { type: 'string' },
+    'lora-dtype': { type: 'string' },
     out: { type: 'string', default: join(HERE, 'out') },
     label: { type: 'string' },
   },
@@ -52,6 +54,7 @@ async function startServer(modelDir: string): Promise<{ url: string; proc: Child
   const args = ['--import', 'tsx', join(ROOT, 'server', 'main.ts'), 'serve', '--model', modelDir, '--adapter-dir', join(modelDir, 'adapters'),
     '--port', '0', '--memory-budget', '6GiB', '--max-loras', String(Math.max(8, maxAdapters)), '--max-num-seqs', String(Math.max(...concurrencies))];
   if (a.threads) args.push('--threads', a.threads);
+  if (a['lora-dtype']) args.push('--lora-dtype', a['lora-dtype']);
   const proc = spawn(process.execPath, args, { cwd: ROOT, stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, LORAPLEX_LOG_LEVEL: 'info' } });
   let log = '';
   return new Promise((res, rej) => {

@@ -167,10 +167,11 @@ export async function startServer(cfg: ServeConfig): Promise<void> {
     maxModelLen: cfg.maxModelLen ?? undefined,
     threads: cfg.threads ?? undefined,
     device: cfg.device ?? undefined,
+    loraDtype: cfg.loraDtype,
   });
   const pool = engine.paging.stats();
   log.info(
-    { model: engine.model.name, backend: engine.backend, pages: pool.totalPages, pageBytes: engine.paging.pageBytes, loadMs: Math.round(performance.now() - t0) },
+    { model: engine.model.name, backend: engine.backend, loraDtype: engine.loraDtype, pages: pool.totalPages, pageBytes: engine.paging.pageBytes, loadMs: Math.round(performance.now() - t0) },
     'model loaded',
   );
   const state: AppState = { draining: false };

@@ -90,6 +90,7 @@ struct LoraRef {
   float scale = 0.f;             // alpha / r (or alpha / sqrt(r) with rsLoRA)
   const int64_t* a_rows = nullptr;  // [rank] byte offsets of A rows (length in)
   const int64_t* b_rows = nullptr;  // [rank] byte offsets of B^T rows (length out)
+  bool bf16 = false;             // rows stored as BF16 (--lora-dtype bfloat16), else fp32
 };
 
 // A run of consecutive tokens that share one adapter (SGMV's segment).

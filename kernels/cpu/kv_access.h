@@ -28,6 +28,19 @@ void for_each_query(const AttnBatch& B, F&& f) {
 }
 
 inline const float* lora_row(const uint8_t* pool, int64_t off) { return reinterpret_cast<const float*>(pool + off); }
+inline const uint16_t* lora_row_bf16(const uint8_t* pool, int64_t off) {
+  return reinterpret_cast<const uint16_t*>(pool + off);
+}
+// Element k of a LoRA row stored as fp32 or BF16 (BF16 -> fp32 is exact: the high half of the bits).
+inline float bf16_bits(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+inline float lora_at(const uint8_t* pool, int64_t off, int k, bool bf16) {
+  return bf16 ? bf16_bits(lora_row_bf16(pool, off)[k]) : lora_row(pool, off)[k];
+}
 
 }  // namespace loraplex::cpu
 

@@ -17,24 +17,32 @@ namespace {
 
 // z[t, j] = scale * A[j, :] . x[t, :] for rank rows [j0, j0 + 4) (rows past `rank` skipped) of
 // tokens [t0, t1): four independent accumulators share each x load (a single dot product is one
-// FMA latency chain per vector and runs at a quarter of the machine).
-inline void shrink4(const uint8_t* pool, const LoraRef& r, int j0, const float* x, int in, int t0, int t1, float* z,
-                    int z_stride) {
+// FMA latency chain per vector and runs at a quarter of the machine). Rows fp32 or BF16.
+template <typename R>
+inline float row_at(const R* row, int k) {
+  if constexpr (sizeof(R) == 2) return bf16_bits(row[k]);
+  else return row[k];
+}
+
+template <typename R>
+inline void shrink4_t(const uint8_t* pool, const LoraRef& r, int j0, const float* x, int in, int t0, int t1, float* z,
+                      int z_stride) {
   const int nr = r.rank - j0 < 4 ? r.rank - j0 : 4;
-  const float* a0 = lora_row(pool, r.a_rows[j0]);
-  const float* a1 = nr > 1 ? lora_row(pool, r.a_rows[j0 + 1]) : a0;
-  const float* a2 = nr > 2 ? lora_row(pool, r.a_rows[j0 + 2]) : a0;
-  const float* a3 = nr > 3 ? lora_row(pool, r.a_rows[j0 + 3]) : a0;
+  auto row = [&](int j) { return reinterpret_cast<const R*>(pool + r.a_rows[j]); };
+  const R* a0 = row(j0);
+  const R* a1 = nr > 1 ? row(j0 + 1) : a0;
+  const R* a2 = nr > 2 ? row(j0 + 2) : a0;
+  const R* a3 = nr > 3 ? row(j0 + 3) : a0;
   for (int t = t0; t < t1; t++) {
     const float* xt = x + size_t(t) * in;
     float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
     for (int k = 0; k < in; k++) {
       const float v = xt[k];
-      s0 += a0[k] * v;
-      s1 += a1[k] * v;
-      s2 += a2[k] * v;
-      s3 += a3[k] * v;
+      s0 += row_at(a0, k) * v;
+      s1 += row_at(a1, k) * v;
+      s2 += row_at(a2, k) * v;
+      s3 += row_at(a3, k) * v;
     }
     float* zt = z + size_t(t) * z_stride + j0;
     const float s[4] = {s0, s1, s2, s3};
@@ -42,17 +50,35 @@ inline void shrink4(const uint8_t* pool, const LoraRef& r, int j0, const float* 
   }
 }
 
+inline void shrink4(const uint8_t* pool, const LoraRef& r, int j0, const float* x, int in, int t0, int t1, float* z,
+                    int z_stride) {
+  if (r.bf16) shrink4_t<uint16_t>(pool, r, j0, x, in, t0, t1, z, z_stride);
+  else shrink4_t<float>(pool, r, j0, x, in, t0, t1, z, z_stride);
+}
+
 // y[t, c0 : c0 + len] += sum_j z[t, j] B^T[j, c0 : c0 + len] for tokens [t0, t1). With AVX-512
 // the sum over the rank is kept in a register per 16 columns, so y is read and written once (not
 // once per rank row); elsewhere one axpy per rank row over a y chunk that stays in L1.
-inline void expand_cols(const uint8_t* pool, const LoraRef& r, const float* z, int z_stride, int t0, int t1, float* y,
-                        int out, int c0, int len) {
 #if defined(__AVX512F__)
+template <bool BF16>
+inline __m512 load_b(const uint8_t* row, int c, __mmask16 m) {
+  if constexpr (BF16) {
+    const __m256i h = _mm256_maskz_loadu_epi16(m, reinterpret_cast<const uint16_t*>(row) + c);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm512_maskz_loadu_ps(m, reinterpret_cast<const float*>(row) + c);
+  }
+}
+
+template <bool BF16>
+inline void expand_cols_t(const uint8_t* pool, const LoraRef& r, const float* z, int z_stride, int t0, int t1, float* y,
+                          int out, int c0, int len) {
   constexpr int kMaxStage = 64;
-  const float* rows[kMaxStage];
+  constexpr int es = BF16 ? 2 : 4;
+  const uint8_t* rows[kMaxStage];
   for (int jb = 0; jb < r.rank; jb += kMaxStage) {
     const int nj = r.rank - jb < kMaxStage ? r.rank - jb : kMaxStage;
-    for (int j = 0; j < nj; j++) rows[j] = lora_row(pool, r.b_rows[jb + j]) + c0;
+    for (int j = 0; j < nj; j++) rows[j] = pool + r.b_rows[jb + j] + size_t(c0) * es;
     for (int t = t0; t < t1; t++) {
       const float* zt = z + size_t(t) * z_stride + jb;
       float* yt = y + size_t(t) * out + c0;
@@ -61,8 +87,8 @@ inline void expand_cols(const uint8_t* pool, const LoraRef& r, const float* z, i
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
         for (int j = 0; j < nj; j++) {
           const __m512 zj = _mm512_set1_ps(zt[j]);
-          a0 = _mm512_fmadd_ps(zj, _mm512_loadu_ps(rows[j] + c), a0);
-          a1 = _mm512_fmadd_ps(zj, _mm512_loadu_ps(rows[j] + c + 16), a1);
+          a0 = _mm512_fmadd_ps(zj, load_b<BF16>(rows[j], c, 0xFFFF), a0);
+          a1 = _mm512_fmadd_ps(zj, load_b<BF16>(rows[j], c + 16, 0xFFFF), a1);
         }
         _mm512_storeu_ps(yt + c, _mm512_add_ps(_mm512_loadu_ps(yt + c), a0));
         _mm512_storeu_ps(yt + c + 16, _mm512_add_ps(_mm512_loadu_ps(yt + c + 16), a1));
@@ -70,19 +96,33 @@ inline void expand_cols(const uint8_t* pool, const LoraRef& r, const float* z, i
       for (; c < len; c += 16) {
         const __mmask16 m = static_cast<__mmask16>(len - c >= 16 ? 0xFFFFu : (1u << (len - c)) - 1);
         __m512 a0 = _mm512_setzero_ps();
-        for (int j = 0; j < nj; j++) a0 = _mm512_fmadd_ps(_mm512_set1_ps(zt[j]), _mm512_maskz_loadu_ps(m, rows[j] + c), a0);
+        for (int j = 0; j < nj; j++) a0 = _mm512_fmadd_ps(_mm512_set1_ps(zt[j]), load_b<BF16>(rows[j], c, m), a0);
         _mm512_mask_storeu_ps(yt + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, yt + c), a0));
       }
     }
   }
+}
+#endif
+
+inline void expand_cols(const uint8_t* pool, const LoraRef& r, const float* z, int z_stride, int t0, int t1, float* y,
+                        int out, int c0, int len) {
+#if defined(__AVX512F__)
+  if (r.bf16) expand_cols_t<true>(pool, r, z, z_stride, t0, t1, y, out, c0, len);
+  else expand_cols_t<false>(pool, r, z, z_stride, t0, t1, y, out, c0, len);
 #else
   for (int t = t0; t < t1; t++)
     for (int j = 0; j < r.rank; j++) {
       const float zj = z[size_t(t) * z_stride + j];
-      const float* b = lora_row(pool, r.b_rows[j]) + c0;
       float* yt = y + size_t(t) * out + c0;
+      if (r.bf16) {
+        const uint16_t* b = lora_row_bf16(pool, r.b_rows[j]) + c0;
 #pragma omp simd
-      for (int c = 0; c < len; c++) yt[c] += zj * b[c];
+        for (int c = 0; c < len; c++) yt[c] += zj * bf16_bits(b[c]);
+      } else {
+        const float* b = lora_row(pool, r.b_rows[j]) + c0;
+#pragma omp simd
+        for (int c = 0; c < len; c++) yt[c] += zj * b[c];
+      }
     }
 #endif
 }

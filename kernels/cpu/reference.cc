@@ -50,14 +50,13 @@ void lora_ref(const uint8_t* pool, const LoraRef* refs, const int32_t* token_slo
     if (r.rank == 0) continue;
     z.assign(r.rank, 0.f);
     for (int j = 0; j < r.rank; j++) {
-      const float* a = lora_row(pool, r.a_rows[j]);
       float acc = 0.f;
-      for (int k = 0; k < in; k++) acc += a[k] * x[size_t(t) * in + k];
+      for (int k = 0; k < in; k++) acc += lora_at(pool, r.a_rows[j], k, r.bf16) * x[size_t(t) * in + k];
       z[j] = acc;
     }
     for (int o = 0; o < out; o++) {
       float acc = 0.f;
-      for (int j = 0; j < r.rank; j++) acc += z[j] * lora_row(pool, r.b_rows[j])[o];
+      for (int j = 0; j < r.rank; j++) acc += z[j] * lora_at(pool, r.b_rows[j], o, r.bf16);
       y[size_t(t) * out + o] += r.scale * acc;
     }
   }

@@ -1,7 +1,7 @@
 // The engine: owns the native engine, the paging manager, the scheduler and the adapter cache, and
 // runs the loop `schedule -> step -> postprocess` while there is work.
 import { totalmem } from 'node:os';
-import { loadNative, type NativeEngine, type NativeLoraPlan, type NativePoolInfo, type NativeStepBatch } from '../native/addon.js';
+import { loadNative, type LoraDtype, type NativeEngine, type NativeLoraPlan, type NativePoolInfo, type NativeStepBatch } from '../native/addon.js';
 import { AdapterCache, type AdapterCacheStats } from './adapter-cache.js';
 import { LoraplexError } from './errors.js';
 import { readModelDir, type ModelInfo } from './model-config.js';
@@ -25,6 +25,7 @@ export interface EngineOptions {
   maxModelLen?: number;
   threads?: number;
   device?: 'cpu' | 'cuda';
+  loraDtype?: LoraDtype;
 }
 
 export interface EngineStats extends PoolStats {
@@ -58,6 +59,8 @@ export class Engine {
   readonly adapters: AdapterCache;
   readonly maxModelLen: number;
   readonly backend: string;
+  /** Adapter rows in the pool (--lora-dtype). */
+  readonly loraDtype: LoraDtype;
   private readonly native: NativeEngine;
   private nextSeqId = 1;
   private loop: Promise<void> | null = null;
@@ -75,6 +78,7 @@ export class Engine {
     this.tokenizer = tokenizer;
     this.native = native;
     this.backend = pool.backend;
+    this.loraDtype = pool.loraDtype;
     this.maxModelLen = Math.min(opts.maxModelLen ?? model.maxPositionEmbeddings, model.maxPositionEmbeddings);
     this.paging = new PagingManager(pool.numPages, pool.pageBytes, pool.blockSize);
     this.adapters = new AdapterCache(native, this.paging, model, {
@@ -121,6 +125,7 @@ export class Engine {
         eosIds: Int32Array.from(model.eosTokenIds),
         threads: opts.threads,
         device: opts.device,
+        loraDtype: opts.loraDtype,
       });
     } catch (e) {
       await native.close().catch(() => undefined);

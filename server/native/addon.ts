@@ -37,7 +37,11 @@ export interface NativeLoadOptions {
   eosIds: Int32Array;
   threads?: number;
   device?: 'cpu' | 'cuda'; // default: cuda if built with it and a GPU is present, else cpu
+  loraDtype?: LoraDtype; // adapter rows in the pool; default float32
 }
+
+/** float32: rows as PEFT stores them (HF parity); bfloat16: half the bytes per adapter, CPU only. */
+export type LoraDtype = 'float32' | 'bfloat16';
 
 export interface NativePoolInfo {
   pageBytes: number;
@@ -45,6 +49,7 @@ export interface NativePoolInfo {
   blockSize: number;
   backend: string;
   threads: number;
+  loraDtype: LoraDtype;
 }
 
 /** One engine step as flat typed arrays; see addon/backend.h StepBatch for shapes. */

@@ -1,6 +1,7 @@
 // Backend selection: the CPU backend by default here; --device cuda is refused with the reason
 // when this build has no CUDA backend or no GPU is present (never a silent CPU fallback).
 import { describe, expect, it } from 'vitest';
+import { serveConfig } from '../../server/config.js';
 import { Engine } from '../../server/engine/engine.js';
 import { modelDir } from '../helpers/fixtures.js';
 
@@ -13,5 +14,12 @@ describe('device selection', () => {
 
   it('refuses --device cuda with the reason instead of falling back', async () => {
     await expect(Engine.create({ model: modelDir('llama-gqa'), device: 'cuda' })).rejects.toThrow(/--device cuda: (this build has no CUDA backend|.*(GPU|device|driver))/i);
+  });
+
+  it('rejects an unknown --lora-dtype, in the engine and on the command line', async () => {
+    await expect(Engine.create({ model: modelDir('llama-gqa'), loraDtype: 'float16' as never })).rejects.toThrow(/loraDtype must be float32 or bfloat16/);
+    expect(() => serveConfig(['--lora-dtype', 'fp8'], {})).toThrow(/--lora-dtype must be float32 or bfloat16/);
+    expect(serveConfig([], {}).loraDtype).toBe('float32');
+    expect(serveConfig([], { LORAPLEX_LORA_DTYPE: 'bfloat16' }).loraDtype).toBe('bfloat16');
   });
 });

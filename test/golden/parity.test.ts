@@ -96,3 +96,40 @@ describe.each(MODEL_NAMES)('%s', (name) => {
   });
 });
 });
+
+// --lora-dtype bfloat16 (CPU): adapter rows rounded to BF16 in the pool. Not exact against PEFT's
+// fp32 adapters, and the fixtures' adapters are large on purpose (they must visibly move the
+// output), so rounding moves logprobs by up to ~0.08 here: the bounds are the same greedy ids
+// while the reference top-2 margin is above 0.25 and chosen logprobs within 0.15 (wrong rows or
+// a wrong conversion miss both by whole units). Adapters take no more pages, and fewer in all.
+describe('cpu, --lora-dtype bfloat16', () => {
+  for (const name of MODEL_NAMES) {
+    it(`${name}: near-HF outputs with half-size adapter rows`, async () => {
+      const golden = loadGolden(name);
+      const withAdapters = golden.cases.filter((c) => c.adapter);
+      const engines = await Promise.all((['float32', 'bfloat16'] as const).map((loraDtype) =>
+        Engine.create({ model: modelDir(name), adapterDir: adapterRoot(name), memoryBudget: 8 << 20, device: 'cpu', loraDtype })));
+      const [f32, bf16] = engines;
+      try {
+        expect(f32.loraDtype).toBe('float32');
+        expect(bf16.loraDtype).toBe('bfloat16');
+        let pages32 = 0, pages16 = 0;
+        for (const c of withAdapters) {
+          const got = await run(bf16, c);
+          const n = strictSteps(c, 0.25);
+          expect(got.map((t) => t.token).slice(0, n), `${c.adapter}: ids`).toEqual(c.greedy_ids.slice(0, n));
+          for (let i = 0; i < n; i++) expect(Math.abs(got[i].logprob - c.steps[i].top[0][1]), `${c.adapter} step ${i}`).toBeLessThan(0.15);
+          await run(f32, c); // the same adapter as fp32 rows
+          const id = adapterId(c.adapter!);
+          expect(bf16.adapters.pagesFor(id)).toBeGreaterThan(0);
+          expect(bf16.adapters.pagesFor(id)).toBeLessThanOrEqual(f32.adapters.pagesFor(id));
+          pages16 += bf16.adapters.pagesFor(id);
+          pages32 += f32.adapters.pagesFor(id);
+        }
+        expect(pages16).toBeLessThan(pages32);
+      } finally {
+        await Promise.all(engines.map((e) => e.close()));
+      }
+    });
+  }
+});

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "kernels/cpu/kernels.h"
+#include "kernels/cpu/kv_access.h"
 
 using namespace loraplex::cpu;
 
@@ -496,7 +497,9 @@ struct AdapterSet {
   uint8_t* pool = nullptr;
   std::vector<LoraRef> refs;  // [slot]; slot 0 = base model
   std::vector<std::vector<int64_t>> a_rows, b_rows;
-  AdapterSet(Rng& rng, int in_, int out_, const std::vector<int>& ranks) : in(in_), out(out_) {
+  bool bf16;
+  AdapterSet(Rng& rng, int in_, int out_, const std::vector<int>& ranks, bool bf16_ = false)
+      : in(in_), out(out_), bf16(bf16_) {
     const int n = int(ranks.size());
     refs.resize(n);
     a_rows.resize(n);
@@ -506,7 +509,8 @@ struct AdapterSet {
     for (int s = 0; s < n; s++)
       for (int j = 0; j < ranks[s]; j++) rows.push_back({s, j, false}), rows.push_back({s, j, true});
     rng.shuffle(rows);
-    auto padded = [](int floats) { return (size_t(floats) * 4 + 63) / 64 * 64; };
+    const size_t es = bf16 ? 2 : 4;
+    auto padded = [&](int n) { return (size_t(n) * es + 63) / 64 * 64; };
     std::vector<int64_t> offs(rows.size());
     size_t at = 64 * size_t(rng.below(4));
     for (size_t i = 0; i < rows.size(); i++) {
@@ -520,15 +524,19 @@ struct AdapterSet {
       const Row& r = rows[i];
       (r.is_b ? b_rows : a_rows)[r.slot][r.j] = offs[i];
       const int len = r.is_b ? out : in;
-      float* dst = reinterpret_cast<float*>(pool + offs[i]);
       const float amp = r.is_b ? 0.1f : 1.0f / std::sqrt(float(in));
-      for (int k = 0; k < len; k++) dst[k] = rng.uniform(-amp, amp);
+      for (int k = 0; k < len; k++) {
+        const float v = rng.uniform(-amp, amp);
+        if (bf16) reinterpret_cast<uint16_t*>(pool + offs[i])[k] = f32_to_bf16(v);
+        else reinterpret_cast<float*>(pool + offs[i])[k] = v;
+      }
     }
     for (int s = 0; s < n; s++) {
       refs[s].rank = ranks[s];
       refs[s].scale = ranks[s] ? rng.uniform(0.25f, 2.f) : 0.f;
       refs[s].a_rows = ranks[s] ? a_rows[s].data() : nullptr;
       refs[s].b_rows = ranks[s] ? b_rows[s].data() : nullptr;
+      refs[s].bf16 = bf16;
     }
   }
   ~AdapterSet() { std::free(pool); }
@@ -564,12 +572,11 @@ void run_lora_case(Rng& rng, const AdapterSet& A, const std::vector<int32_t>& sl
       const LoraRef& r = A.refs[slot[t]];
       std::vector<double> z(r.rank, 0.0);
       for (int j = 0; j < r.rank; j++) {
-        const float* a = reinterpret_cast<const float*>(A.pool + r.a_rows[j]);
-        for (int k = 0; k < A.in; k++) z[j] += double(a[k]) * x[size_t(t) * A.in + k];
+        for (int k = 0; k < A.in; k++) z[j] += double(lora_at(A.pool, r.a_rows[j], k, r.bf16)) * x[size_t(t) * A.in + k];
       }
       for (int o = 0; o < A.out; o++) {
         double acc = 0;
-        for (int j = 0; j < r.rank; j++) acc += z[j] * reinterpret_cast<const float*>(A.pool + r.b_rows[j])[o];
+        for (int j = 0; j < r.rank; j++) acc += z[j] * lora_at(A.pool, r.b_rows[j], o, r.bf16);
         dbl[size_t(t) * A.out + o] += float(r.scale * acc);
       }
     }
@@ -606,11 +613,12 @@ void test_lora(Rng& rng) {
   const int default_threads = omp_get_max_threads();
 
   const int widths[][2] = {{64, 64}, {576, 192}, {1536, 576}, {100, 37}};
-  for (const auto& wd : widths) {
-    const AdapterSet A(rng, wd[0], wd[1], ranks);
+  for (const auto& wd : widths)
+  for (bool bf16 : {false, true}) {  // rows stored fp32, or BF16 (--lora-dtype bfloat16)
+    const AdapterSet A(rng, wd[0], wd[1], ranks, bf16);
     for (int threads : {1, 3, default_threads}) {  // the expand split depends on the thread count
       omp_set_num_threads(threads);
-      const std::string base = fmt("lora in=%d out=%d threads=%d", A.in, A.out, threads);
+      const std::string base = fmt("lora %s in=%d out=%d threads=%d", bf16 ? "bf16" : "f32", A.in, A.out, threads);
       auto run = [&](const char* mix, const std::vector<int32_t>& slot) {
         std::string ids;
         for (size_t i = 0; i < slot.size() && i < 24; i++) ids += fmt("%s%d", i ? "," : "", slot[i]);
