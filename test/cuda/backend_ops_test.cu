@@ -812,14 +812,14 @@ void run_backend_case(Rng& rng, const std::string& name, TinyModel& tm) {
   int num_pages = 0;
   std::vector<std::vector<int32_t>> ad_pages;
   for (auto& a : ads) {
-    const int np = pages_needed(a, page_bytes);
+    const int np = pages_needed(a, page_bytes, sizeof(float));
     std::vector<int32_t> pg;
     for (int i = 0; i < np; i++) pg.push_back(num_pages + 2 * i);  // non-contiguous: every other page
     num_pages += 2 * np;
     ad_pages.push_back(pg);
   }
   std::vector<int32_t> moved_pages;  // adapter 2 reinstalled mid-run into another slot, on other pages
-  for (int i = 0; i < pages_needed(ads[1], page_bytes); i++) moved_pages.push_back(num_pages++);
+  for (int i = 0; i < pages_needed(ads[1], page_bytes, sizeof(float)); i++) moved_pages.push_back(num_pages++);
   const int kv_first = num_pages;
   num_pages += 64;
   std::unique_ptr<Backend> cpu_be = make_cpu_backend(tm.model, block_size, num_pages, max_slots);

@@ -161,7 +161,7 @@ int main(int argc, char** argv) {
   const size_t page_bytes = kv_page_bytes(s, block_size);
   const int blocks_per_seq = (ctx + 1 + block_size - 1) / block_size;
   const int prefill_len = 512, prefill_blocks = (prefill_len + block_size - 1) / block_size;
-  const int ad_pages = pages_needed(ad, page_bytes);
+  const int ad_pages = pages_needed(ad, page_bytes, sizeof(float));
   const int num_pages = max_adapters * ad_pages + std::max(max_batch * blocks_per_seq, prefill_blocks);
   printf("device: %s, %.1f GiB; model: Llama-7B shapes, %d layers, BF16, %.2f GB of weights (built in %.2f s)\n",
          prop.name, prop.totalGlobalMem / 1073741824.0, layers, weight_bytes / 1e9, build_s);
