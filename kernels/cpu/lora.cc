@@ -129,8 +129,8 @@ inline void expand_cols(const uint8_t* pool, const LoraRef& r, const float* z, i
 
 }  // namespace
 
-// Both kernels: one parallel region per projection (a decode step calls this 7 times per layer):
-// shrink, the barrier of its loop, then expand with the output columns split across threads.
+// One parallel region per projection (a decode step calls this 7 times per layer): shrink, the
+// barrier of its loop, then expand with the output columns split across threads.
 
 void lora_sgmv(const uint8_t* pool, const LoraRef* refs, const LoraSegment* segs, int n_segs, const float* x,
                int in, float* y, int out, float* z) {
@@ -163,29 +163,12 @@ void lora_sgmv(const uint8_t* pool, const LoraRef* refs, const LoraSegment* segs
 
 void lora_bgmv(const uint8_t* pool, const LoraRef* refs, const int32_t* token_slot, int T, const float* x, int in,
                float* y, int out, float* z) {
-  int max_rank = 0;
-  for (int t = 0; t < T; t++)
-    if (refs[token_slot[t]].rank > max_rank) max_rank = refs[token_slot[t]].rank;
-  if (max_rank == 0) return;
-  const int row_blocks = (max_rank + 3) / 4;
-  const long n_work = long(T) * row_blocks;
-#pragma omp parallel
-  {
-#pragma omp for schedule(static)
-    for (long w = 0; w < n_work; w++) {
-      const int t = int(w / row_blocks), j0 = int(w % row_blocks) * 4;
-      const LoraRef& r = refs[token_slot[t]];
-      if (j0 < r.rank) shrink4(pool, r, j0, x, in, t, t + 1, z, max_rank);
-    }
-    const int n_threads = omp_get_num_threads();
-    const int chunk = ((out + n_threads - 1) / n_threads + 15) / 16 * 16;
-#pragma omp for schedule(static)
-    for (int c0 = 0; c0 < out; c0 += chunk) {
-      const int len = c0 + chunk <= out ? chunk : out - c0;
-      for (int t = 0; t < T; t++)
-        if (refs[token_slot[t]].rank > 0) expand_cols(pool, refs[token_slot[t]], z, max_rank, t, t + 1, y, out, c0, len);
-    }
-  }
+  // Per-token gather: each token is its own segment, so the work items and the expand walk are
+  // exactly SGMV's with segments of one token (no allocation: the segment list is reused).
+  static thread_local std::vector<LoraSegment> segs;
+  segs.resize(T);
+  for (int t = 0; t < T; t++) segs[t] = {t, t + 1, token_slot[t]};
+  LP_ISA_NS::lora_sgmv(pool, refs, segs.data(), T, x, in, y, out, z);
 }
 
 }  // namespace loraplex::cpu::LP_ISA_NS
