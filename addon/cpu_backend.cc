@@ -28,7 +28,7 @@ struct OpProfile {
   const char* env = std::getenv("LORAPLEX_PROFILE");
   const bool enabled = env != nullptr;
   const bool prefill = env != nullptr && std::strcmp(env, "prefill") == 0;
-  bool on = false;  // enabled and this step is decode-only (what the profile is for)
+  bool on = false;  // enabled and this step is of the profiled kind (decode-only, or with prompt tokens)
   double ms[8] = {};
   int steps = 0;
   static constexpr const char* kNames[8] = {"embed+norm", "qkv", "rope+kv", "attention", "o", "mlp-in", "act+down", "lm_head"};
@@ -141,11 +141,7 @@ class CpuBackend final : public Backend {
       return;
     }
     uint16_t* dst = reinterpret_cast<uint16_t*>(pool_ + off);
-    for (size_t i = 0; i < n; i++) {  // round to nearest even (finite values: the parser checked)
-      uint32_t u;
-      std::memcpy(&u, src + i, 4);
-      dst[i] = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-    }
+    for (size_t i = 0; i < n; i++) dst[i] = cpu::f32_to_bf16(src[i]);  // the parser checked: finite
   }
   static std::vector<uint8_t> pack(const Weight& w) {
     std::vector<uint8_t> out(cpu::packed_elems(w.rows, w.cols) * cpu::wtype_size(w.type));

@@ -12,6 +12,7 @@ enum class WType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
 size_t wtype_size(WType t);
 float bf16_to_f32(uint16_t h);
+uint16_t f32_to_bf16(float f);  // round to nearest even; finite inputs
 float f16_to_f32(uint16_t h);
 // Converts n weights of type t starting at element offset `off` into fp32.
 void convert_row(const void* w, WType t, size_t off, int n, float* out);

@@ -167,12 +167,6 @@ double decode_f16(uint16_t h) {  // 1 sign, 5 exponent, 10 mantissa bits
   return sign * std::ldexp(1.0 + m / 1024.0, e - 15);
 }
 
-uint16_t f32_to_bf16(float f) {  // round to nearest even; inputs are finite
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7FFF + ((u >> 16) & 1);
-  return uint16_t(u >> 16);
-}
 
 // Weights of one dtype, created from random values in about [-1, 1].
 struct Weights {
