@@ -6,6 +6,8 @@
 #undef _FORTIFY_SOURCE  // its longjmp check rejects jumps between stacks
 #include "test/cuda/emu/cuda_emu.h"
 
+#include "kernels/cpu/kernels.h"
+
 #include <setjmp.h>
 #include <ucontext.h>
 
@@ -199,29 +201,8 @@ uint64_t shuffle(uint64_t bits, int arg, int mode) {
   return r;
 }
 
-float f16_to_f32(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000) << 16;
-  uint32_t exp = (h >> 10) & 0x1F, mant = h & 0x3FF, u;
-  if (exp == 0) {
-    if (mant == 0) {
-      u = sign;
-    } else {
-      exp = 127 - 15 + 1;
-      while (!(mant & 0x400)) {
-        mant <<= 1;
-        exp--;
-      }
-      u = sign | (exp << 23) | ((mant & 0x3FF) << 13);
-    }
-  } else if (exp == 31) {
-    u = sign | 0x7F800000u | (mant << 13);
-  } else {
-    u = sign | ((exp - 15 + 127) << 23) | (mant << 13);
-  }
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+// __half2float: the project's exact F16 decoding (kernels/cpu, checked by the kernel tests).
+float f16_to_f32(uint16_t h) { return loraplex::cpu::f16_to_f32(h); }
 
 void launch_impl(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
   const size_t n_threads = size_t(block.x) * block.y * block.z;
