@@ -1,6 +1,9 @@
 // Kernel micro-benchmarks: base GEMM/GEMV at decode and prefill batch sizes on SmolLM2-135M's
 // projection shapes (BF16 weights), reported as GFLOP/s and weight GB/s.
-// Usage: build/kernel_bench [T ...]
+// Usage: build/kernel_bench [T ...]      per-shape, weights hot in cache
+//        build/kernel_bench --step [T ...] a decode/prefill step's projections over 30 layers of
+//                                          distinct weights (streamed from memory, as in the engine)
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -12,12 +15,62 @@
 
 using namespace loraplex::cpu;
 
+static std::vector<uint16_t> random_bf16(std::mt19937& rng, size_t n) {
+  std::normal_distribution<float> nd(0, 0.02f);
+  std::vector<uint16_t> w(n);
+  for (auto& v : w) v = f32_to_bf16(nd(rng));
+  return w;
+}
+
+// Every projection of 30 layers (q, k, v, o, gate, up, down) plus the lm_head, each with its own
+// packed weights, in the engine's order: the weights (270 MB) come from memory, not cache.
+static int step_bench(const std::vector<int>& Ts) {
+  struct Proj { int N, K; };
+  const Proj layer[] = {{576, 576}, {192, 576}, {192, 576}, {576, 576}, {1536, 576}, {1536, 576}, {576, 1536}};
+  const int n_layers = 30;
+  std::mt19937 rng(1);
+  std::vector<std::vector<uint8_t>> packed;
+  for (int l = 0; l < n_layers; l++)
+    for (const Proj& p : layer) {
+      auto w = random_bf16(rng, size_t(p.N) * p.K);
+      packed.emplace_back(packed_elems(p.N, p.K) * 2);
+      pack_weights(w.data(), WType::BF16, p.N, p.K, packed.back().data());
+    }
+  auto lm = random_bf16(rng, size_t(49152) * 576);
+  std::vector<uint8_t> lm_packed(packed_elems(49152, 576) * 2);
+  pack_weights(lm.data(), WType::BF16, 49152, 576, lm_packed.data());
+  double bytes = lm.size() * 2.0, flops_tok = 2.0 * 49152 * 576;
+  for (const Proj& p : layer) bytes += 2.0 * p.N * p.K * n_layers, flops_tok += 2.0 * p.N * p.K * n_layers;
+  for (int T : Ts) {
+    std::vector<float> x(size_t(T) * 1536, 0.01f), y(size_t(T) * 49152);
+    double best = 1e30, sum = 0;
+    const int reps = 20;
+    for (int r = 0; r < reps + 1; r++) {
+      auto t0 = std::chrono::steady_clock::now();
+      for (int l = 0; l < n_layers; l++)
+        for (int i = 0; i < 7; i++)
+          matmul_packed(x.data(), T, layer[i].K, packed[size_t(l) * 7 + i].data(), WType::BF16, layer[i].N, nullptr, y.data());
+      matmul_packed(x.data(), T, 576, lm_packed.data(), WType::BF16, 49152, nullptr, y.data());
+      const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (r == 0) continue;  // warm-up
+      best = std::min(best, sec);
+      sum += sec;
+    }
+    const double mean = sum / reps;
+    std::printf("step T=%-4d mean %7.2f ms  best %7.2f ms  %7.1f GFLOP/s  %6.1f GB/s(W)\n", T, mean * 1e3, best * 1e3,
+                flops_tok * T / mean / 1e9, bytes / mean / 1e9);
+  }
+  return 0;
+}
+
 int main(int argc, char** argv) {
   std::vector<int> Ts = {1, 4, 16, 32, 256};
-  if (argc > 1) {
+  const bool step = argc > 1 && std::strcmp(argv[1], "--step") == 0;
+  if (argc > 1 + step) {
     Ts.clear();
-    for (int i = 1; i < argc; i++) Ts.push_back(std::atoi(argv[i]));
+    for (int i = 1 + step; i < argc; i++) Ts.push_back(std::atoi(argv[i]));
   }
+  if (step) return step_bench(Ts);
   struct Shape { const char* name; int N, K; };
   const Shape shapes[] = {{"q/o 576x576", 576, 576}, {"k/v 192x576", 192, 576}, {"gate/up 1536x576", 1536, 576},
                           {"down 576x1536", 576, 1536}, {"lm_head 49152x576", 49152, 576}};

@@ -2,6 +2,7 @@
 // (compiled once per ISA; see dispatch.cc).
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "kernels/cpu/isa.h"
@@ -59,16 +60,29 @@ void rope_apply(float* x, int T, int n_heads, int head_dim, const float* cs, con
   }
 }
 
-void silu_mul(const float* gate, const float* up, int T, int I, float* act) {
-  const size_t n = size_t(T) * I;
-  // sigmoid(g) from e = exp(-|g|) <= 1 (exp_nonpos vectorises; std::exp is a scalar libm call):
-  // 1 / (1 + e) for g >= 0, e / (1 + e) below. Relative error ~2e-7, as libm's.
-#pragma omp parallel for simd schedule(static) if (n > 65536)
-  for (size_t i = 0; i < n; i++) {
+// sigmoid(g) from e = exp(-|g|) <= 1 (exp_nonpos vectorises; std::exp is a scalar libm call):
+// 1 / (1 + e) for g >= 0, e / (1 + e) below. Relative error ~2e-7, as libm's.
+static void silu_mul_range(const float* gate, const float* up, size_t i0, size_t i1, float* act) {
+#pragma omp simd
+  for (size_t i = i0; i < i1; i++) {
     const float g = gate[i];
     const float e = exp_nonpos(g >= 0.f ? -g : g);
     const float sig = (g >= 0.f ? 1.0f : e) / (1.0f + e);
     act[i] = g * sig * up[i];
+  }
+}
+
+void silu_mul(const float* gate, const float* up, int T, int I, float* act) {
+  const size_t n = size_t(T) * I;
+  // Not `parallel for simd if (...)`: GCC then emits the SIMD body only for the parallel case and
+  // a scalar loop below the threshold (a decode step's 16 x 1536 ran scalar: 5 ms of a 28 ms step).
+  if (n <= 65536) return silu_mul_range(gate, up, 0, n, act);
+#pragma omp parallel
+  {
+    const size_t nt = size_t(omp_get_num_threads()), id = size_t(omp_get_thread_num());
+    const size_t chunk = (n + nt - 1) / nt / 16 * 16 + 16;
+    const size_t i0 = std::min(n, id * chunk), i1 = std::min(n, i0 + chunk);
+    silu_mul_range(gate, up, i0, i1, act);
   }
 }
 
