@@ -22,6 +22,7 @@ void rmsnorm(const float* x, const float* w, int T, int H, float eps, float* y) 
     float* yr = y + size_t(t) * H;
     // fp32 sum of squares as the reference computes it; double here only lowers rounding noise.
     double ss = 0.0;
+#pragma omp simd reduction(+ : ss)
     for (int i = 0; i < H; i++) ss += double(xr[i]) * xr[i];
     const float inv = 1.0f / std::sqrt(float(ss / H) + eps);
     for (int i = 0; i < H; i++) yr[i] = w[i] * (xr[i] * inv);
