@@ -3,6 +3,8 @@
 // Usage: build/kernel_bench [T ...]      per-shape, weights hot in cache
 //        build/kernel_bench --step [T ...] a decode/prefill step's projections over 30 layers of
 //                                          distinct weights (streamed from memory, as in the engine)
+//        build/kernel_bench --lora [A ...]  a 16-token decode step's LoRA (30 layers x 7 projections,
+//                                          rank 16) over A adapters, rows scattered in pool pages
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -63,14 +65,77 @@ static int step_bench(const std::vector<int>& Ts) {
   return 0;
 }
 
+// LoRA of one decode step: 16 tokens over A adapters (16 / A tokens each, SGMV segments), every
+// projection of 30 layers, rank 16, fp32 and BF16 rows; each adapter's rows placed in order in its
+// own pages of the engine's page size, the pages scattered over a pool, as the engine places them.
+static int lora_bench(const std::vector<int>& As) {
+  const int T = 16, rank = 16, n_layers = 30;
+  const int ins[7] = {576, 576, 576, 576, 576, 576, 1536}, outs[7] = {576, 192, 192, 576, 1536, 1536, 576};
+  const size_t page = 737280;  // the engine's page for this model and block size 16
+  for (int A : As)
+    for (bool bf16 : {false, true}) {
+      const size_t es = bf16 ? 2 : 4;
+      size_t per_adapter = 0;
+      for (int p = 0; p < 7; p++) per_adapter += size_t(n_layers) * rank * ((ins[p] + outs[p]) * es + 64);
+      const int pages_per = int(per_adapter / page) + 2, n_pages = A * pages_per + 64;
+      std::vector<uint8_t> pool(size_t(n_pages) * page, 0);
+      std::mt19937 rng(1);
+      std::vector<int> perm(n_pages);
+      for (int i = 0; i < n_pages; i++) perm[i] = i;
+      std::shuffle(perm.begin(), perm.end(), rng);
+      std::vector<std::vector<int64_t>> rows(A);
+      std::vector<LoraRef> refs(size_t(n_layers) * 7 * (A + 1));
+      for (int a = 0; a < A; a++) {
+        int pg = 0;
+        size_t used = 0;
+        rows[a].reserve(size_t(n_layers) * 7 * 2 * rank);
+        auto place = [&](size_t bytes) {
+          size_t st = (used + 63) & ~size_t(63);
+          if (st + bytes > page) pg++, st = 0;
+          used = st + bytes;
+          rows[a].push_back(int64_t(perm[a * pages_per + pg]) * int64_t(page) + int64_t(st));
+        };
+        for (int l = 0; l < n_layers; l++)
+          for (int p = 0; p < 7; p++) {
+            const size_t first = rows[a].size();
+            for (int j = 0; j < rank; j++) place(ins[p] * es);
+            for (int j = 0; j < rank; j++) place(outs[p] * es);
+            LoraRef& r = refs[(size_t(l) * 7 + p) * (A + 1) + a + 1];
+            r.rank = rank, r.scale = 2.f, r.bf16 = bf16;
+            r.a_rows = rows[a].data() + first, r.b_rows = rows[a].data() + first + rank;
+          }
+      }
+      std::vector<LoraSegment> segs;
+      for (int a = 0; a < A; a++) segs.push_back({a * T / A, (a + 1) * T / A, a + 1});
+      std::vector<float> x(size_t(T) * 1536, 0.01f), y(size_t(T) * 1536), z(size_t(T) * rank);
+      std::vector<double> ms;
+      for (int it = 0; it < 24; it++) {
+        auto t0 = std::chrono::steady_clock::now();
+        for (int l = 0; l < n_layers; l++)
+          for (int p = 0; p < 7; p++)
+            lora_sgmv(pool.data(), &refs[(size_t(l) * 7 + p) * (A + 1)], segs.data(), A, x.data(), ins[p], y.data(),
+                      outs[p], z.data());
+        if (it >= 4) ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      }
+      std::sort(ms.begin(), ms.end());
+      const double mb = A * per_adapter / 1e6;
+      std::printf("lora step T=16 A=%-3d %s rows: median %6.2f ms  (%.0f MB of rows, %.1f GB/s)\n", A,
+                  bf16 ? "bf16" : "fp32", ms[ms.size() / 2], mb, mb / ms[ms.size() / 2]);
+    }
+  return 0;
+}
+
 int main(int argc, char** argv) {
   std::vector<int> Ts = {1, 4, 16, 32, 256};
   const bool step = argc > 1 && std::strcmp(argv[1], "--step") == 0;
-  if (argc > 1 + step) {
+  const bool lora = argc > 1 && std::strcmp(argv[1], "--lora") == 0;
+  if (lora) Ts = {1, 8, 16};
+  if (argc > 1 + (step || lora)) {
     Ts.clear();
-    for (int i = 1 + step; i < argc; i++) Ts.push_back(std::atoi(argv[i]));
+    for (int i = 1 + (step || lora); i < argc; i++) Ts.push_back(std::atoi(argv[i]));
   }
   if (step) return step_bench(Ts);
+  if (lora) return lora_bench(Ts);
   struct Shape { const char* name; int N, K; };
   const Shape shapes[] = {{"q/o 576x576", 576, 576}, {"k/v 192x576", 192, 576}, {"gate/up 1536x576", 1536, 576},
                           {"down 576x1536", 576, 1536}, {"lm_head 49152x576", 49152, 576}};

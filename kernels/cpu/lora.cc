@@ -127,6 +127,57 @@ inline void expand_cols(const uint8_t* pool, const LoraRef& r, const float* z, i
 #endif
 }
 
+// Prefetch (to L2) every row of an adapter's module: A rows of `in` elements, B^T rows of `out`.
+inline void prefetch_module(const uint8_t* pool, const LoraRef& r, int in, int out) {
+  const size_t es = r.bf16 ? 2 : 4;
+  for (int j = 0; j < r.rank; j++) {
+    const char* a = reinterpret_cast<const char*>(pool + r.a_rows[j]);
+    const char* b = reinterpret_cast<const char*>(pool + r.b_rows[j]);
+    for (size_t o = 0; o < size_t(in) * es; o += 64) _mm_prefetch(a + o, _MM_HINT_T1);
+    for (size_t o = 0; o < size_t(out) * es; o += 64) _mm_prefetch(b + o, _MM_HINT_T1);
+  }
+}
+
+// Many segments (a decode batch over several adapters): each thread takes a contiguous share of
+// whole segments (balanced by rank x tokens) and runs shrink then expand for each, reading an
+// adapter module's A rows and then its B rows front to back (contiguous runs in the pool) while
+// the next segment's rows are prefetched, with no barrier between the phases. Returns false when
+// one segment is too large a share of the work to balance this way.
+bool sgmv_by_segment(const uint8_t* pool, const LoraRef* refs, const LoraSegment* segs, int n_segs, const float* x,
+                     int in, float* y, int out, float* z, int max_rank) {
+  const int nt = omp_get_max_threads();
+  if (n_segs < 2 * nt) return false;
+  static thread_local std::vector<double> prefix;
+  prefix.assign(size_t(n_segs) + 1, 0.0);
+  double biggest = 0.0;
+  for (int s = 0; s < n_segs; s++) {
+    const double cost = double(refs[segs[s].slot].rank) * (segs[s].end - segs[s].start + 2);  // +2: the rows' bytes
+    prefix[s + 1] = prefix[s] + cost;
+    biggest = cost > biggest ? cost : biggest;
+  }
+  const double total = prefix[n_segs];
+  if (total == 0.0 || biggest * nt > total) return false;
+  const double* pre = prefix.data();  // the caller's thread-local: the team reads it through this
+#pragma omp parallel
+  {
+    const int n = omp_get_num_threads(), id = omp_get_thread_num();
+    // Segments whose cost midpoint falls in this thread's share [id, id + 1) * total / n.
+    int s0 = 0, s1 = 0;
+    for (int s = 0; s < n_segs; s++) {
+      const int owner = int((pre[s] + pre[s + 1]) * 0.5 * n / total);
+      if (owner < id) s0 = s + 1;
+      if (owner <= id) s1 = s + 1;
+    }
+    for (int s = s0; s < s1; s++) {
+      if (s + 1 < s1) prefetch_module(pool, refs[segs[s + 1].slot], in, out);
+      const LoraRef& r = refs[segs[s].slot];
+      for (int j0 = 0; j0 < r.rank; j0 += 4) shrink4(pool, r, j0, x, in, segs[s].start, segs[s].end, z, max_rank);
+      if (r.rank > 0) expand_cols(pool, r, z, max_rank, segs[s].start, segs[s].end, y, out, 0, out);
+    }
+  }
+  return true;
+}
+
 }  // namespace
 
 // One parallel region per projection (a decode step calls this 7 times per layer): shrink, the
@@ -137,6 +188,9 @@ void lora_sgmv(const uint8_t* pool, const LoraRef* refs, const LoraSegment* segs
   int max_rank = 0;
   for (int s = 0; s < n_segs; s++) max_rank = refs[segs[s].slot].rank > max_rank ? refs[segs[s].slot].rank : max_rank;
   if (max_rank == 0) return;
+  if (sgmv_by_segment(pool, refs, segs, n_segs, x, in, y, out, z, max_rank)) return;
+  // Few segments: the phases are split inside each segment instead (rank rows, then output
+  // columns), so both threads share one adapter's work. The arithmetic per output is the same.
   const int row_blocks = (max_rank + 3) / 4;
   const long n_work = long(n_segs) * row_blocks;
 #pragma omp parallel
