@@ -38,6 +38,8 @@ class Backend {
   virtual const PoolInfo& pool() const = 0;
   // Bytes per element of adapter rows in the pool (4: fp32; 2: BF16, CPU with --lora-dtype bfloat16).
   virtual size_t lora_elem_bytes() const { return sizeof(float); }
+  // "bfloat16" when BF16-weight matmuls take BF16-rounded activations (CPU, --compute-dtype).
+  virtual std::string compute_dtype() const { return "float32"; }
   // Copies the adapter's rows into the given pages of the pool and makes it addressable as `slot`.
   virtual void install_adapter(int slot, const ParsedAdapter& a, const std::vector<int32_t>& pages) = 0;
   virtual void remove_adapter(int slot) = 0;
@@ -51,6 +53,6 @@ size_t kv_page_bytes(const ModelSpec& s, int block_size);
 // lora_bf16: adapter rows stored as BF16 in the pool (half the bytes a decode step streams per
 // distinct adapter); otherwise fp32, exactly as parsed.
 std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<Model> model, int block_size, int num_pages,
-                                          int max_slots, bool lora_bf16 = false);
+                                          int max_slots, bool lora_bf16 = false, bool compute_bf16 = false);
 
 }  // namespace loraplex

@@ -58,8 +58,10 @@ struct InstalledAdapter {
 
 class CpuBackend final : public Backend {
  public:
-  CpuBackend(std::shared_ptr<Model> model, int block_size, int num_pages, int max_slots, bool lora_bf16)
-      : model_(std::move(model)), max_slots_(max_slots), lora_bf16_(lora_bf16) {
+  CpuBackend(std::shared_ptr<Model> model, int block_size, int num_pages, int max_slots, bool lora_bf16, bool compute_bf16)
+      : model_(std::move(model)), max_slots_(max_slots), lora_bf16_(lora_bf16), compute_bf16_(compute_bf16) {
+    if (compute_bf16_ && !cpu::has_bf16_dot())
+      throw std::runtime_error("--compute-dtype bfloat16 needs a CPU with AVX512-BF16 (vdpbf16ps); this one has none");
     const ModelSpec& s = model_->spec;
     pool_info_.block_size = block_size;
     pool_info_.num_pages = num_pages;
@@ -82,7 +84,8 @@ class CpuBackend final : public Backend {
     refs_.assign(size_t(s.n_layers) * kNumProj * max_slots_, cpu::LoraRef{});
     installed_.resize(max_slots_);
     // Every projection and the lm_head packed once for the GEMM kernel (same dtype and bytes as
-    // the file; the mmap stays for the embedding gather and for other backends).
+    // the file; the mmap stays for the embedding gather and for other backends). With
+    // --compute-dtype bfloat16, BF16 weights are packed in column pairs for the dot-product kernel.
     packed_.resize(size_t(s.n_layers) * kNumProj);
     for (int l = 0; l < s.n_layers; l++)
       for (int p = 0; p < kNumProj; p++) packed_[size_t(l) * kNumProj + p] = pack(model_->layers[l].proj[p]);
@@ -94,6 +97,7 @@ class CpuBackend final : public Backend {
   const Model& model() const override { return *model_; }
   const PoolInfo& pool() const override { return pool_info_; }
   size_t lora_elem_bytes() const override { return lora_bf16_ ? 2 : sizeof(float); }
+  std::string compute_dtype() const override { return compute_bf16_ ? "bfloat16" : "float32"; }
 
   void install_adapter(int slot, const ParsedAdapter& a, const std::vector<int32_t>& pages) override {
     if (slot <= 0 || slot >= max_slots_) throw std::runtime_error("adapter slot " + std::to_string(slot) + " out of range");
@@ -143,10 +147,24 @@ class CpuBackend final : public Backend {
     uint16_t* dst = reinterpret_cast<uint16_t*>(pool_ + off);
     for (size_t i = 0; i < n; i++) dst[i] = cpu::f32_to_bf16(src[i]);  // the parser checked: finite
   }
-  static std::vector<uint8_t> pack(const Weight& w) {
+  bool pairs(const Weight& w) const { return compute_bf16_ && w.type == cpu::WType::BF16; }
+  std::vector<uint8_t> pack(const Weight& w) const {
+    if (pairs(w)) {
+      std::vector<uint8_t> out(cpu::packed_pairs_elems(w.rows, w.cols) * 2);
+      cpu::pack_weights_bf16_pairs(static_cast<const uint16_t*>(w.data), w.rows, w.cols,
+                                   reinterpret_cast<uint16_t*>(out.data()));
+      return out;
+    }
     std::vector<uint8_t> out(cpu::packed_elems(w.rows, w.cols) * cpu::wtype_size(w.type));
     cpu::pack_weights(w.data, w.type, w.rows, w.cols, out.data());
     return out;
+  }
+  // y[T, w.rows] = x[T, w.cols] . W^T (+ bias) with the kernel its packing was made for.
+  void gemm(const float* x, int T, const Weight& w, const std::vector<uint8_t>& packed, const float* bias, float* y) const {
+    if (pairs(w))
+      cpu::matmul_bf16_pairs(x, T, w.cols, reinterpret_cast<const uint16_t*>(packed.data()), w.rows, bias, y);
+    else
+      cpu::matmul_packed(x, T, w.cols, packed.data(), w.type, w.rows, bias, y);
   }
   // y[T, out] += LoRA of projection p for each token's adapter.
   void apply_lora(int layer, int p, const float* x, float* y);
@@ -155,6 +173,7 @@ class CpuBackend final : public Backend {
   std::shared_ptr<Model> model_;
   int max_slots_;
   bool lora_bf16_;
+  bool compute_bf16_;
   PoolInfo pool_info_;
   cpu::KvLayout layout_{};
   uint8_t* pool_ = nullptr;
@@ -173,8 +192,7 @@ class CpuBackend final : public Backend {
 
 void CpuBackend::project(int layer, int p, const float* x, float* y, const std::vector<float>* bias) {
   const Weight& w = model_->layers[layer].proj[p];
-  cpu::matmul_packed(x, batch_->n_tokens, w.cols, packed_[size_t(layer) * kNumProj + p].data(), w.type, w.rows,
-                     bias && !bias->empty() ? bias->data() : nullptr, y);
+  gemm(x, batch_->n_tokens, w, packed_[size_t(layer) * kNumProj + p], bias && !bias->empty() ? bias->data() : nullptr, y);
   if (any_lora_) apply_lora(layer, p, x, y);
 }
 
@@ -278,15 +296,15 @@ void CpuBackend::forward(const StepBatch& b, float* logits) {
     std::memcpy(last_.data() + size_t(i) * H, x_.data() + size_t(t) * H, H * sizeof(float));
   }
   cpu::rmsnorm(last_.data(), m.final_norm.data(), n, H, s.rms_eps, last_.data());
-  cpu::matmul_packed(last_.data(), n, H, packed_lm_head_.data(), m.lm_head.type, s.vocab, nullptr, logits);
+  gemm(last_.data(), n, m.lm_head, packed_lm_head_, nullptr, logits);
   prof_.report();
 }
 
 }  // namespace
 
 std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<Model> model, int block_size, int num_pages,
-                                          int max_slots, bool lora_bf16) {
-  return std::make_unique<CpuBackend>(std::move(model), block_size, num_pages, max_slots, lora_bf16);
+                                          int max_slots, bool lora_bf16, bool compute_bf16) {
+  return std::make_unique<CpuBackend>(std::move(model), block_size, num_pages, max_slots, lora_bf16, compute_bf16);
 }
 
 }  // namespace loraplex

@@ -53,6 +53,7 @@ class Engine : public Napi::ObjectWrap<Engine> {
   std::shared_ptr<Model> model_;
   size_t page_bytes_ = 0;
   size_t lora_elem_bytes_ = sizeof(float);  // the backend's adapter row element size
+  std::string compute_dtype_ = "float32";     // the backend's matmul activations (--compute-dtype)
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<Sampler> sampler_;
   std::vector<float> logits_;

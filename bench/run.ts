@@ -9,6 +9,7 @@
 //   --requests 64 --prompt-tokens 128 --max-tokens 64
 //   --dtype bf16|f16|f32     weights of the generated model
 //   --lora-dtype bfloat16    passed to loraplex serve (adapter rows in the pool; default float32)
+//   --compute-dtype bfloat16 passed to loraplex serve (BF16-weight matmuls on BF16 activations)
 //   --url URL --model NAME   benchmark a running server instead (adapters named <prefix><i>)
 //   --adapter-prefix a       adapter names on that server
 //   --lora-field             select adapters llama.cpp-style: {"lora":[{"id":i,"scale":1}]}
@@ -40,6 +41,7 @@ const { values: a } = parseArgs({
     'engine-api': { type: 'boolean', default: false },
     threads: { type: 'string' },
     'lora-dtype': { type: 'string' },
+    'compute-dtype': { type: 'string' },
     out: { type: 'string', default: join(HERE, 'out') },
     label: { type: 'string' },
   },
@@ -55,6 +57,7 @@ async function startServer(modelDir: string): Promise<{ url: string; proc: Child
     '--port', '0', '--memory-budget', '6GiB', '--max-loras', String(Math.max(8, maxAdapters)), '--max-num-seqs', String(Math.max(...concurrencies))];
   if (a.threads) args.push('--threads', a.threads);
   if (a['lora-dtype']) args.push('--lora-dtype', a['lora-dtype']);
+  if (a['compute-dtype']) args.push('--compute-dtype', a['compute-dtype']);
   const proc = spawn(process.execPath, args, { cwd: ROOT, stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, LORAPLEX_LOG_LEVEL: 'info' } });
   let log = '';
   return new Promise((res, rej) => {

@@ -168,10 +168,11 @@ export async function startServer(cfg: ServeConfig): Promise<void> {
     threads: cfg.threads ?? undefined,
     device: cfg.device ?? undefined,
     loraDtype: cfg.loraDtype,
+    computeDtype: cfg.computeDtype,
   });
   const pool = engine.paging.stats();
   log.info(
-    { model: engine.model.name, backend: engine.backend, loraDtype: engine.loraDtype, pages: pool.totalPages, pageBytes: engine.paging.pageBytes, loadMs: Math.round(performance.now() - t0) },
+    { model: engine.model.name, backend: engine.backend, loraDtype: engine.loraDtype, computeDtype: engine.computeDtype, pages: pool.totalPages, pageBytes: engine.paging.pageBytes, loadMs: Math.round(performance.now() - t0) },
     'model loaded',
   );
   const state: AppState = { draining: false };

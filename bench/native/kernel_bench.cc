@@ -163,6 +163,16 @@ int main(int argc, char** argv) {
       const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps;
       std::printf("%-18s T=%-4d %8.3f ms  %7.1f GFLOP/s  %6.1f GB/s(W)\n", s.name, T, sec * 1e3, flops / sec / 1e9,
                   w.size() * 2.0 / sec / 1e9);
+      if (has_bf16_dot()) {  // the same product with --compute-dtype bfloat16's kernel
+        std::vector<uint16_t> PP(packed_pairs_elems(s.N, s.K));
+        pack_weights_bf16_pairs(w.data(), s.N, s.K, PP.data());
+        matmul_bf16_pairs(x.data(), T, s.K, PP.data(), s.N, nullptr, y.data());
+        auto t1 = std::chrono::steady_clock::now();
+        for (int r = 0; r < reps; r++) matmul_bf16_pairs(x.data(), T, s.K, PP.data(), s.N, nullptr, y.data());
+        const double s2 = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count() / reps;
+        std::printf("%-18s T=%-4d %8.3f ms  %7.1f GFLOP/s  %6.1f GB/s(W)  bf16 dot\n", s.name, T, s2 * 1e3,
+                    flops / s2 / 1e9, w.size() * 2.0 / s2 / 1e9);
+      }
     }
   }
   // Paged attention, decode: S sequences x 1 query, SmolLM2 heads (9 q / 3 kv, head_dim 64), 30 layers' worth.

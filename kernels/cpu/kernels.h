@@ -27,6 +27,15 @@ void matmul_packed(const float* x, int T, int K, const void* P, WType wt, int N,
 void matmul(const float* x, int T, int K, const void* W, WType wt, int N, const float* bias, float* y);
 void matmul_ref(const float* x, int T, int K, const void* W, WType wt, int N, const float* bias, float* y);
 
+// BF16 weights with BF16-rounded activations (--compute-dtype bfloat16): y = bf16(x) . W^T with
+// fp32 products and sums, on the AVX512-BF16 dot-product instruction (has_bf16_dot() must be true).
+// W packed by pack_weights_bf16_pairs: groups of 16 rows, column pairs interleaved,
+// P[g][p][l][h] = W[16 g + l][2 p + h], N padded to 16 and K to even with zeros.
+bool has_bf16_dot();
+size_t packed_pairs_elems(int N, int K);  // uint16 elements
+void pack_weights_bf16_pairs(const uint16_t* W, int N, int K, uint16_t* out);
+void matmul_bf16_pairs(const float* x, int T, int K, const uint16_t* P, int N, const float* bias, float* y);
+
 // y[T, H] = x / rms(x) * w, rms over H with eps (HF LlamaRMSNorm: fp32 variance).
 void rmsnorm(const float* x, const float* w, int T, int H, float eps, float* y);
 

@@ -1,7 +1,7 @@
 // The engine: owns the native engine, the paging manager, the scheduler and the adapter cache, and
 // runs the loop `schedule -> step -> postprocess` while there is work.
 import { totalmem } from 'node:os';
-import { loadNative, type LoraDtype, type NativeEngine, type NativeLoraPlan, type NativePoolInfo, type NativeStepBatch } from '../native/addon.js';
+import { loadNative, type ComputeDtype, type LoraDtype, type NativeEngine, type NativeLoraPlan, type NativePoolInfo, type NativeStepBatch } from '../native/addon.js';
 import { AdapterCache, type AdapterCacheStats } from './adapter-cache.js';
 import { LoraplexError } from './errors.js';
 import { readModelDir, type ModelInfo } from './model-config.js';
@@ -26,6 +26,7 @@ export interface EngineOptions {
   threads?: number;
   device?: 'cpu' | 'cuda';
   loraDtype?: LoraDtype;
+  computeDtype?: ComputeDtype;
 }
 
 export interface EngineStats extends PoolStats {
@@ -61,6 +62,8 @@ export class Engine {
   readonly backend: string;
   /** Adapter rows in the pool (--lora-dtype). */
   readonly loraDtype: LoraDtype;
+  /** Activations of BF16-weight matmuls (--compute-dtype). */
+  readonly computeDtype: ComputeDtype;
   private readonly native: NativeEngine;
   private nextSeqId = 1;
   private loop: Promise<void> | null = null;
@@ -79,6 +82,7 @@ export class Engine {
     this.native = native;
     this.backend = pool.backend;
     this.loraDtype = pool.loraDtype;
+    this.computeDtype = pool.computeDtype;
     this.maxModelLen = Math.min(opts.maxModelLen ?? model.maxPositionEmbeddings, model.maxPositionEmbeddings);
     this.paging = new PagingManager(pool.numPages, pool.pageBytes, pool.blockSize);
     this.adapters = new AdapterCache(native, this.paging, model, {
@@ -126,6 +130,7 @@ export class Engine {
         threads: opts.threads,
         device: opts.device,
         loraDtype: opts.loraDtype,
+        computeDtype: opts.computeDtype,
       });
     } catch (e) {
       await native.close().catch(() => undefined);

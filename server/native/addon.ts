@@ -38,7 +38,12 @@ export interface NativeLoadOptions {
   threads?: number;
   device?: 'cpu' | 'cuda'; // default: cuda if built with it and a GPU is present, else cpu
   loraDtype?: LoraDtype; // adapter rows in the pool; default float32
+  computeDtype?: ComputeDtype; // activations of BF16-weight matmuls (CPU); default float32
 }
+
+/** float32: every matmul in fp32 (exact against HF in fp32); bfloat16: BF16-weight matmuls take
+ *  BF16-rounded activations on the AVX512-BF16 dot-product instruction (CPU only). */
+export type ComputeDtype = 'float32' | 'bfloat16';
 
 /** float32: rows as PEFT stores them (HF parity); bfloat16: half the bytes per adapter, CPU only. */
 export type LoraDtype = 'float32' | 'bfloat16';
@@ -50,6 +55,7 @@ export interface NativePoolInfo {
   backend: string;
   threads: number;
   loraDtype: LoraDtype;
+  computeDtype: ComputeDtype;
 }
 
 /** One engine step as flat typed arrays; see addon/backend.h StepBatch for shapes. */

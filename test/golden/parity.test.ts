@@ -133,3 +133,46 @@ describe('cpu, --lora-dtype bfloat16', () => {
     });
   }
 });
+
+// --compute-dtype bfloat16 (CPU): BF16-weight matmuls take BF16-rounded activations on the
+// AVX512-BF16 dot-product instruction, as PyTorch runs a BF16 model natively. Models with fp32 or
+// F16 weights do not take that path and stay exact (the strict checks above, in the same engine);
+// the BF16-weight model gets the same bounds as --lora-dtype bfloat16 against HF in fp32: greedy
+// ids while the reference top-2 margin is above 0.25, chosen logprobs within 0.15 (a wrong packing
+// or a dropped pair misses both by whole units), and it must really differ from the fp32 path.
+describe('cpu, --compute-dtype bfloat16', () => {
+  for (const name of MODEL_NAMES) {
+    it(`${name}: exact unless the weights are BF16, then near-HF`, async () => {
+      const golden = loadGolden(name);
+      let engine: Engine;
+      try {
+        engine = await Engine.create({ model: modelDir(name), adapterDir: adapterRoot(name), memoryBudget: 8 << 20, device: 'cpu', computeDtype: 'bfloat16' });
+      } catch (err) {
+        // A CPU without AVX512-BF16 refuses the flag at load, with the reason (never a silent fp32 fallback).
+        expect((err as Error).message).toMatch(/needs a CPU with AVX512-BF16/);
+        return;
+      }
+      try {
+        expect(engine.computeDtype).toBe('bfloat16');
+        let moved = 0;
+        for (const c of golden.cases) {
+          const got = await run(engine, c);
+          if (golden.weights_dtype !== 'bfloat16') {
+            checkAgainstGolden(c, got);
+            continue;
+          }
+          const n = strictSteps(c, 0.25);
+          expect(got.map((t) => t.token).slice(0, n), `${c.adapter ?? 'base'}: ids`).toEqual(c.greedy_ids.slice(0, n));
+          for (let i = 0; i < n; i++) {
+            const d = Math.abs(got[i].logprob - c.steps[i].top[0][1]);
+            expect(d, `${c.adapter ?? 'base'} step ${i}`).toBeLessThan(0.15);
+            moved = Math.max(moved, d);
+          }
+        }
+        if (golden.weights_dtype === 'bfloat16') expect(moved).toBeGreaterThan(LOGPROB_TOL / 100);
+      } finally {
+        await engine.close();
+      }
+    });
+  }
+});

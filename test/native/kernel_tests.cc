@@ -171,6 +171,37 @@ void test_matmul(Rng& rng) {
     }
 }
 
+// BF16 weights x BF16-rounded activations on the dot-product instruction (--compute-dtype
+// bfloat16): against the fp32 reference fed the same rounded activations, so only the order of
+// the fp32 sums differs. Odd K (a zero-padded last pair), N past a group, T past a 64-token chunk.
+void test_matmul_bf16_pairs(Rng& rng) {
+  Section sec("matmul bf16 dot");
+  if (!has_bf16_dot()) {
+    printf("matmul bf16 dot: not run, this CPU has no AVX512-BF16 (the engine refuses --compute-dtype bfloat16 here)\n");
+    return;
+  }
+  for (int K : {1, 2, 15, 16, 17, 64, 100, 257, 576, 1536})
+    for (int N : {1, 7, 16, 17, 50, 250}) {
+      const Weights W = random_weights(rng, WType::BF16, size_t(N) * K);
+      const std::vector<float> bias = rng.vec(N);
+      std::vector<uint16_t> P(packed_pairs_elems(N, K));
+      pack_weights_bf16_pairs(W.h16.data(), N, K, P.data());
+      for (int T : {1, 2, 3, 5, 8, 9, 16, 33, 70}) {
+        std::vector<float> x = rng.vec(size_t(T) * K), xr(x.size());
+        for (size_t i = 0; i < x.size(); i++) xr[i] = bf16_to_f32(f32_to_bf16(x[i]));
+        for (bool with_bias : {false, true}) {
+          const std::string what = fmt("matmul bf16 dot T=%d K=%d N=%d bias=%d", T, K, N, with_bias);
+          const float* b = with_bias ? bias.data() : nullptr;
+          Guarded want(size_t(T) * N), got(size_t(T) * N);
+          matmul_ref(xr.data(), T, K, W.data(), WType::BF16, N, b, want.data());
+          matmul_bf16_pairs(x.data(), T, K, P.data(), N, b, got.data());
+          expect_close(what, got.data(), want.data(), size_t(T) * N, {1e-4 * std::sqrt(std::max(K, 576) / 576.0), 1e-4});
+          expect_guard(what, got);
+        }
+      }
+    }
+}
+
 // ------------------------------------------------------------------------------------------------
 // 2. dtype conversion
 
@@ -683,6 +714,7 @@ int main() {
   Rng rng(seed);
   test_convert(rng);
   test_matmul(rng);
+  test_matmul_bf16_pairs(rng);
   test_ops(rng);
   test_attention(rng);
   test_lora(rng);
