@@ -40,6 +40,8 @@ class Backend {
   virtual size_t lora_elem_bytes() const { return sizeof(float); }
   // "bfloat16" when BF16-weight matmuls take BF16-rounded activations (CPU, --compute-dtype).
   virtual std::string compute_dtype() const { return "float32"; }
+  // "bfloat16" when the KV cache holds BF16 (CPU, --kv-cache-dtype).
+  virtual std::string kv_cache_dtype() const { return "float32"; }
   // Copies the adapter's rows into the given pages of the pool and makes it addressable as `slot`.
   virtual void install_adapter(int slot, const ParsedAdapter& a, const std::vector<int32_t>& pages) = 0;
   virtual void remove_adapter(int slot) = 0;
@@ -47,12 +49,18 @@ class Backend {
   virtual void forward(const StepBatch& b, float* logits) = 0;
 };
 
-// KV page size for a model: one block of `block_size` tokens for every layer, K and V, fp32.
-size_t kv_page_bytes(const ModelSpec& s, int block_size);
+// KV page size for a model: one block of `block_size` tokens for every layer, K and V, elements
+// of `elem_bytes` (4: fp32; 2: BF16).
+size_t kv_page_bytes(const ModelSpec& s, int block_size, size_t elem_bytes = sizeof(float));
 
-// lora_bf16: adapter rows stored as BF16 in the pool (half the bytes a decode step streams per
-// distinct adapter); otherwise fp32, exactly as parsed.
+// CPU-only storage and arithmetic choices, all off by default (exact fp32 semantics):
+//   lora_bf16     adapter rows as BF16 in the pool (--lora-dtype bfloat16)
+//   compute_bf16  BF16-weight matmuls on BF16-rounded activations (--compute-dtype bfloat16)
+//   kv_bf16       KV cache as BF16 (--kv-cache-dtype bfloat16): half the bytes attention reads
+struct CpuOptions {
+  bool lora_bf16 = false, compute_bf16 = false, kv_bf16 = false;
+};
 std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<Model> model, int block_size, int num_pages,
-                                          int max_slots, bool lora_bf16 = false, bool compute_bf16 = false);
+                                          int max_slots, const CpuOptions& options = {});
 
 }  // namespace loraplex

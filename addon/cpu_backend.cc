@@ -15,8 +15,8 @@
 
 namespace loraplex {
 
-size_t kv_page_bytes(const ModelSpec& s, int block_size) {
-  const size_t bytes = size_t(s.n_layers) * 2 * block_size * s.n_kv_heads * s.head_dim * sizeof(float);
+size_t kv_page_bytes(const ModelSpec& s, int block_size, size_t elem_bytes) {
+  const size_t bytes = size_t(s.n_layers) * 2 * block_size * s.n_kv_heads * s.head_dim * elem_bytes;
   return (bytes + 63) & ~size_t(63);
 }
 
@@ -58,15 +58,15 @@ struct InstalledAdapter {
 
 class CpuBackend final : public Backend {
  public:
-  CpuBackend(std::shared_ptr<Model> model, int block_size, int num_pages, int max_slots, bool lora_bf16, bool compute_bf16)
-      : model_(std::move(model)), max_slots_(max_slots), lora_bf16_(lora_bf16), compute_bf16_(compute_bf16) {
+  CpuBackend(std::shared_ptr<Model> model, int block_size, int num_pages, int max_slots, const CpuOptions& o)
+      : model_(std::move(model)), max_slots_(max_slots), lora_bf16_(o.lora_bf16), compute_bf16_(o.compute_bf16) {
     if (compute_bf16_ && !cpu::has_bf16_dot())
       throw std::runtime_error("--compute-dtype bfloat16 needs a CPU with AVX512-BF16 (vdpbf16ps); this one has none");
     const ModelSpec& s = model_->spec;
     pool_info_.block_size = block_size;
     pool_info_.num_pages = num_pages;
-    pool_info_.page_bytes = kv_page_bytes(s, block_size);
-    layout_ = {s.n_layers, block_size, s.n_kv_heads, s.head_dim, pool_info_.page_bytes};
+    pool_info_.page_bytes = kv_page_bytes(s, block_size, o.kv_bf16 ? 2 : sizeof(float));
+    layout_ = {s.n_layers, block_size, s.n_kv_heads, s.head_dim, pool_info_.page_bytes, o.kv_bf16};
     const size_t total = pool_info_.page_bytes * size_t(num_pages);
     // 2 MiB aligned (and rounded) so that transparent huge pages can back it, then touched once
     // in parallel: the budget is committed up front (as a GPU pool would be) and no step pays
@@ -98,6 +98,7 @@ class CpuBackend final : public Backend {
   const PoolInfo& pool() const override { return pool_info_; }
   size_t lora_elem_bytes() const override { return lora_bf16_ ? 2 : sizeof(float); }
   std::string compute_dtype() const override { return compute_bf16_ ? "bfloat16" : "float32"; }
+  std::string kv_cache_dtype() const override { return layout_.bf16 ? "bfloat16" : "float32"; }
 
   void install_adapter(int slot, const ParsedAdapter& a, const std::vector<int32_t>& pages) override {
     if (slot <= 0 || slot >= max_slots_) throw std::runtime_error("adapter slot " + std::to_string(slot) + " out of range");
@@ -303,8 +304,8 @@ void CpuBackend::forward(const StepBatch& b, float* logits) {
 }  // namespace
 
 std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<Model> model, int block_size, int num_pages,
-                                          int max_slots, bool lora_bf16, bool compute_bf16) {
-  return std::make_unique<CpuBackend>(std::move(model), block_size, num_pages, max_slots, lora_bf16, compute_bf16);
+                                          int max_slots, const CpuOptions& options) {
+  return std::make_unique<CpuBackend>(std::move(model), block_size, num_pages, max_slots, options);
 }
 
 }  // namespace loraplex

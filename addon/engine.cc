@@ -229,6 +229,9 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
   const std::string compute_dtype =
       opt.Get("computeDtype").IsString() ? opt.Get("computeDtype").As<Napi::String>().Utf8Value() : "float32";
   if (compute_dtype != "float32" && compute_dtype != "bfloat16") type_error(env, "computeDtype must be float32 or bfloat16");
+  const std::string kv_dtype =
+      opt.Get("kvCacheDtype").IsString() ? opt.Get("kvCacheDtype").As<Napi::String>().Utf8Value() : "float32";
+  if (kv_dtype != "float32" && kv_dtype != "bfloat16") type_error(env, "kvCacheDtype must be float32 or bfloat16");
   if (block_size < 1 || block_size > 1024) type_error(env, "blockSize must be in 1..1024");
   if (num_pages < 1) type_error(env, "numPages must be positive");
   if (max_slots < 1) type_error(env, "maxSlots must be positive");
@@ -236,7 +239,7 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
   auto backend_name = std::make_shared<std::string>();
   return Submit(
       env,
-      [this, spec, block_size, num_pages, max_slots, threads, eos, device, lora_dtype, compute_dtype, result, backend_name] {
+      [this, spec, block_size, num_pages, max_slots, threads, eos, device, lora_dtype, compute_dtype, kv_dtype, result, backend_name] {
         if (threads > 0) omp_set_num_threads(threads);
         auto model = load_model(spec);
         // float32 (default): rows exactly as PEFT stores them, HF parity within 1e-3. bfloat16: half
@@ -247,6 +250,8 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
         // weights only): activations rounded to BF16 for the BF16-weight matmuls, on the AVX512-BF16
         // dot-product instruction (about twice the fp32 FMA rate); as PyTorch runs a BF16 model.
         const bool compute_bf16 = compute_dtype == "bfloat16";
+        // KV cache: float32 (default) or bfloat16 (CPU): attention reads half the bytes.
+        const CpuOptions cpu_opts{lora_bf16, compute_bf16, kv_dtype == "bfloat16"};
 #if LORAPLEX_WITH_CUDA
         std::string why;
         const bool gpu = cuda_device_available(&why);
@@ -256,14 +261,16 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
             throw std::runtime_error("--lora-dtype bfloat16 is not supported on --device cuda (adapter rows are fp32 there)");
           if (compute_bf16)
             throw std::runtime_error("--compute-dtype bfloat16 is not supported on --device cuda (it is a CPU kernel path)");
+          if (cpu_opts.kv_bf16)
+            throw std::runtime_error("--kv-cache-dtype bfloat16 is not supported on --device cuda (the KV cache is fp32 there)");
           backend_ = make_cuda_backend(model, block_size, num_pages, max_slots + 1);
         } else {
-          backend_ = make_cpu_backend(model, block_size, num_pages, max_slots + 1, lora_bf16, compute_bf16);
+          backend_ = make_cpu_backend(model, block_size, num_pages, max_slots + 1, cpu_opts);
         }
 #else
         if (device == "cuda")
           throw std::runtime_error("--device cuda: this build has no CUDA backend (build with --CDLORAPLEX_CUDA=ON)");
-        backend_ = make_cpu_backend(model, block_size, num_pages, max_slots + 1, lora_bf16, compute_bf16);
+        backend_ = make_cpu_backend(model, block_size, num_pages, max_slots + 1, cpu_opts);
 #endif
         *backend_name = backend_->name();
         sampler_ = std::make_unique<Sampler>(spec.vocab, eos);
@@ -271,6 +278,7 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
         page_bytes_ = result->page_bytes;
         lora_elem_bytes_ = backend_->lora_elem_bytes();
         compute_dtype_ = backend_->compute_dtype();
+        kv_cache_dtype_ = backend_->kv_cache_dtype();
         model_ = model;
       },
       [this, result, backend_name](Napi::Env env) {
@@ -278,6 +286,7 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
         o.Set("pageBytes", double(result->page_bytes));
         o.Set("loraDtype", lora_elem_bytes_ == 2 ? "bfloat16" : "float32");
         o.Set("computeDtype", compute_dtype_);
+        o.Set("kvCacheDtype", kv_cache_dtype_);
         o.Set("numPages", result->num_pages);
         o.Set("blockSize", result->block_size);
         o.Set("backend", *backend_name);

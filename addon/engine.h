@@ -54,6 +54,7 @@ class Engine : public Napi::ObjectWrap<Engine> {
   size_t page_bytes_ = 0;
   size_t lora_elem_bytes_ = sizeof(float);  // the backend's adapter row element size
   std::string compute_dtype_ = "float32";     // the backend's matmul activations (--compute-dtype)
+  std::string kv_cache_dtype_ = "float32";    // the backend's KV cache elements (--kv-cache-dtype)
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<Sampler> sampler_;
   std::vector<float> logits_;

@@ -10,6 +10,7 @@
 //   --dtype bf16|f16|f32     weights of the generated model
 //   --lora-dtype bfloat16    passed to loraplex serve (adapter rows in the pool; default float32)
 //   --compute-dtype bfloat16 passed to loraplex serve (BF16-weight matmuls on BF16 activations)
+//   --kv-cache-dtype bfloat16 passed to loraplex serve (KV cache in BF16)
 //   --url URL --model NAME   benchmark a running server instead (adapters named <prefix><i>)
 //   --adapter-prefix a       adapter names on that server
 //   --lora-field             select adapters llama.cpp-style: {"lora":[{"id":i,"scale":1}]}
@@ -42,6 +43,7 @@ const { values: a } = parseArgs({
     threads: { type: 'string' },
     'lora-dtype': { type: 'string' },
     'compute-dtype': { type: 'string' },
+    'kv-cache-dtype': { type: 'string' },
     out: { type: 'string', default: join(HERE, 'out') },
     label: { type: 'string' },
   },
@@ -58,6 +60,7 @@ async function startServer(modelDir: string): Promise<{ url: string; proc: Child
   if (a.threads) args.push('--threads', a.threads);
   if (a['lora-dtype']) args.push('--lora-dtype', a['lora-dtype']);
   if (a['compute-dtype']) args.push('--compute-dtype', a['compute-dtype']);
+  if (a['kv-cache-dtype']) args.push('--kv-cache-dtype', a['kv-cache-dtype']);
   const proc = spawn(process.execPath, args, { cwd: ROOT, stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, LORAPLEX_LOG_LEVEL: 'info' } });
   let log = '';
   return new Promise((res, rej) => {

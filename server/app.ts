@@ -169,10 +169,11 @@ export async function startServer(cfg: ServeConfig): Promise<void> {
     device: cfg.device ?? undefined,
     loraDtype: cfg.loraDtype,
     computeDtype: cfg.computeDtype,
+    kvCacheDtype: cfg.kvCacheDtype,
   });
   const pool = engine.paging.stats();
   log.info(
-    { model: engine.model.name, backend: engine.backend, loraDtype: engine.loraDtype, computeDtype: engine.computeDtype, pages: pool.totalPages, pageBytes: engine.paging.pageBytes, loadMs: Math.round(performance.now() - t0) },
+    { model: engine.model.name, backend: engine.backend, loraDtype: engine.loraDtype, computeDtype: engine.computeDtype, kvCacheDtype: engine.kvCacheDtype, pages: pool.totalPages, pageBytes: engine.paging.pageBytes, loadMs: Math.round(performance.now() - t0) },
     'model loaded',
   );
   const state: AppState = { draining: false };

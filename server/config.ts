@@ -22,6 +22,7 @@ export interface ServeConfig {
   device: 'cpu' | 'cuda' | null;
   loraDtype: 'float32' | 'bfloat16';
   computeDtype: 'float32' | 'bfloat16';
+  kvCacheDtype: 'float32' | 'bfloat16';
   maxBodyBytes: number;
   maxAdapterBytes: number;
   maxQueue: number;
@@ -42,7 +43,7 @@ const SERVE_FLAGS = {
   model: 'string', 'served-model-name': 'string', 'adapter-dir': 'string', host: 'string', port: 'string',
   'memory-budget': 'string', 'max-num-seqs': 'string', 'max-batch-tokens': 'string', 'max-lora-rank': 'string',
   'max-loras': 'string', 'max-loras-per-batch': 'string', 'max-model-len': 'string', 'block-size': 'string', threads: 'string', 'api-key': 'string',
-  'redis-url': 'string', device: 'string', 'lora-dtype': 'string', 'compute-dtype': 'string', 'max-body-bytes': 'string', 'max-adapter-bytes': 'string',
+  'redis-url': 'string', device: 'string', 'lora-dtype': 'string', 'compute-dtype': 'string', 'kv-cache-dtype': 'string', 'max-body-bytes': 'string', 'max-adapter-bytes': 'string',
   'max-queue': 'string', 'max-n': 'string', 'shutdown-timeout': 'string', 'log-level': 'string', 'lora-roots': 'string',
 } as const;
 
@@ -103,6 +104,8 @@ export function serveConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
   if (loraDtype !== 'float32' && loraDtype !== 'bfloat16') throw new ConfigError(`--lora-dtype must be float32 or bfloat16`);
   const computeDtype = s('compute-dtype') ?? 'float32';
   if (computeDtype !== 'float32' && computeDtype !== 'bfloat16') throw new ConfigError(`--compute-dtype must be float32 or bfloat16`);
+  const kvCacheDtype = s('kv-cache-dtype') ?? 'float32';
+  if (kvCacheDtype !== 'float32' && kvCacheDtype !== 'bfloat16') throw new ConfigError(`--kv-cache-dtype must be float32 or bfloat16`);
   return {
     model: s('model') ?? null,
     servedModelName: s('served-model-name') ?? null,
@@ -123,6 +126,7 @@ export function serveConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
     device: device as ServeConfig['device'],
     loraDtype,
     computeDtype,
+    kvCacheDtype,
     maxBodyBytes: parseSize(s('max-body-bytes') ?? '16MiB', 'max-body-bytes'),
     maxAdapterBytes: parseSize(s('max-adapter-bytes') ?? '512MiB', 'max-adapter-bytes'),
     maxQueue: positiveInt(s('max-queue') ?? '1024', 'max-queue'),

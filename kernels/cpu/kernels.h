@@ -62,11 +62,13 @@ void rope(float* x, int T, int n_heads, int head_dim, const int32_t* positions, 
 void silu_mul(const float* gate, const float* up, int T, int I, float* act);
 
 // Paged KV-cache layout inside one page (one block of `block_size` tokens, all layers):
-//   [layer][k|v][block_size][n_kv_heads][head_dim] fp32.
+//   [layer][k|v][block_size][n_kv_heads][head_dim], fp32 or (CPU, --kv-cache-dtype bfloat16) BF16.
 struct KvLayout {
   int n_layers, block_size, n_kv_heads, head_dim;
-  size_t page_bytes;  // page stride in the pool (>= floats_per_block * 4)
-  size_t layer_stride() const { return size_t(2) * block_size * n_kv_heads * head_dim; }  // floats
+  size_t page_bytes;  // page stride in the pool (>= elements_per_block * element size)
+  bool bf16 = false;  // elements stored as BF16 (rounded to nearest even by kv_write)
+  size_t layer_stride() const { return size_t(2) * block_size * n_kv_heads * head_dim; }  // elements
+  size_t elem_bytes() const { return bf16 ? 2 : 4; }
 };
 
 // The batch geometry shared by KV writes and attention.

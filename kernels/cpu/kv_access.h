@@ -6,15 +6,25 @@
 
 namespace loraplex::cpu {
 
-// K (which = 0) or V (which = 1) row of `slot` in `page` for `layer`: [n_kv_heads, head_dim] floats.
-inline float* kv_ptr(uint8_t* pool, const KvLayout& L, int layer, int page, int slot, int which) {
-  float* base = reinterpret_cast<float*>(pool + size_t(page) * L.page_bytes);
-  return base + size_t(layer) * L.layer_stride() + size_t(which) * L.block_size * L.n_kv_heads * L.head_dim +
-         size_t(slot) * L.n_kv_heads * L.head_dim;
+// K (which = 0) or V (which = 1) row of `slot` in `page` for `layer`: [n_kv_heads, head_dim]
+// elements (fp32, or BF16 when L.bf16) starting at the returned byte address.
+inline uint8_t* kv_row(uint8_t* pool, const KvLayout& L, int layer, int page, int slot, int which) {
+  const size_t elems = size_t(layer) * L.layer_stride() + size_t(which) * L.block_size * L.n_kv_heads * L.head_dim +
+                       size_t(slot) * L.n_kv_heads * L.head_dim;
+  return pool + size_t(page) * L.page_bytes + elems * L.elem_bytes();
 }
 
-inline const float* kv_ptr(const uint8_t* pool, const KvLayout& L, int layer, int page, int slot, int which) {
-  return kv_ptr(const_cast<uint8_t*>(pool), L, layer, page, slot, which);
+inline const uint8_t* kv_row(const uint8_t* pool, const KvLayout& L, int layer, int page, int slot, int which) {
+  return kv_row(const_cast<uint8_t*>(pool), L, layer, page, slot, which);
+}
+
+// Element i of a KV row (fp32 or BF16; BF16 -> fp32 is exact).
+inline float kv_at(const uint8_t* row, size_t i, bool bf16) {
+  if (!bf16) return reinterpret_cast<const float*>(row)[i];
+  const uint32_t u = uint32_t(reinterpret_cast<const uint16_t*>(row)[i]) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
 }
 
 // Calls f(seq, token index, position) for every new token of the batch.

@@ -22,9 +22,9 @@ void paged_attention_ref(const uint8_t* pool, const KvLayout& L, int layer, cons
       float mx = -INFINITY;
       for (int j = lo; j <= pos; j++) {
         const int page = B.block_tables[size_t(s) * B.max_blocks + j / L.block_size];
-        const float* kv = kv_ptr(pool, L, layer, page, j % L.block_size, 0) + size_t(g) * hd;
+        const uint8_t* kv = kv_row(pool, L, layer, page, j % L.block_size, 0);
         float d = 0.f;
-        for (int i = 0; i < hd; i++) d += qv[i] * kv[i];
+        for (int i = 0; i < hd; i++) d += qv[i] * kv_at(kv, size_t(g) * hd + i, L.bf16);
         scores[j - lo] = d * scale;
         mx = std::max(mx, scores[j - lo]);
       }
@@ -34,9 +34,9 @@ void paged_attention_ref(const uint8_t* pool, const KvLayout& L, int layer, cons
       std::fill(o, o + hd, 0.f);
       for (int j = lo; j <= pos; j++) {
         const int page = B.block_tables[size_t(s) * B.max_blocks + j / L.block_size];
-        const float* vv = kv_ptr(pool, L, layer, page, j % L.block_size, 1) + size_t(g) * hd;
+        const uint8_t* vv = kv_row(pool, L, layer, page, j % L.block_size, 1);
         const float w = scores[j - lo] / sum;
-        for (int i = 0; i < hd; i++) o[i] += w * vv[i];
+        for (int i = 0; i < hd; i++) o[i] += w * kv_at(vv, size_t(g) * hd + i, L.bf16);
       }
     }
   });

@@ -1,7 +1,7 @@
 // The engine: owns the native engine, the paging manager, the scheduler and the adapter cache, and
 // runs the loop `schedule -> step -> postprocess` while there is work.
 import { totalmem } from 'node:os';
-import { loadNative, type ComputeDtype, type LoraDtype, type NativeEngine, type NativeLoraPlan, type NativePoolInfo, type NativeStepBatch } from '../native/addon.js';
+import { loadNative, type ComputeDtype, type KvCacheDtype, type LoraDtype, type NativeEngine, type NativeLoraPlan, type NativePoolInfo, type NativeStepBatch } from '../native/addon.js';
 import { AdapterCache, type AdapterCacheStats } from './adapter-cache.js';
 import { LoraplexError } from './errors.js';
 import { readModelDir, type ModelInfo } from './model-config.js';
@@ -27,6 +27,7 @@ export interface EngineOptions {
   device?: 'cpu' | 'cuda';
   loraDtype?: LoraDtype;
   computeDtype?: ComputeDtype;
+  kvCacheDtype?: KvCacheDtype;
 }
 
 export interface EngineStats extends PoolStats {
@@ -64,6 +65,8 @@ export class Engine {
   readonly loraDtype: LoraDtype;
   /** Activations of BF16-weight matmuls (--compute-dtype). */
   readonly computeDtype: ComputeDtype;
+  /** KV cache elements (--kv-cache-dtype). */
+  readonly kvCacheDtype: KvCacheDtype;
   private readonly native: NativeEngine;
   private nextSeqId = 1;
   private loop: Promise<void> | null = null;
@@ -83,6 +86,7 @@ export class Engine {
     this.backend = pool.backend;
     this.loraDtype = pool.loraDtype;
     this.computeDtype = pool.computeDtype;
+    this.kvCacheDtype = pool.kvCacheDtype;
     this.maxModelLen = Math.min(opts.maxModelLen ?? model.maxPositionEmbeddings, model.maxPositionEmbeddings);
     this.paging = new PagingManager(pool.numPages, pool.pageBytes, pool.blockSize);
     this.adapters = new AdapterCache(native, this.paging, model, {
@@ -131,6 +135,7 @@ export class Engine {
         device: opts.device,
         loraDtype: opts.loraDtype,
         computeDtype: opts.computeDtype,
+        kvCacheDtype: opts.kvCacheDtype,
       });
     } catch (e) {
       await native.close().catch(() => undefined);

@@ -39,7 +39,11 @@ export interface NativeLoadOptions {
   device?: 'cpu' | 'cuda'; // default: cuda if built with it and a GPU is present, else cpu
   loraDtype?: LoraDtype; // adapter rows in the pool; default float32
   computeDtype?: ComputeDtype; // activations of BF16-weight matmuls (CPU); default float32
+  kvCacheDtype?: KvCacheDtype; // KV cache elements (CPU); default float32
 }
+
+/** float32: exact attention inputs; bfloat16: K and V rounded to BF16 in the pool (CPU only). */
+export type KvCacheDtype = 'float32' | 'bfloat16';
 
 /** float32: every matmul in fp32 (exact against HF in fp32); bfloat16: BF16-weight matmuls take
  *  BF16-rounded activations on the AVX512-BF16 dot-product instruction (CPU only). */
@@ -56,6 +60,7 @@ export interface NativePoolInfo {
   threads: number;
   loraDtype: LoraDtype;
   computeDtype: ComputeDtype;
+  kvCacheDtype: KvCacheDtype;
 }
 
 /** One engine step as flat typed arrays; see addon/backend.h StepBatch for shapes. */

@@ -23,13 +23,17 @@ describe('device selection', () => {
     expect(serveConfig([], { LORAPLEX_LORA_DTYPE: 'bfloat16' }).loraDtype).toBe('bfloat16');
   });
 
-  it('rejects an unknown --compute-dtype, in the engine and on the command line', async () => {
+  it('rejects an unknown --compute-dtype or --kv-cache-dtype, in the engine and on the command line', async () => {
     await expect(Engine.create({ model: modelDir('llama-gqa'), computeDtype: 'float16' as never })).rejects.toThrow(/computeDtype must be float32 or bfloat16/);
     expect(() => serveConfig(['--compute-dtype', 'int8'], {})).toThrow(/--compute-dtype must be float32 or bfloat16/);
     expect(serveConfig([], {}).computeDtype).toBe('float32');
     expect(serveConfig(['--compute-dtype', 'bfloat16'], {}).computeDtype).toBe('bfloat16');
+    await expect(Engine.create({ model: modelDir('llama-gqa'), kvCacheDtype: 'fp8' as never })).rejects.toThrow(/kvCacheDtype must be float32 or bfloat16/);
+    expect(() => serveConfig(['--kv-cache-dtype', 'fp8'], {})).toThrow(/--kv-cache-dtype must be float32 or bfloat16/);
+    expect(serveConfig([], {}).kvCacheDtype).toBe('float32');
     const e = await Engine.create({ model: modelDir('llama-gqa') });
     expect(e.computeDtype).toBe('float32');
+    expect(e.kvCacheDtype).toBe('float32');
     await e.close();
   });
 });

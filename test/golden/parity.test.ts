@@ -176,3 +176,36 @@ describe('cpu, --compute-dtype bfloat16', () => {
     });
   }
 });
+
+// --kv-cache-dtype bfloat16 (CPU): K and V rounded to BF16 in the pool, for every model. The same
+// near-HF bounds as the other BF16 options (ids while the reference margin is above 0.25, chosen
+// logprobs within 0.15), a page half the size, and outputs that really moved off the fp32 path.
+describe('cpu, --kv-cache-dtype bfloat16', () => {
+  for (const name of MODEL_NAMES) {
+    it(`${name}: near-HF outputs with half-size KV pages`, async () => {
+      const golden = loadGolden(name);
+      const engines = await Promise.all((['float32', 'bfloat16'] as const).map((kvCacheDtype) =>
+        Engine.create({ model: modelDir(name), adapterDir: adapterRoot(name), memoryBudget: 8 << 20, device: 'cpu', kvCacheDtype })));
+      const [f32, bf16] = engines;
+      try {
+        expect(f32.kvCacheDtype).toBe('float32');
+        expect(bf16.kvCacheDtype).toBe('bfloat16');
+        expect(bf16.paging.pageBytes * 2).toBeLessThanOrEqual(f32.paging.pageBytes + 64);
+        let moved = 0;
+        for (const c of golden.cases) {
+          const got = await run(bf16, c);
+          const n = strictSteps(c, 0.25);
+          expect(got.map((t) => t.token).slice(0, n), `${c.adapter ?? 'base'}: ids`).toEqual(c.greedy_ids.slice(0, n));
+          for (let i = 0; i < n; i++) {
+            const d = Math.abs(got[i].logprob - c.steps[i].top[0][1]);
+            expect(d, `${c.adapter ?? 'base'} step ${i}`).toBeLessThan(0.15);
+            moved = Math.max(moved, d);
+          }
+        }
+        expect(moved).toBeGreaterThan(LOGPROB_TOL / 100);
+      } finally {
+        await Promise.all(engines.map((e) => e.close()));
+      }
+    });
+  }
+});

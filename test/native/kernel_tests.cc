@@ -292,6 +292,7 @@ struct AttnCase {
   int block_size, group, head_dim, window;
   const char* mix;  // "prefill" (all tokens new), "decode" (one new token), "mixed" (incl. chunked prefill)
   float q_amp = 1;  // large values give scores far beyond exp()'s fp32 range: the max must be subtracted
+  bool kv_bf16 = false;  // KV cache in BF16 (--kv-cache-dtype bfloat16)
 };
 
 void run_attention_case(Rng& rng, const AttnCase& c) {
@@ -299,7 +300,8 @@ void run_attention_case(Rng& rng, const AttnCase& c) {
   const std::vector<int> ctx = {1, 15, 16, 17, 70};
   const int S = int(ctx.size());
   const std::string tag =
-      fmt("attention bs=%d group=%d hd=%d window=%d mix=%s q_amp=%g", bs, c.group, hd, c.window, c.mix, c.q_amp);
+      fmt("attention bs=%d group=%d hd=%d window=%d mix=%s q_amp=%g kv=%s", bs, c.group, hd, c.window, c.mix, c.q_amp,
+          c.kv_bf16 ? "bf16" : "f32");
 
   // New tokens per sequence this step; the rest of the context was written by an earlier step.
   std::vector<int> n_new(S);
@@ -327,9 +329,9 @@ void run_attention_case(Rng& rng, const AttnCase& c) {
   for (int s = 0, next = 0; s < S; s++)
     for (int b = 0; b < n_blocks[s]; b++) block_tables[size_t(s) * max_blocks + b] = page_ids[next++];
 
-  KvLayout L{n_layers, bs, n_kv, hd, 0};
-  const size_t row = size_t(n_kv) * hd;                                       // floats per token
-  L.page_bytes = size_t(n_layers) * L.layer_stride() * sizeof(float) + 64;  // padded page stride
+  KvLayout L{n_layers, bs, n_kv, hd, 0, c.kv_bf16};
+  const size_t row = size_t(n_kv) * hd;                                     // elements per token
+  L.page_bytes = size_t(n_layers) * L.layer_stride() * L.elem_bytes() + 64;  // padded page stride
   std::vector<float> pool_f(L.page_bytes / 4 * n_pages);
   float canary;
   std::memcpy(&canary, &kCanaryBits, 4);
@@ -340,6 +342,14 @@ void run_attention_case(Rng& rng, const AttnCase& c) {
   // Dense K/V per sequence: [ctx, n_kv, hd].
   std::vector<std::vector<float>> K(S), V(S);
   for (int s = 0; s < S; s++) K[s] = rng.vec(ctx[s] * row), V[s] = rng.vec(ctx[s] * row);
+  // BF16 cache: kv_write rounds to nearest even; the oracle then works on the rounded values (for
+  // these, rounding is exact, so the layout check below compares exact bits).
+  auto round_half = [&](std::vector<float>& xs) {
+    for (float& x : xs) x = bf16_to_f32(f32_to_bf16(x));
+  };
+  std::vector<std::vector<float>> K_in = K, V_in = V;  // what kv_write is given (unrounded)
+  if (c.kv_bf16)
+    for (int s = 0; s < S; s++) round_half(K[s]), round_half(V[s]);
 
   // Two steps: history (positions [0, ctx - n_new)), then this step's new tokens.
   auto write_step = [&](bool history, std::vector<int32_t>& qs, std::vector<int32_t>& cl) {
@@ -348,8 +358,8 @@ void run_attention_case(Rng& rng, const AttnCase& c) {
     std::vector<float> k, v;
     for (int s = 0; s < S; s++) {
       const int p0 = history ? 0 : ctx[s] - n_new[s], p1 = history ? ctx[s] - n_new[s] : ctx[s];
-      k.insert(k.end(), K[s].begin() + p0 * row, K[s].begin() + p1 * row);
-      v.insert(v.end(), V[s].begin() + p0 * row, V[s].begin() + p1 * row);
+      k.insert(k.end(), K_in[s].begin() + p0 * row, K_in[s].begin() + p1 * row);
+      v.insert(v.end(), V_in[s].begin() + p0 * row, V_in[s].begin() + p1 * row);
       qs.push_back(qs.back() + (p1 - p0));
       cl.push_back(p1);
     }
@@ -363,14 +373,22 @@ void run_attention_case(Rng& rng, const AttnCase& c) {
   const int T = query_start[S];
 
   // kv_write against the documented page layout [layer][k|v][block_size][n_kv_heads][head_dim].
+  uint8_t* expected = reinterpret_cast<uint8_t*>(expected_pool.data());
   for (int s = 0; s < S; s++)
     for (int p = 0; p < ctx[s]; p++) {
       const int page = block_tables[size_t(s) * max_blocks + p / bs];
       for (int which = 0; which < 2; which++) {
-        const size_t at = size_t(page) * (L.page_bytes / 4) + size_t(layer) * L.layer_stride() +
-                          size_t(which) * bs * row + size_t(p % bs) * row;
-        const std::vector<float>& src = which ? V[s] : K[s];
-        std::copy(src.begin() + p * row, src.begin() + (p + 1) * row, expected_pool.begin() + at);
+        const size_t at = size_t(layer) * L.layer_stride() + size_t(which) * bs * row + size_t(p % bs) * row;
+        uint8_t* dst = expected + size_t(page) * L.page_bytes + at * L.elem_bytes();
+        const float* src = (which ? V[s] : K[s]).data() + size_t(p) * row;
+        for (size_t i = 0; i < row; i++) {
+          if (c.kv_bf16) {
+            const uint16_t h = f32_to_bf16(src[i]);
+            std::memcpy(dst + 2 * i, &h, 2);
+          } else {
+            std::memcpy(dst + 4 * i, src + i, 4);
+          }
+        }
       }
     }
   record(std::memcmp(pool_f.data(), expected_pool.data(), pool_f.size() * 4) == 0, tag + " kv_write layout",
@@ -426,6 +444,12 @@ void test_attention(Rng& rng) {
           for (const char* mix : {"prefill", "decode", "mixed"}) run_attention_case(rng, {bs, group, hd, window, mix});
   for (int bs : {1, 16})
     for (int window : {0, 8}) run_attention_case(rng, {bs, 2, 64, window, "mixed", 300.f});
+  // BF16 KV cache: the layout with 2-byte elements, the AVX-512 path (head_dim 64) and the portable one.
+  for (int bs : {1, 5, 16})
+    for (int group : {1, 3})
+      for (int hd : {40, 64, 128})
+        for (const char* mix : {"prefill", "decode", "mixed"}) run_attention_case(rng, {bs, group, hd, 0, mix, 1.f, true});
+  run_attention_case(rng, {16, 2, 64, 8, "mixed", 300.f, true});
 }
 
 // ------------------------------------------------------------------------------------------------
