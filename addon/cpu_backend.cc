@@ -1,5 +1,6 @@
 // CPU backend: the reference implementation of the model step over the unified pool.
 #include <algorithm>
+#include <initializer_list>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -167,8 +168,9 @@ class CpuBackend final : public Backend {
     else
       cpu::matmul_packed(x, T, w.cols, packed.data(), w.type, w.rows, bias, y);
   }
-  // y[T, out] += LoRA of projection p for each token's adapter.
-  void apply_lora(int layer, int p, const float* x, float* y);
+  // ys[i][T, out] += LoRA of projection ps[i] for each token's adapter; the projections share x.
+  void apply_lora(int layer, std::initializer_list<int> ps, const float* x, std::initializer_list<float*> ys);
+  // y = x . W^T (+ bias) for projection p (the base weights only).
   void project(int layer, int p, const float* x, float* y, const std::vector<float>* bias);
 
   std::shared_ptr<Model> model_;
@@ -194,17 +196,17 @@ class CpuBackend final : public Backend {
 void CpuBackend::project(int layer, int p, const float* x, float* y, const std::vector<float>* bias) {
   const Weight& w = model_->layers[layer].proj[p];
   gemm(x, batch_->n_tokens, w, packed_[size_t(layer) * kNumProj + p], bias && !bias->empty() ? bias->data() : nullptr, y);
-  if (any_lora_) apply_lora(layer, p, x, y);
 }
 
-void CpuBackend::apply_lora(int layer, int p, const float* x, float* y) {
-  const cpu::LoraRef* refs = &ref_at(layer, p, 0);
-  const int in = model_->proj_in(p), out = model_->proj_out(p);
-  if (per_token_) {
-    cpu::lora_bgmv(pool_, refs, batch_->token_slots.data(), batch_->n_tokens, x, in, y, out, z_.data());
-  } else {
-    cpu::lora_sgmv(pool_, refs, segs_.data(), int(segs_.size()), x, in, y, out, z_.data());
-  }
+void CpuBackend::apply_lora(int layer, std::initializer_list<int> ps, const float* x, std::initializer_list<float*> ys) {
+  if (!any_lora_) return;
+  cpu::LoraTarget targets[3];
+  int n = 0;
+  auto y = ys.begin();
+  for (int p : ps) targets[n++] = {&ref_at(layer, p, 0), model_->proj_out(p), *y++};
+  const int in = model_->proj_in(*ps.begin());
+  if (per_token_) cpu::lora_bgmv(pool_, targets, n, batch_->token_slots.data(), batch_->n_tokens, x, in, z_.data());
+  else cpu::lora_sgmv(pool_, targets, n, segs_.data(), int(segs_.size()), x, in, z_.data());
 }
 
 void CpuBackend::forward(const StepBatch& b, float* logits) {
@@ -258,6 +260,7 @@ void CpuBackend::forward(const StepBatch& b, float* logits) {
       project(l, kQ, h_.data(), q_.data(), &L.q_bias);
       project(l, kK, h_.data(), k_.data(), &L.k_bias);
       project(l, kV, h_.data(), v_.data(), &L.v_bias);
+      apply_lora(l, {kQ, kK, kV}, h_.data(), {q_.data(), k_.data(), v_.data()});
     }
     {
       OpTimer t(prof_, 2);
@@ -269,6 +272,7 @@ void CpuBackend::forward(const StepBatch& b, float* logits) {
     {
       OpTimer t(prof_, 4);
       project(l, kO, att_.data(), o_.data(), nullptr);
+      apply_lora(l, {kO}, att_.data(), {o_.data()});
       for (size_t i = 0; i < x_.size(); i++) x_[i] += o_[i];
       cpu::rmsnorm(x_.data(), L.mlp_norm.data(), T, H, s.rms_eps, h_.data());
     }
@@ -276,11 +280,13 @@ void CpuBackend::forward(const StepBatch& b, float* logits) {
       OpTimer t(prof_, 5);
       project(l, kGate, h_.data(), gate_.data(), nullptr);
       project(l, kUp, h_.data(), up_.data(), nullptr);
+      apply_lora(l, {kGate, kUp}, h_.data(), {gate_.data(), up_.data()});
     }
     {
       OpTimer t(prof_, 6);
       cpu::silu_mul(gate_.data(), up_.data(), T, I, act_.data());
       project(l, kDown, act_.data(), o_.data(), nullptr);
+      apply_lora(l, {kDown}, act_.data(), {o_.data()});
       for (size_t i = 0; i < x_.size(); i++) x_[i] += o_[i];
     }
   }

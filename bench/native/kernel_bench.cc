@@ -113,8 +113,10 @@ static int lora_bench(const std::vector<int>& As) {
         auto t0 = std::chrono::steady_clock::now();
         for (int l = 0; l < n_layers; l++)
           for (int p = 0; p < 7; p++)
-            lora_sgmv(pool.data(), &refs[(size_t(l) * 7 + p) * (A + 1)], segs.data(), A, x.data(), ins[p], y.data(),
-                      outs[p], z.data());
+          {
+            const LoraTarget t{&refs[(size_t(l) * 7 + p) * (A + 1)], outs[p], y.data()};
+            lora_sgmv(pool.data(), &t, 1, segs.data(), A, x.data(), ins[p], z.data());
+          }
         if (it >= 4) ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
       }
       std::sort(ms.begin(), ms.end());

@@ -91,13 +91,13 @@ void paged_attention(const uint8_t* pool, const KvLayout& L, int layer, const At
                      float scale, float* out) {
   LP_DISPATCH(paged_attention, pool, L, layer, B, q, n_heads, scale, out)
 }
-void lora_sgmv(const uint8_t* pool, const LoraRef* refs, const LoraSegment* segs, int n_segs, const float* x, int in,
-               float* y, int out, float* z) {
-  LP_DISPATCH(lora_sgmv, pool, refs, segs, n_segs, x, in, y, out, z)
+void lora_sgmv(const uint8_t* pool, const LoraTarget* targets, int n_targets, const LoraSegment* segs, int n_segs,
+               const float* x, int in, float* z) {
+  LP_DISPATCH(lora_sgmv, pool, targets, n_targets, segs, n_segs, x, in, z)
 }
-void lora_bgmv(const uint8_t* pool, const LoraRef* refs, const int32_t* token_slot, int T, const float* x, int in,
-               float* y, int out, float* z) {
-  LP_DISPATCH(lora_bgmv, pool, refs, token_slot, T, x, in, y, out, z)
+void lora_bgmv(const uint8_t* pool, const LoraTarget* targets, int n_targets, const int32_t* token_slot, int T,
+               const float* x, int in, float* z) {
+  LP_DISPATCH(lora_bgmv, pool, targets, n_targets, token_slot, T, x, in, z)
 }
 
 // rope() = table + apply, for callers that rotate one tensor (the backend shares one table per step).

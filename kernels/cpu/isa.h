@@ -19,10 +19,10 @@
   void kv_write(uint8_t* pool, const KvLayout& L, int layer, const AttnBatch& B, const float* k, const float* v);   \
   void paged_attention(const uint8_t* pool, const KvLayout& L, int layer, const AttnBatch& B, const float* q,       \
                        int n_heads, float scale, float* out);                                                        \
-  void lora_sgmv(const uint8_t* pool, const LoraRef* refs, const LoraSegment* segs, int n_segs, const float* x,     \
-                 int in, float* y, int out, float* z);                                                               \
-  void lora_bgmv(const uint8_t* pool, const LoraRef* refs, const int32_t* token_slot, int T, const float* x, int in, \
-                 float* y, int out, float* z);                                                                       \
+  void lora_sgmv(const uint8_t* pool, const LoraTarget* targets, int n_targets, const LoraSegment* segs, int n_segs, \
+                 const float* x, int in, float* z);                                                                  \
+  void lora_bgmv(const uint8_t* pool, const LoraTarget* targets, int n_targets, const int32_t* token_slot, int T,   \
+                 const float* x, int in, float* z);                                                                  \
   }
 
 LP_DECLARE_ISA_KERNELS(LP_ISA_NS)

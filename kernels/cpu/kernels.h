@@ -111,13 +111,22 @@ struct LoraSegment {
   int slot;        // index into the LoraRef array; refs[slot].rank == 0 means no LoRA
 };
 
+// One projection's LoRA: its adapter table (indexed by slot) and its output y[T, out], to which
+// the LoRA is added. The kernels below take several targets that share the input x (q, k and v,
+// or gate and up), so one pass schedules all of them.
+struct LoraTarget {
+  const LoraRef* refs;
+  int out;
+  float* y;
+};
+
 // SGMV-style: per segment, A rows are read once and applied to every token of the segment.
-// z: scratch of at least T * max_rank floats.
-void lora_sgmv(const uint8_t* pool, const LoraRef* refs, const LoraSegment* segs, int n_segs, const float* x,
-               int in, float* y, int out, float* z);
+// z: scratch of at least T * (the largest rank) floats, shared by the targets.
+void lora_sgmv(const uint8_t* pool, const LoraTarget* targets, int n_targets, const LoraSegment* segs, int n_segs,
+               const float* x, int in, float* z);
 // BGMV-style: per-token gather of the adapter (token_slot[t] indexes refs), for decode batches.
-void lora_bgmv(const uint8_t* pool, const LoraRef* refs, const int32_t* token_slot, int T, const float* x, int in,
-               float* y, int out, float* z);
+void lora_bgmv(const uint8_t* pool, const LoraTarget* targets, int n_targets, const int32_t* token_slot, int T,
+               const float* x, int in, float* z);
 // Plain loops over every token: the oracle for both.
 void lora_ref(const uint8_t* pool, const LoraRef* refs, const int32_t* token_slot, int T, const float* x, int in,
               float* y, int out);

@@ -6,6 +6,7 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "kernels/cpu/isa.h"
@@ -139,19 +140,22 @@ inline void prefetch_module(const uint8_t* pool, const LoraRef& r, int in, int o
 }
 
 // Many segments (a decode batch over several adapters): each thread takes a contiguous share of
-// whole segments (balanced by rank x tokens) and runs shrink then expand for each, reading an
-// adapter module's A rows and then its B rows front to back (contiguous runs in the pool) while
-// the next segment's rows are prefetched, with no barrier between the phases. Returns false when
-// one segment is too large a share of the work to balance this way.
-bool sgmv_by_segment(const uint8_t* pool, const LoraRef* refs, const LoraSegment* segs, int n_segs, const float* x,
-                     int in, float* y, int out, float* z, int max_rank) {
+// whole segments (balanced by rank x tokens over all targets) and, target after target, runs
+// shrink then expand for each of its segments, reading an adapter module's A rows and then its B
+// rows front to back (contiguous runs in the pool) while the next module in that chain (the next
+// segment, or the next target's first one) is prefetched; no barrier separates the phases or the
+// targets. Returns false when one segment is too large a share of the work to balance this way.
+bool sgmv_by_segment(const uint8_t* pool, const LoraTarget* tg, int n_tg, const LoraSegment* segs, int n_segs,
+                     const float* x, int in, float* z, int max_rank) {
   const int nt = omp_get_max_threads();
   if (n_segs < 2 * nt) return false;
   static thread_local std::vector<double> prefix;
   prefix.assign(size_t(n_segs) + 1, 0.0);
   double biggest = 0.0;
   for (int s = 0; s < n_segs; s++) {
-    const double cost = double(refs[segs[s].slot].rank) * (segs[s].end - segs[s].start + 2);  // +2: the rows' bytes
+    double cost = 0.0;
+    for (int p = 0; p < n_tg; p++)  // +2: the rows' bytes
+      cost += double(tg[p].refs[segs[s].slot].rank) * (in + tg[p].out) * (segs[s].end - segs[s].start + 2);
     prefix[s + 1] = prefix[s] + cost;
     biggest = cost > biggest ? cost : biggest;
   }
@@ -168,29 +172,29 @@ bool sgmv_by_segment(const uint8_t* pool, const LoraRef* refs, const LoraSegment
       if (owner < id) s0 = s + 1;
       if (owner <= id) s1 = s + 1;
     }
-    for (int s = s0; s < s1; s++) {
-      if (s + 1 < s1) prefetch_module(pool, refs[segs[s + 1].slot], in, out);
-      const LoraRef& r = refs[segs[s].slot];
-      for (int j0 = 0; j0 < r.rank; j0 += 4) shrink4(pool, r, j0, x, in, segs[s].start, segs[s].end, z, max_rank);
-      if (r.rank > 0) expand_cols(pool, r, z, max_rank, segs[s].start, segs[s].end, y, out, 0, out);
+    for (int p = 0; p < n_tg; p++) {
+      const LoraTarget& t = tg[p];
+      for (int s = s0; s < s1; s++) {
+        if (s + 1 < s1) prefetch_module(pool, t.refs[segs[s + 1].slot], in, t.out);
+        else if (p + 1 < n_tg && s0 < s1) prefetch_module(pool, tg[p + 1].refs[segs[s0].slot], in, tg[p + 1].out);
+        const LoraRef& r = t.refs[segs[s].slot];
+        for (int j0 = 0; j0 < r.rank; j0 += 4) shrink4(pool, r, j0, x, in, segs[s].start, segs[s].end, z, max_rank);
+        if (r.rank > 0) expand_cols(pool, r, z, max_rank, segs[s].start, segs[s].end, t.y, t.out, 0, t.out);
+      }
     }
   }
   return true;
 }
 
-}  // namespace
-
-// One parallel region per projection (a decode step calls this 7 times per layer): shrink, the
-// barrier of its loop, then expand with the output columns split across threads.
-
-void lora_sgmv(const uint8_t* pool, const LoraRef* refs, const LoraSegment* segs, int n_segs, const float* x,
-               int in, float* y, int out, float* z) {
-  int max_rank = 0;
-  for (int s = 0; s < n_segs; s++) max_rank = refs[segs[s].slot].rank > max_rank ? refs[segs[s].slot].rank : max_rank;
-  if (max_rank == 0) return;
-  if (sgmv_by_segment(pool, refs, segs, n_segs, x, in, y, out, z, max_rank)) return;
-  // Few segments: the phases are split inside each segment instead (rank rows, then output
-  // columns), so both threads share one adapter's work. The arithmetic per output is the same.
+// Few segments: the phases are split inside each segment instead (rank rows, then output columns),
+// so both threads share one adapter's work: one parallel region per target, shrink, the barrier
+// of its loop, then expand with the output columns split across threads. The arithmetic per
+// output is the same as by segment.
+void sgmv_split(const uint8_t* pool, const LoraTarget& t, const LoraSegment* segs, int n_segs, const float* x, int in,
+                float* z, int max_rank) {
+  const LoraRef* refs = t.refs;
+  const int out = t.out;
+  float* y = t.y;
   const int row_blocks = (max_rank + 3) / 4;
   const long n_work = long(n_segs) * row_blocks;
 #pragma omp parallel
@@ -215,14 +219,26 @@ void lora_sgmv(const uint8_t* pool, const LoraRef* refs, const LoraSegment* segs
   }
 }
 
-void lora_bgmv(const uint8_t* pool, const LoraRef* refs, const int32_t* token_slot, int T, const float* x, int in,
-               float* y, int out, float* z) {
+}  // namespace
+
+void lora_sgmv(const uint8_t* pool, const LoraTarget* targets, int n_targets, const LoraSegment* segs, int n_segs,
+               const float* x, int in, float* z) {
+  int max_rank = 0;
+  for (int p = 0; p < n_targets; p++)
+    for (int s = 0; s < n_segs; s++) max_rank = std::max(max_rank, targets[p].refs[segs[s].slot].rank);
+  if (max_rank == 0) return;
+  if (sgmv_by_segment(pool, targets, n_targets, segs, n_segs, x, in, z, max_rank)) return;
+  for (int p = 0; p < n_targets; p++) sgmv_split(pool, targets[p], segs, n_segs, x, in, z, max_rank);
+}
+
+void lora_bgmv(const uint8_t* pool, const LoraTarget* targets, int n_targets, const int32_t* token_slot, int T,
+               const float* x, int in, float* z) {
   // Per-token gather: each token is its own segment, so the work items and the expand walk are
   // exactly SGMV's with segments of one token (no allocation: the segment list is reused).
   static thread_local std::vector<LoraSegment> segs;
   segs.resize(T);
   for (int t = 0; t < T; t++) segs[t] = {t, t + 1, token_slot[t]};
-  LP_ISA_NS::lora_sgmv(pool, refs, segs.data(), T, x, in, y, out, z);
+  LP_ISA_NS::lora_sgmv(pool, targets, n_targets, segs.data(), T, x, in, z);
 }
 
 }  // namespace loraplex::cpu::LP_ISA_NS

@@ -457,22 +457,26 @@ void test_attention(Rng& rng) {
 
 // A set of adapters for one projection, their rows scattered through a byte pool at random 64-byte
 // aligned offsets (rows in shuffled order, random gaps). Unused pool bytes are NaN.
+// Adapters for one or more projections on the same input (one target per width in `outs`), every
+// row of every target scattered through one byte pool at random 64-byte aligned offsets (rows in
+// shuffled order, random gaps), as the engine's pool holds them. Unused pool bytes are NaN.
 struct AdapterSet {
-  int in, out;
+  int in, out;                                  // out: target 0's width
+  std::vector<int> outs;                        // [target]
   uint8_t* pool = nullptr;
-  std::vector<LoraRef> refs;  // [slot]; slot 0 = base model
-  std::vector<std::vector<int64_t>> a_rows, b_rows;
+  std::vector<std::vector<LoraRef>> trefs;      // [target][slot]; slot 0 = base model
+  std::vector<LoraRef>& refs;                   // target 0's
+  std::vector<std::vector<std::vector<int64_t>>> a_rows, b_rows;  // [target][slot][j]
   bool bf16;
-  AdapterSet(Rng& rng, int in_, int out_, const std::vector<int>& ranks, bool bf16_ = false)
-      : in(in_), out(out_), bf16(bf16_) {
-    const int n = int(ranks.size());
-    refs.resize(n);
-    a_rows.resize(n);
-    b_rows.resize(n);
-    struct Row { int slot, j; bool is_b; };
+  AdapterSet(Rng& rng, int in_, const std::vector<int>& outs_, const std::vector<std::vector<int>>& ranks, bool bf16_ = false)
+      : in(in_), out(outs_[0]), outs(outs_), trefs(outs_.size()), refs(trefs[0]), a_rows(outs_.size()),
+        b_rows(outs_.size()), bf16(bf16_) {
+    const int n_t = int(outs.size()), n = int(ranks[0].size());
+    struct Row { int target, slot, j; bool is_b; };
     std::vector<Row> rows;
-    for (int s = 0; s < n; s++)
-      for (int j = 0; j < ranks[s]; j++) rows.push_back({s, j, false}), rows.push_back({s, j, true});
+    for (int p = 0; p < n_t; p++)
+      for (int s = 0; s < n; s++)
+        for (int j = 0; j < ranks[p][s]; j++) rows.push_back({p, s, j, false}), rows.push_back({p, s, j, true});
     rng.shuffle(rows);
     const size_t es = bf16 ? 2 : 4;
     auto padded = [&](int n) { return (size_t(n) * es + 63) / 64 * 64; };
@@ -480,15 +484,18 @@ struct AdapterSet {
     size_t at = 64 * size_t(rng.below(4));
     for (size_t i = 0; i < rows.size(); i++) {
       offs[i] = int64_t(at);
-      at += padded(rows[i].is_b ? out : in) + 64 * size_t(rng.below(3));
+      at += padded(rows[i].is_b ? outs[rows[i].target] : in) + 64 * size_t(rng.below(3));
     }
     pool = static_cast<uint8_t*>(std::aligned_alloc(64, at + 64));
     std::memset(pool, 0xFF, at + 64);
-    for (int s = 0; s < n; s++) a_rows[s].resize(ranks[s]), b_rows[s].resize(ranks[s]);
+    for (int p = 0; p < n_t; p++) {
+      a_rows[p].resize(n), b_rows[p].resize(n), trefs[p].resize(n);
+      for (int s = 0; s < n; s++) a_rows[p][s].resize(ranks[p][s]), b_rows[p][s].resize(ranks[p][s]);
+    }
     for (size_t i = 0; i < rows.size(); i++) {
       const Row& r = rows[i];
-      (r.is_b ? b_rows : a_rows)[r.slot][r.j] = offs[i];
-      const int len = r.is_b ? out : in;
+      (r.is_b ? b_rows : a_rows)[r.target][r.slot][r.j] = offs[i];
+      const int len = r.is_b ? outs[r.target] : in;
       const float amp = r.is_b ? 0.1f : 1.0f / std::sqrt(float(in));
       for (int k = 0; k < len; k++) {
         const float v = rng.uniform(-amp, amp);
@@ -496,13 +503,16 @@ struct AdapterSet {
         else reinterpret_cast<float*>(pool + offs[i])[k] = v;
       }
     }
-    for (int s = 0; s < n; s++) {
-      refs[s].rank = ranks[s];
-      refs[s].scale = ranks[s] ? rng.uniform(0.25f, 2.f) : 0.f;
-      refs[s].a_rows = ranks[s] ? a_rows[s].data() : nullptr;
-      refs[s].b_rows = ranks[s] ? b_rows[s].data() : nullptr;
-      refs[s].bf16 = bf16;
-    }
+    for (int p = 0; p < n_t; p++)
+      for (int s = 0; s < n; s++) {
+        LoraRef& r = trefs[p][s];
+        const int rank = ranks[p][s];
+        r.rank = rank;
+        r.scale = rank ? rng.uniform(0.25f, 2.f) : 0.f;
+        r.a_rows = rank ? a_rows[p][s].data() : nullptr;
+        r.b_rows = rank ? b_rows[p][s].data() : nullptr;
+        r.bf16 = bf16;
+      }
   }
   ~AdapterSet() { std::free(pool); }
   AdapterSet(const AdapterSet&) = delete;
@@ -515,24 +525,34 @@ std::vector<LoraSegment> segments_of(const std::vector<int32_t>& slot, const Ada
   for (int t = 0; t < int(slot.size());) {
     int e = t;
     while (e < int(slot.size()) && slot[e] == slot[t]) e++;
-    if (!(drop_base && A.refs[slot[t]].rank == 0)) segs.push_back({t, e, slot[t]});
+    bool any = false;  // a slot is "base" only where no target has rows for it
+    for (const auto& refs : A.trefs) any = any || refs[slot[t]].rank > 0;
+    if (!(drop_base && !any)) segs.push_back({t, e, slot[t]});
     t = e;
   }
   return segs;
 }
 
+// LoRA of every target of A (one projection, or several sharing the input: q/k/v and gate/up in
+// the engine) in one call, each target against the oracle run on its own.
 void run_lora_case(Rng& rng, const AdapterSet& A, const std::vector<int32_t>& slot, const std::string& tag) {
-  const int T = int(slot.size());
+  const int T = int(slot.size()), n_t = int(A.outs.size());
   int batch_rank = 0;
-  for (int32_t s : slot) batch_rank = std::max(batch_rank, A.refs[s].rank);
+  for (const auto& refs : A.trefs)
+    for (int32_t s : slot) batch_rank = std::max(batch_rank, refs[s].rank);
   const std::vector<float> x = rng.vec(size_t(T) * A.in);
-  const std::vector<float> y0 = rng.vec(size_t(T) * A.out);  // LoRA accumulates into y
-  Guarded want(y0.size(), y0.data());
-  lora_ref(A.pool, A.refs.data(), slot.data(), T, x.data(), A.in, want.data(), A.out);
+  std::vector<std::vector<float>> y0;  // LoRA accumulates into y
+  std::vector<Guarded> want;
+  for (int p = 0; p < n_t; p++) {
+    y0.push_back(rng.vec(size_t(T) * A.outs[p]));
+    want.emplace_back(y0.back().size(), y0.back().data());
+    lora_ref(A.pool, A.trefs[p].data(), slot.data(), T, x.data(), A.in, want.back().data(), A.outs[p]);
+  }
+  const std::string what = n_t > 1 ? tag + fmt(" targets=%d", n_t) : tag;
 
   // The oracle against fp64 loops (on small batches; it is the slowest part).
-  if (T <= 8) {
-    std::vector<float> dbl(y0);
+  if (T <= 8 && n_t == 1) {
+    std::vector<float> dbl(y0[0]);
     for (int t = 0; t < T; t++) {
       const LoraRef& r = A.refs[slot[t]];
       std::vector<double> z(r.rank, 0.0);
@@ -545,25 +565,34 @@ void run_lora_case(Rng& rng, const AdapterSet& A, const std::vector<int32_t>& sl
         dbl[size_t(t) * A.out + o] += float(r.scale * acc);
       }
     }
-    expect_close(tag + " ref vs fp64", want.data(), dbl.data(), dbl.size());
+    expect_close(tag + " ref vs fp64", want[0].data(), dbl.data(), dbl.size());
   }
 
-  // z scratch: exactly T * (largest rank in the batch), as the header promises, with canaries.
-  {
-    Guarded got(y0.size(), y0.data()), z(size_t(T) * batch_rank);
-    lora_bgmv(A.pool, A.refs.data(), slot.data(), T, x.data(), A.in, got.data(), A.out, z.data());
-    expect_close(tag + " bgmv", got.data(), want.data(), y0.size());
-    expect_guard(tag + " bgmv y", got);
-    expect_guard(tag + " bgmv z", z);
-  }
+  // Runs `fn(targets, z)` on fresh copies of y0 and checks every target. z scratch: exactly
+  // T * (largest rank in the batch), as the header promises, with canaries.
+  auto check = [&](const std::string& w, auto&& fn) {
+    std::vector<Guarded> got;
+    for (int p = 0; p < n_t; p++) got.emplace_back(y0[p].size(), y0[p].data());
+    std::vector<LoraTarget> targets;
+    for (int p = 0; p < n_t; p++) targets.push_back({A.trefs[p].data(), A.outs[p], got[p].data()});
+    Guarded z(size_t(T) * batch_rank);
+    fn(targets, z.data());
+    for (int p = 0; p < n_t; p++) {
+      const std::string wp = n_t > 1 ? w + fmt(" [target %d]", p) : w;
+      expect_close(wp, got[p].data(), want[p].data(), y0[p].size());
+      expect_guard(wp + " y", got[p]);
+    }
+    expect_guard(w + " z", z);
+  };
+  check(what + " bgmv", [&](const std::vector<LoraTarget>& tg, float* z) {
+    lora_bgmv(A.pool, tg.data(), int(tg.size()), slot.data(), T, x.data(), A.in, z);
+  });
   for (bool drop_base : {false, true}) {
     const std::vector<LoraSegment> segs = segments_of(slot, A, drop_base);
-    Guarded got(y0.size(), y0.data()), z(size_t(T) * batch_rank);
-    lora_sgmv(A.pool, A.refs.data(), segs.data(), int(segs.size()), x.data(), A.in, got.data(), A.out, z.data());
-    const std::string w = tag + fmt(" sgmv segs=%zu%s", segs.size(), drop_base ? " (base runs omitted)" : "");
-    expect_close(w, got.data(), want.data(), y0.size());
-    expect_guard(w + " y", got);
-    expect_guard(w + " z", z);
+    check(what + fmt(" sgmv segs=%zu%s", segs.size(), drop_base ? " (base runs omitted)" : ""),
+          [&](const std::vector<LoraTarget>& tg, float* z) {
+            lora_sgmv(A.pool, tg.data(), int(tg.size()), segs.data(), int(segs.size()), x.data(), A.in, z);
+          });
   }
 }
 
@@ -580,15 +609,24 @@ void test_lora(Rng& rng) {
   const int widths[][2] = {{64, 64}, {576, 192}, {1536, 576}, {100, 37}};
   for (const auto& wd : widths)
   for (bool bf16 : {false, true}) {  // rows stored fp32, or BF16 (--lora-dtype bfloat16)
-    const AdapterSet A(rng, wd[0], wd[1], ranks, bf16);
+    const AdapterSet A(rng, wd[0], {wd[1]}, {ranks}, bf16);
+    // Three projections on the same input in one pool (the engine passes q/k/v, gate/up to one
+    // call): other widths, other ranks per slot (an adapter may touch only some of them).
+    std::vector<int> ranks2(ranks), ranks3(ranks);
+    std::rotate(ranks2.begin() + 1, ranks2.begin() + 4, ranks2.end());
+    std::rotate(ranks3.begin() + 1, ranks3.begin() + 2, ranks3.end());
+    ranks3[3] = 0;
+    const AdapterSet A3(rng, wd[0], {wd[1], wd[1] + 29, 16}, {ranks, ranks2, ranks3}, bf16);
     for (int threads : {1, 3, default_threads}) {  // the expand split depends on the thread count
       omp_set_num_threads(threads);
       const std::string base = fmt("lora %s in=%d out=%d threads=%d", bf16 ? "bf16" : "f32", A.in, A.out, threads);
       auto run = [&](const char* mix, const std::vector<int32_t>& slot) {
         std::string ids;
         for (size_t i = 0; i < slot.size() && i < 24; i++) ids += fmt("%s%d", i ? "," : "", slot[i]);
-        run_lora_case(rng, A, slot, base + fmt(" mix=%s T=%zu slots=[%s%s]", mix, slot.size(), ids.c_str(),
-                                                 slot.size() > 24 ? ",..." : ""));
+        const std::string tag = base + fmt(" mix=%s T=%zu slots=[%s%s]", mix, slot.size(), ids.c_str(),
+                                           slot.size() > 24 ? ",..." : "");
+        run_lora_case(rng, A, slot, tag);
+        run_lora_case(rng, A3, slot, tag);
       };
       // identical: every token on one adapter, each adapter in turn (and the base model).
       for (int s = 0; s < n_slots; s++) run("identical", std::vector<int32_t>(8, s));
