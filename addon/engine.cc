@@ -223,15 +223,17 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
   if (device.empty())
     if (const char* e = std::getenv("LORAPLEX_DEVICE")) device = e;
   if (!device.empty() && device != "cpu" && device != "cuda") type_error(env, "device must be cpu or cuda");
-  const std::string lora_dtype =
-      opt.Get("loraDtype").IsString() ? opt.Get("loraDtype").As<Napi::String>().Utf8Value() : "float32";
-  if (lora_dtype != "float32" && lora_dtype != "bfloat16") type_error(env, "loraDtype must be float32 or bfloat16");
-  const std::string compute_dtype =
-      opt.Get("computeDtype").IsString() ? opt.Get("computeDtype").As<Napi::String>().Utf8Value() : "float32";
-  if (compute_dtype != "float32" && compute_dtype != "bfloat16") type_error(env, "computeDtype must be float32 or bfloat16");
-  const std::string kv_dtype =
-      opt.Get("kvCacheDtype").IsString() ? opt.Get("kvCacheDtype").As<Napi::String>().Utf8Value() : "float32";
-  if (kv_dtype != "float32" && kv_dtype != "bfloat16") type_error(env, "kvCacheDtype must be float32 or bfloat16");
+  // The CPU's numeric options: "auto" (the default) follows the model's weights, as vLLM's
+  // --dtype auto does: BF16 weights get BF16 adapter rows, KV cache and matmul activations (the
+  // last where the CPU has AVX512-BF16); fp32 and F16 weights get fp32 throughout, exact against
+  // HF. "float32" / "bfloat16" force one; CUDA runs fp32 only.
+  auto dtype_opt = [&](const char* key) {
+    const std::string v = opt.Get(key).IsString() ? opt.Get(key).As<Napi::String>().Utf8Value() : "auto";
+    if (v != "auto" && v != "float32" && v != "bfloat16") type_error(env, std::string(key) + " must be auto, float32 or bfloat16");
+    return v;
+  };
+  const std::string lora_dtype = dtype_opt("loraDtype"), compute_dtype = dtype_opt("computeDtype"),
+                    kv_dtype = dtype_opt("kvCacheDtype");
   if (block_size < 1 || block_size > 1024) type_error(env, "blockSize must be in 1..1024");
   if (num_pages < 1) type_error(env, "numPages must be positive");
   if (max_slots < 1) type_error(env, "maxSlots must be positive");
@@ -242,16 +244,16 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
       [this, spec, block_size, num_pages, max_slots, threads, eos, device, lora_dtype, compute_dtype, kv_dtype, result, backend_name] {
         if (threads > 0) omp_set_num_threads(threads);
         auto model = load_model(spec);
-        // float32 (default): rows exactly as PEFT stores them, HF parity within 1e-3. bfloat16: half
-        // the bytes a step streams per distinct adapter (the golden BF16 fixture then moves a
-        // logprob by 8.2e-3, so it is opt-in).
-        const bool lora_bf16 = lora_dtype == "bfloat16";
-        // float32 (default): every matmul in fp32, exact against HF in fp32. bfloat16 (CPU, BF16
-        // weights only): activations rounded to BF16 for the BF16-weight matmuls, on the AVX512-BF16
-        // dot-product instruction (about twice the fp32 FMA rate); as PyTorch runs a BF16 model.
-        const bool compute_bf16 = compute_dtype == "bfloat16";
-        // KV cache: float32 (default) or bfloat16 (CPU): attention reads half the bytes.
-        const CpuOptions cpu_opts{lora_bf16, compute_bf16, kv_dtype == "bfloat16"};
+        // lora: adapter rows (PEFT saves fp32) in the pool; bfloat16 halves the bytes a step streams
+        // per distinct adapter. compute: bfloat16 rounds the activations of BF16-weight matmuls to
+        // BF16 and runs them on the AVX512-BF16 dot product (about twice the fp32 FMA rate), as
+        // PyTorch runs a BF16 model. kv: bfloat16 halves the bytes attention reads.
+        bool model_bf16 = true;
+        for (const Layer& L : model->layers)
+          for (const Weight& w : L.proj) model_bf16 = model_bf16 && w.type == cpu::WType::BF16;
+        const auto pick = [&](const std::string& v, bool auto_bf16) { return v == "bfloat16" || (v == "auto" && auto_bf16); };
+        const CpuOptions cpu_opts{pick(lora_dtype, model_bf16), pick(compute_dtype, model_bf16 && cpu::has_bf16_dot()),
+                                  pick(kv_dtype, model_bf16)};
 #if LORAPLEX_WITH_CUDA
         std::string why;
         const bool gpu = cuda_device_available(&why);
@@ -259,9 +261,9 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
         if (device == "cuda" || (device.empty() && gpu)) {
           if (lora_dtype == "bfloat16")
             throw std::runtime_error("--lora-dtype bfloat16 is not supported on --device cuda (adapter rows are fp32 there)");
-          if (compute_bf16)
+          if (compute_dtype == "bfloat16")
             throw std::runtime_error("--compute-dtype bfloat16 is not supported on --device cuda (it is a CPU kernel path)");
-          if (cpu_opts.kv_bf16)
+          if (kv_dtype == "bfloat16")
             throw std::runtime_error("--kv-cache-dtype bfloat16 is not supported on --device cuda (the KV cache is fp32 there)");
           backend_ = make_cuda_backend(model, block_size, num_pages, max_slots + 1);
         } else {

@@ -4,23 +4,33 @@
 //            8 x 256 tokens with 1 vs 8 adapters, against the memory-bandwidth bound  (batched LoRA)
 //   paging   adapter cold-load latency, throughput with 1 / 100 / 1000 distinct adapters, pool use
 // Usage: npx tsx bench/engine-bench.ts [--model DIR] [--sections decode,lora,paging] [--out FILE]
+//        [--compute-dtype bfloat16] [--kv-cache-dtype bfloat16] [--lora-dtype bfloat16] (engine options)
 import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { Engine } from '../server/engine/engine.js';
+import { Engine, type EngineOptions } from '../server/engine/engine.js';
 import { makePrompts, percentile } from './loadgen.js';
 import { makeModel } from './make-model.js';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const { values: args } = parseArgs({
-  options: { model: { type: 'string' }, sections: { type: 'string' }, out: { type: 'string' }, threads: { type: 'string' } },
+  options: {
+    model: { type: 'string' }, sections: { type: 'string' }, out: { type: 'string' }, threads: { type: 'string' },
+    'compute-dtype': { type: 'string' }, 'kv-cache-dtype': { type: 'string' }, 'lora-dtype': { type: 'string' },
+  },
 });
 const modelDir = resolve(args.model ?? join(HERE, 'models', 'smol-bf16'));
 const sections = new Set((args.sections ?? 'decode,lora,paging').split(','));
 const GiB = 1024 ** 3;
-const results: Record<string, unknown> = { model: modelDir, date: new Date().toISOString() };
+// The engine's numeric options, as given (the engine validates them).
+const dtypes = {
+  computeDtype: args['compute-dtype'] as EngineOptions['computeDtype'],
+  kvCacheDtype: args['kv-cache-dtype'] as EngineOptions['kvCacheDtype'],
+  loraDtype: args['lora-dtype'] as EngineOptions['loraDtype'],
+};
+const results: Record<string, unknown> = { model: modelDir, date: new Date().toISOString(), ...dtypes };
 const med = (xs: number[]) => percentile(xs, 50);
 
 function readBandwidth(): number {
@@ -59,7 +69,7 @@ async function runBatch(e: Engine, prompts: number[][], maxTokens: number, adapt
 }
 
 async function decodeSection(): Promise<void> {
-  const e = await Engine.create({ model: modelDir, memoryBudget: 2 * GiB, maxNumSeqs: 64, threads: args.threads ? Number(args.threads) : undefined });
+  const e = await Engine.create({ ...dtypes, model: modelDir, memoryBudget: 2 * GiB, maxNumSeqs: 64, threads: args.threads ? Number(args.threads) : undefined });
   const out: Record<string, unknown> = {};
   for (const streams of [1, 16]) {
     const prompts = makePrompts({ requests: streams, concurrency: streams, promptTokens: 128, maxTokens: 64, adapters: 0, vocab: 49152, seed: streams });
@@ -74,7 +84,7 @@ async function decodeSection(): Promise<void> {
 }
 
 async function loraSection(bw: number): Promise<void> {
-  const e = await Engine.create({ model: modelDir, adapterDir: join(modelDir, 'adapters'), memoryBudget: 4 * GiB, maxNumSeqs: 64, maxLoras: 32, maxBatchTokens: 4096 });
+  const e = await Engine.create({ ...dtypes, model: modelDir, adapterDir: join(modelDir, 'adapters'), memoryBudget: 4 * GiB, maxNumSeqs: 64, maxLoras: 32, maxBatchTokens: 4096 });
   const baseBytes = statSync(join(modelDir, 'model.safetensors')).size;
   const B = 32;
   const prompts = makePrompts({ requests: B, concurrency: B, promptTokens: 64, maxTokens: 32, adapters: 0, vocab: 49152, seed: 7 });

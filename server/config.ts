@@ -1,6 +1,7 @@
 // Command-line flags of `loraplex serve` / `loraplex generate`. Every flag also reads from
 // LORAPLEX_<NAME> (upper snake case), e.g. --memory-budget <- LORAPLEX_MEMORY_BUDGET.
 import { parseArgs } from 'node:util';
+import type { DtypeOption } from './native/addon.js';
 
 export interface ServeConfig {
   model: string | null; // null: the bundled demo model
@@ -20,9 +21,9 @@ export interface ServeConfig {
   apiKey: string | null;
   redisUrl: string | null;
   device: 'cpu' | 'cuda' | null;
-  loraDtype: 'float32' | 'bfloat16';
-  computeDtype: 'float32' | 'bfloat16';
-  kvCacheDtype: 'float32' | 'bfloat16';
+  loraDtype: DtypeOption;
+  computeDtype: DtypeOption;
+  kvCacheDtype: DtypeOption;
   maxBodyBytes: number;
   maxAdapterBytes: number;
   maxQueue: number;
@@ -100,12 +101,13 @@ export function serveConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
   if (!Number.isInteger(port) || port < 0 || port > 65535) throw new ConfigError(`--port must be 0..65535`);
   const device = s('device') ?? null;
   if (device !== null && device !== 'cpu' && device !== 'cuda') throw new ConfigError(`--device must be cpu or cuda`);
-  const loraDtype = s('lora-dtype') ?? 'float32';
-  if (loraDtype !== 'float32' && loraDtype !== 'bfloat16') throw new ConfigError(`--lora-dtype must be float32 or bfloat16`);
-  const computeDtype = s('compute-dtype') ?? 'float32';
-  if (computeDtype !== 'float32' && computeDtype !== 'bfloat16') throw new ConfigError(`--compute-dtype must be float32 or bfloat16`);
-  const kvCacheDtype = s('kv-cache-dtype') ?? 'float32';
-  if (kvCacheDtype !== 'float32' && kvCacheDtype !== 'bfloat16') throw new ConfigError(`--kv-cache-dtype must be float32 or bfloat16`);
+  // auto (default): bfloat16 where the model's weights are BF16 (CPU), float32 otherwise.
+  const dtype = (flag: string): DtypeOption => {
+    const v = s(flag) ?? 'auto';
+    if (v !== 'auto' && v !== 'float32' && v !== 'bfloat16') throw new ConfigError(`--${flag} must be auto, float32 or bfloat16`);
+    return v;
+  };
+  const loraDtype = dtype('lora-dtype'), computeDtype = dtype('compute-dtype'), kvCacheDtype = dtype('kv-cache-dtype');
   return {
     model: s('model') ?? null,
     servedModelName: s('served-model-name') ?? null,

@@ -1,7 +1,7 @@
 // The engine: owns the native engine, the paging manager, the scheduler and the adapter cache, and
 // runs the loop `schedule -> step -> postprocess` while there is work.
 import { totalmem } from 'node:os';
-import { loadNative, type ComputeDtype, type KvCacheDtype, type LoraDtype, type NativeEngine, type NativeLoraPlan, type NativePoolInfo, type NativeStepBatch } from '../native/addon.js';
+import { loadNative, type ComputeDtype, type DtypeOption, type KvCacheDtype, type LoraDtype, type NativeEngine, type NativeLoraPlan, type NativePoolInfo, type NativeStepBatch } from '../native/addon.js';
 import { AdapterCache, type AdapterCacheStats } from './adapter-cache.js';
 import { LoraplexError } from './errors.js';
 import { readModelDir, type ModelInfo } from './model-config.js';
@@ -25,9 +25,10 @@ export interface EngineOptions {
   maxModelLen?: number;
   threads?: number;
   device?: 'cpu' | 'cuda';
-  loraDtype?: LoraDtype;
-  computeDtype?: ComputeDtype;
-  kvCacheDtype?: KvCacheDtype;
+  /** CPU numeric options (default 'auto': bfloat16 for BF16 weights, else float32). */
+  loraDtype?: DtypeOption;
+  computeDtype?: DtypeOption;
+  kvCacheDtype?: DtypeOption;
 }
 
 export interface EngineStats extends PoolStats {

@@ -37,10 +37,13 @@ export interface NativeLoadOptions {
   eosIds: Int32Array;
   threads?: number;
   device?: 'cpu' | 'cuda'; // default: cuda if built with it and a GPU is present, else cpu
-  loraDtype?: LoraDtype; // adapter rows in the pool; default float32
-  computeDtype?: ComputeDtype; // activations of BF16-weight matmuls (CPU); default float32
-  kvCacheDtype?: KvCacheDtype; // KV cache elements (CPU); default float32
+  // CPU numeric options; 'auto' (default) follows the weights: BF16 weights -> bfloat16, else float32.
+  loraDtype?: DtypeOption; // adapter rows in the pool
+  computeDtype?: DtypeOption; // activations of BF16-weight matmuls
+  kvCacheDtype?: DtypeOption; // KV cache elements
 }
+
+export type DtypeOption = 'auto' | 'float32' | 'bfloat16';
 
 /** float32: exact attention inputs; bfloat16: K and V rounded to BF16 in the pool (CPU only). */
 export type KvCacheDtype = 'float32' | 'bfloat16';

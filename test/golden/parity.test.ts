@@ -7,6 +7,9 @@ import type { TokenEvent } from '../../server/engine/sequence.js';
 import { adapterId, adapterRoot, loadGolden, MODEL_NAMES, modelDir, strictSteps, type GoldenCase } from '../helpers/fixtures.js';
 
 const LOGPROB_TOL = 1e-3;
+// fp32 throughout (the default 'auto' picks BF16 paths for the BF16-weight fixture): the strict
+// suite checks the exact path on every fixture; the BF16 options get their own suites below.
+const FP32 = { computeDtype: 'float32', kvCacheDtype: 'float32', loraDtype: 'float32' } as const;
 
 // The same suite on the CUDA backend where this build has it and a GPU is present; otherwise it is
 // reported as skipped, with the reason the engine gives for refusing --device cuda.
@@ -46,6 +49,22 @@ function checkAgainstGolden(c: GoldenCase, got: TokenEvent[]): void {
   }
 }
 
+// The bounds of the opt-in BF16 options (--lora-dtype, --compute-dtype, --kv-cache-dtype) against
+// HF in fp32: the same greedy ids while the reference top-2 margin is above 0.25, chosen logprobs
+// within 0.15 (a wrong packing, conversion or row misses both by whole units). Returns the largest
+// logprob difference seen, so a suite can also check that the option really changed the numbers.
+function checkNearGolden(c: GoldenCase, got: TokenEvent[]): number {
+  const n = strictSteps(c, 0.25);
+  expect(got.map((t) => t.token).slice(0, n), `${c.adapter ?? 'base'}: ids`).toEqual(c.greedy_ids.slice(0, n));
+  let moved = 0;
+  for (let i = 0; i < n; i++) {
+    const d = Math.abs(got[i].logprob - c.steps[i].top[0][1]);
+    expect(d, `${c.adapter ?? 'base'} step ${i}`).toBeLessThan(0.15);
+    moved = Math.max(moved, d);
+  }
+  return moved;
+}
+
 for (const [device, skipReason] of DEVICES)
 describe.skipIf(skipReason !== null)(`${device}${skipReason ? ` (skipped: ${skipReason})` : ''}`, () => {
 describe.each(MODEL_NAMES)('%s', (name) => {
@@ -54,7 +73,7 @@ describe.each(MODEL_NAMES)('%s', (name) => {
   const single = new Map<GoldenCase, TokenEvent[]>();
 
   beforeAll(async () => {
-    engine = await Engine.create({ model: modelDir(name), adapterDir: adapterRoot(name), memoryBudget: 8 << 20, device });
+    engine = await Engine.create({ ...FP32, model: modelDir(name), adapterDir: adapterRoot(name), memoryBudget: 8 << 20, device });
   });
   afterAll(async () => {
     await engine?.close();
@@ -108,17 +127,14 @@ describe('cpu, --lora-dtype bfloat16', () => {
       const golden = loadGolden(name);
       const withAdapters = golden.cases.filter((c) => c.adapter);
       const engines = await Promise.all((['float32', 'bfloat16'] as const).map((loraDtype) =>
-        Engine.create({ model: modelDir(name), adapterDir: adapterRoot(name), memoryBudget: 8 << 20, device: 'cpu', loraDtype })));
+        Engine.create({ ...FP32, model: modelDir(name), adapterDir: adapterRoot(name), memoryBudget: 8 << 20, device: 'cpu', loraDtype })));
       const [f32, bf16] = engines;
       try {
         expect(f32.loraDtype).toBe('float32');
         expect(bf16.loraDtype).toBe('bfloat16');
         let pages32 = 0, pages16 = 0;
         for (const c of withAdapters) {
-          const got = await run(bf16, c);
-          const n = strictSteps(c, 0.25);
-          expect(got.map((t) => t.token).slice(0, n), `${c.adapter}: ids`).toEqual(c.greedy_ids.slice(0, n));
-          for (let i = 0; i < n; i++) expect(Math.abs(got[i].logprob - c.steps[i].top[0][1]), `${c.adapter} step ${i}`).toBeLessThan(0.15);
+          checkNearGolden(c, await run(bf16, c));
           await run(f32, c); // the same adapter as fp32 rows
           const id = adapterId(c.adapter!);
           expect(bf16.adapters.pagesFor(id)).toBeGreaterThan(0);
@@ -146,7 +162,7 @@ describe('cpu, --compute-dtype bfloat16', () => {
       const golden = loadGolden(name);
       let engine: Engine;
       try {
-        engine = await Engine.create({ model: modelDir(name), adapterDir: adapterRoot(name), memoryBudget: 8 << 20, device: 'cpu', computeDtype: 'bfloat16' });
+        engine = await Engine.create({ ...FP32, model: modelDir(name), adapterDir: adapterRoot(name), memoryBudget: 8 << 20, device: 'cpu', computeDtype: 'bfloat16' });
       } catch (err) {
         // A CPU without AVX512-BF16 refuses the flag at load, with the reason (never a silent fp32 fallback).
         expect((err as Error).message).toMatch(/needs a CPU with AVX512-BF16/);
@@ -157,17 +173,8 @@ describe('cpu, --compute-dtype bfloat16', () => {
         let moved = 0;
         for (const c of golden.cases) {
           const got = await run(engine, c);
-          if (golden.weights_dtype !== 'bfloat16') {
-            checkAgainstGolden(c, got);
-            continue;
-          }
-          const n = strictSteps(c, 0.25);
-          expect(got.map((t) => t.token).slice(0, n), `${c.adapter ?? 'base'}: ids`).toEqual(c.greedy_ids.slice(0, n));
-          for (let i = 0; i < n; i++) {
-            const d = Math.abs(got[i].logprob - c.steps[i].top[0][1]);
-            expect(d, `${c.adapter ?? 'base'} step ${i}`).toBeLessThan(0.15);
-            moved = Math.max(moved, d);
-          }
+          if (golden.weights_dtype !== 'bfloat16') checkAgainstGolden(c, got);
+          else moved = Math.max(moved, checkNearGolden(c, got));
         }
         if (golden.weights_dtype === 'bfloat16') expect(moved).toBeGreaterThan(LOGPROB_TOL / 100);
       } finally {
@@ -185,7 +192,7 @@ describe('cpu, --kv-cache-dtype bfloat16', () => {
     it(`${name}: near-HF outputs with half-size KV pages`, async () => {
       const golden = loadGolden(name);
       const engines = await Promise.all((['float32', 'bfloat16'] as const).map((kvCacheDtype) =>
-        Engine.create({ model: modelDir(name), adapterDir: adapterRoot(name), memoryBudget: 8 << 20, device: 'cpu', kvCacheDtype })));
+        Engine.create({ ...FP32, model: modelDir(name), adapterDir: adapterRoot(name), memoryBudget: 8 << 20, device: 'cpu', kvCacheDtype })));
       const [f32, bf16] = engines;
       try {
         expect(f32.kvCacheDtype).toBe('float32');
@@ -193,18 +200,36 @@ describe('cpu, --kv-cache-dtype bfloat16', () => {
         expect(bf16.paging.pageBytes * 2).toBeLessThanOrEqual(f32.paging.pageBytes + 64);
         let moved = 0;
         for (const c of golden.cases) {
-          const got = await run(bf16, c);
-          const n = strictSteps(c, 0.25);
-          expect(got.map((t) => t.token).slice(0, n), `${c.adapter ?? 'base'}: ids`).toEqual(c.greedy_ids.slice(0, n));
-          for (let i = 0; i < n; i++) {
-            const d = Math.abs(got[i].logprob - c.steps[i].top[0][1]);
-            expect(d, `${c.adapter ?? 'base'} step ${i}`).toBeLessThan(0.15);
-            moved = Math.max(moved, d);
-          }
+          moved = Math.max(moved, checkNearGolden(c, await run(bf16, c)));
         }
         expect(moved).toBeGreaterThan(LOGPROB_TOL / 100);
       } finally {
         await Promise.all(engines.map((e) => e.close()));
+      }
+    });
+  }
+});
+
+// The default ('auto' for all three): fp32 and F16 fixtures run the exact path (the strict checks,
+// and the same numbers as an explicit float32 engine), the BF16 fixture runs BF16 adapter rows,
+// KV cache and (with AVX512-BF16) matmuls, within the BF16 options' bounds.
+describe('cpu, default dtypes (auto)', () => {
+  for (const name of MODEL_NAMES) {
+    it(`${name}: follows the weights`, async () => {
+      const golden = loadGolden(name);
+      const engine = await Engine.create({ model: modelDir(name), adapterDir: adapterRoot(name), memoryBudget: 8 << 20, device: 'cpu' });
+      try {
+        const bf16 = golden.weights_dtype === 'bfloat16';
+        expect(engine.kvCacheDtype).toBe(bf16 ? 'bfloat16' : 'float32');
+        expect(engine.loraDtype).toBe(bf16 ? 'bfloat16' : 'float32');
+        if (!bf16) expect(engine.computeDtype).toBe('float32');
+        for (const c of golden.cases) {
+          const got = await run(engine, c);
+          if (bf16) checkNearGolden(c, got);
+          else checkAgainstGolden(c, got);
+        }
+      } finally {
+        await engine.close();
       }
     });
   }
