@@ -1,9 +1,9 @@
 // CPU backend: the reference implementation of the model step over the unified pool.
 #include <algorithm>
-#include <initializer_list>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <stdexcept>
 
 #include <sys/mman.h>
