@@ -219,6 +219,95 @@ void matmul_packed_avx512(const float* x, int T, int K, const void* P, int N, co
     }
 }
 
+// AVX2 + FMA path (CPUs without AVX-512): the same packed layout; a 16-row group at one k is two
+// 8-lane vectors. 16 ymm registers: one group x up to 6 tokens (12 accumulators, 2 weight vectors,
+// a broadcast), K-sliced panels reused from L1 by every token block, as in the AVX-512 kernel.
+#define LP_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+template <WType WT>
+LP_AVX2 inline void load_group_avx2(const void* p, size_t off, __m256& lo, __m256& hi) {
+  if constexpr (WT == WType::F32) {
+    lo = _mm256_loadu_ps(static_cast<const float*>(p) + off);
+    hi = _mm256_loadu_ps(static_cast<const float*>(p) + off + 8);
+  } else {
+    const uint16_t* q = static_cast<const uint16_t*>(p) + off;
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 8));
+    if constexpr (WT == WType::BF16) {
+      lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(a), 16));
+      hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
+    } else {
+      lo = _mm256_cvtph_ps(a);
+      hi = _mm256_cvtph_ps(b);
+    }
+  }
+}
+
+template <WType WT, int TB>
+LP_AVX2 void packed_block_avx2(const float* x, int K, int k0, int k1, const void* P, int g, int N, const float* bias,
+                               float* y, bool first, bool last) {
+  const int n0 = g * kG, rows = N - n0 < kG ? N - n0 : kG;
+  alignas(32) float tmp[kG];
+  __m256 acc[TB][2];
+  for (int t = 0; t < TB; t++) {
+    if (first) {
+      acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    } else {  // partial sums of earlier K slices (a short last group goes through tmp)
+      for (int l = 0; l < kG; l++) tmp[l] = l < rows ? y[size_t(t) * N + n0 + l] : 0.f;
+      acc[t][0] = _mm256_load_ps(tmp);
+      acc[t][1] = _mm256_load_ps(tmp + 8);
+    }
+  }
+  const size_t base = size_t(g) * K * kG;
+  constexpr size_t es = WT == WType::F32 ? 4 : 2;
+  const char* pb = static_cast<const char*>(P) + base * es;
+  for (int k = k0; k < k1; k++) {
+    _mm_prefetch(pb + size_t(k + kPrefetchK) * kG * es, _MM_HINT_T0);
+    __m256 wlo, whi;
+    load_group_avx2<WT>(P, base + size_t(k) * kG, wlo, whi);
+    for (int t = 0; t < TB; t++) {
+      const __m256 xb = _mm256_broadcast_ss(x + size_t(t) * K + k);
+      acc[t][0] = _mm256_fmadd_ps(wlo, xb, acc[t][0]);
+      acc[t][1] = _mm256_fmadd_ps(whi, xb, acc[t][1]);
+    }
+  }
+  for (int t = 0; t < TB; t++) {
+    _mm256_store_ps(tmp, acc[t][0]);
+    _mm256_store_ps(tmp + 8, acc[t][1]);
+    for (int l = 0; l < rows; l++) y[size_t(t) * N + n0 + l] = tmp[l] + (last && bias ? bias[n0 + l] : 0.f);
+  }
+}
+
+template <WType WT>
+LP_AVX2 void packed_group_avx2(const float* x, int T, int K, const void* P, int g, int N, const float* bias, float* y) {
+  constexpr int kc = WT == WType::F32 ? 256 : 512;  // 16 rows x kc: a 16 KiB panel in L1
+  for (int k0 = 0; k0 < K; k0 += kc) {
+    const int k1 = k0 + kc < K ? k0 + kc : K;
+    const bool first = k0 == 0, last = k1 == K;
+    int t = 0;
+    for (; t + 6 <= T; t += 6)
+      packed_block_avx2<WT, 6>(x + size_t(t) * K, K, k0, k1, P, g, N, bias, y + size_t(t) * N, first, last);
+    for (; t + 4 <= T; t += 4)
+      packed_block_avx2<WT, 4>(x + size_t(t) * K, K, k0, k1, P, g, N, bias, y + size_t(t) * N, first, last);
+    for (; t + 2 <= T; t += 2)
+      packed_block_avx2<WT, 2>(x + size_t(t) * K, K, k0, k1, P, g, N, bias, y + size_t(t) * N, first, last);
+    for (; t < T; t++)
+      packed_block_avx2<WT, 1>(x + size_t(t) * K, K, k0, k1, P, g, N, bias, y + size_t(t) * N, first, last);
+  }
+}
+
+template <WType WT>
+void matmul_packed_avx2(const float* x, int T, int K, const void* P, int N, const float* bias, float* y) {
+  constexpr int kChunk = 64;
+  const int n_groups = (N + kG - 1) / kG, n_chunks = (T + kChunk - 1) / kChunk;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int c = 0; c < n_chunks; c++)
+    for (int g = 0; g < n_groups; g++) {
+      const int t0 = c * kChunk, tn = T - t0 < kChunk ? T - t0 : kChunk;
+      packed_group_avx2<WT>(x + size_t(t0) * K, tn, K, P, g, N, bias, y + size_t(t0) * N);
+    }
+}
+
 // Portable path: the same layout, plain loops (one group of 16 accumulators per token).
 void matmul_packed_scalar(const float* x, int T, int K, const void* P, WType wt, int N, const float* bias, float* y) {
   const int n_groups = (N + kG - 1) / kG;
@@ -259,12 +348,24 @@ void pack_weights(const void* W, WType t, int N, int K, void* out) {
 
 void matmul_packed(const float* x, int T, int K, const void* P, WType wt, int N, const float* bias, float* y) {
   if (T <= 0 || N <= 0) return;
-  if (!has_avx512()) return matmul_packed_scalar(x, T, K, P, wt, N, bias, y);
-  switch (wt) {
-    case WType::F32: return matmul_packed_avx512<WType::F32>(x, T, K, P, N, bias, y);
-    case WType::BF16: return matmul_packed_avx512<WType::BF16>(x, T, K, P, N, bias, y);
-    case WType::F16: return matmul_packed_avx512<WType::F16>(x, T, K, P, N, bias, y);
+  // The ISA the other kernels run (dispatch.cc: the best this CPU has, or LORAPLEX_ISA), so the
+  // kernel tests exercise every GEMM path this machine can execute.
+  const char* isa = active_isa();
+  if (std::strcmp(isa, "avx512") == 0 && has_avx512()) {
+    switch (wt) {
+      case WType::F32: return matmul_packed_avx512<WType::F32>(x, T, K, P, N, bias, y);
+      case WType::BF16: return matmul_packed_avx512<WType::BF16>(x, T, K, P, N, bias, y);
+      case WType::F16: return matmul_packed_avx512<WType::F16>(x, T, K, P, N, bias, y);
+    }
   }
+  if (std::strcmp(isa, "generic") != 0) {  // avx2
+    switch (wt) {
+      case WType::F32: return matmul_packed_avx2<WType::F32>(x, T, K, P, N, bias, y);
+      case WType::BF16: return matmul_packed_avx2<WType::BF16>(x, T, K, P, N, bias, y);
+      case WType::F16: return matmul_packed_avx2<WType::F16>(x, T, K, P, N, bias, y);
+    }
+  }
+  matmul_packed_scalar(x, T, K, P, wt, N, bias, y);
 }
 
 void matmul(const float* x, int T, int K, const void* W, WType wt, int N, const float* bias, float* y) {
