@@ -215,7 +215,7 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
   ModelSpec spec = parse_spec(env, info[0].As<Napi::Object>());
   Napi::Object opt = info[1].As<Napi::Object>();
   const int block_size = get_int(env, opt, "blockSize");
-  const int num_pages = get_int(env, opt, "numPages");
+  const double pool_bytes = opt.Get("poolBytes").IsNumber() ? opt.Get("poolBytes").As<Napi::Number>().DoubleValue() : 0.0;
   const int max_slots = get_int(env, opt, "maxSlots");
   const int threads = opt.Get("threads").IsNumber() ? get_int(env, opt, "threads") : 0;
   std::vector<int32_t> eos = I32(opt, "eosIds", -1);
@@ -235,13 +235,13 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
   const std::string lora_dtype = dtype_opt("loraDtype"), compute_dtype = dtype_opt("computeDtype"),
                     kv_dtype = dtype_opt("kvCacheDtype");
   if (block_size < 1 || block_size > 1024) type_error(env, "blockSize must be in 1..1024");
-  if (num_pages < 1) type_error(env, "numPages must be positive");
+  if (!(pool_bytes > 0)) type_error(env, "poolBytes must be positive");
   if (max_slots < 1) type_error(env, "maxSlots must be positive");
   auto result = std::make_shared<PoolInfo>();
   auto backend_name = std::make_shared<std::string>();
   return Submit(
       env,
-      [this, spec, block_size, num_pages, max_slots, threads, eos, device, lora_dtype, compute_dtype, kv_dtype, result, backend_name] {
+      [this, spec, block_size, pool_bytes, max_slots, threads, eos, device, lora_dtype, compute_dtype, kv_dtype, result, backend_name] {
         if (threads > 0) omp_set_num_threads(threads);
         auto model = load_model(spec);
         // lora: adapter rows (PEFT saves fp32) in the pool; bfloat16 halves the bytes a step streams
@@ -254,6 +254,16 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
         const auto pick = [&](const std::string& v, bool auto_bf16) { return v == "bfloat16" || (v == "auto" && auto_bf16); };
         const CpuOptions cpu_opts{pick(lora_dtype, model_bf16), pick(compute_dtype, model_bf16 && cpu::has_bf16_dot()),
                                   pick(kv_dtype, model_bf16)};
+        // The budget in pages of the KV dtype the backend will use (CUDA: fp32).
+        const auto pages_for = [&](size_t kv_elem_bytes) {
+          const size_t page = kv_page_bytes(spec, block_size, kv_elem_bytes);
+          const double n = std::floor(pool_bytes / double(page));
+          if (n < 2)
+            throw std::runtime_error("--memory-budget " + std::to_string(int64_t(pool_bytes)) + " bytes holds fewer than 2 pages of " +
+                                     std::to_string(page) + " bytes");
+          return int(std::min(n, 2147483647.0));
+        };
+        const int cpu_pages = pages_for(cpu_opts.kv_bf16 ? 2 : sizeof(float));
 #if LORAPLEX_WITH_CUDA
         std::string why;
         const bool gpu = cuda_device_available(&why);
@@ -265,14 +275,14 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
             throw std::runtime_error("--compute-dtype bfloat16 is not supported on --device cuda (it is a CPU kernel path)");
           if (kv_dtype == "bfloat16")
             throw std::runtime_error("--kv-cache-dtype bfloat16 is not supported on --device cuda (the KV cache is fp32 there)");
-          backend_ = make_cuda_backend(model, block_size, num_pages, max_slots + 1);
+          backend_ = make_cuda_backend(model, block_size, pages_for(sizeof(float)), max_slots + 1);
         } else {
-          backend_ = make_cpu_backend(model, block_size, num_pages, max_slots + 1, cpu_opts);
+          backend_ = make_cpu_backend(model, block_size, cpu_pages, max_slots + 1, cpu_opts);
         }
 #else
         if (device == "cuda")
           throw std::runtime_error("--device cuda: this build has no CUDA backend (build with --CDLORAPLEX_CUDA=ON)");
-        backend_ = make_cpu_backend(model, block_size, num_pages, max_slots + 1, cpu_opts);
+        backend_ = make_cpu_backend(model, block_size, cpu_pages, max_slots + 1, cpu_opts);
 #endif
         *backend_name = backend_->name();
         sampler_ = std::make_unique<Sampler>(spec.vocab, eos);

@@ -29,10 +29,6 @@ static inline void softmax_rows(float* scores, int n, int group, const float* mx
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
-// AVX-512 path for head_dim = 16*C: the G query heads of one KV head stay in registers, scores
-// are one dot per (key, head), and the output accumulates in registers over all keys (G*C zmm),
-// so each K and V row is loaded once and nothing is re-read. Returns false when the shape is not
-// covered (the portable loop below then runs).
 // 16 KV elements at element offset `i` of a row, as fp32 (BF16: the high half of each lane).
 template <bool BF16>
 static inline __m512 load_kv(const uint8_t* row, size_t i) {
@@ -44,6 +40,10 @@ static inline __m512 load_kv(const uint8_t* row, size_t i) {
   }
 }
 
+// AVX-512 path for head_dim = 16*C: the G query heads of one KV head stay in registers, scores
+// are one dot per (key, head), and the output accumulates in registers over all keys (G*C zmm),
+// so each K and V row is loaded once and nothing is re-read. Returns false when the shape is not
+// covered (the portable loop below then runs).
 template <int C, int G, bool BF16>
 static void attend_item(const uint8_t* pool, const KvLayout& L, int layer, const int32_t* bt, int lo, int pos, int g,
                         const float* qg, float scale, float* og, float* scores) {

@@ -119,17 +119,16 @@ export class Engine {
     const blockSize = opts.blockSize ?? 16;
     const maxNumSeqs = opts.maxNumSeqs ?? 64;
     const s = model.spec;
-    const pageBytes = Math.ceil((s.numLayers * 2 * blockSize * s.numKvHeads * s.headDim * 4) / 64) * 64;
-    const budget = opts.memoryBudget ?? defaultMemoryBudget(pageBytes, blockSize, maxNumSeqs);
-    const numPages = Math.floor(budget / pageBytes);
-    if (numPages < 2)
-      throw new LoraplexError(`--memory-budget ${budget} bytes holds fewer than 2 pages of ${pageBytes} bytes`, 400, 'invalid_request_error', 'memory_budget');
+    // The default budget is sized with fp32 KV pages; the native side cuts the budget into pages of
+    // the KV dtype it resolves (a BF16 cache gets twice the pages in the same bytes).
+    const fp32PageBytes = Math.ceil((s.numLayers * 2 * blockSize * s.numKvHeads * s.headDim * 4) / 64) * 64;
+    const budget = opts.memoryBudget ?? defaultMemoryBudget(fp32PageBytes, blockSize, maxNumSeqs);
     const maxSlots = opts.maxLoras ?? 32;
     let pool: NativePoolInfo;
     try {
       pool = await native.load(s, {
         blockSize,
-        numPages,
+        poolBytes: budget,
         maxSlots,
         eosIds: Int32Array.from(model.eosTokenIds),
         threads: opts.threads,
@@ -140,7 +139,9 @@ export class Engine {
       });
     } catch (e) {
       await native.close().catch(() => undefined);
-      throw new LoraplexError((e as Error).message, 400, 'invalid_request_error', null, 'invalid_model');
+      const msg = (e as Error).message;
+      if (msg.startsWith('--memory-budget')) throw new LoraplexError(msg, 400, 'invalid_request_error', 'memory_budget');
+      throw new LoraplexError(msg, 400, 'invalid_request_error', null, 'invalid_model');
     }
     return new Engine(model, tokenizer, native, pool, opts);
   }

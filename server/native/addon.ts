@@ -32,7 +32,7 @@ export interface NativeModelSpec {
 
 export interface NativeLoadOptions {
   blockSize: number;
-  numPages: number;
+  poolBytes: number; // the pool's budget, cut into pages of the resolved KV dtype
   maxSlots: number;
   eosIds: Int32Array;
   threads?: number;

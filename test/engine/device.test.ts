@@ -33,6 +33,13 @@ describe('device selection', () => {
     expect(serveConfig([], {}).kvCacheDtype).toBe('auto');
   });
 
+  it('refuses a memory budget below two pages of the resolved KV dtype', async () => {
+    await expect(Engine.create({ model: modelDir('llama-gqa'), memoryBudget: 1000 })).rejects.toMatchObject({
+      message: expect.stringMatching(/--memory-budget 1000 bytes holds fewer than 2 pages of \d+ bytes/),
+      param: 'memory_budget',
+    });
+  });
+
   it('resolves auto from the weights: fp32 and F16 models stay fp32, a BF16 model runs BF16', async () => {
     for (const name of ['llama-gqa', 'llama-f16'] as const) {
       const e = await Engine.create({ model: modelDir(name) });

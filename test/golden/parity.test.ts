@@ -186,7 +186,8 @@ describe('cpu, --compute-dtype bfloat16', () => {
 
 // --kv-cache-dtype bfloat16 (CPU): K and V rounded to BF16 in the pool, for every model. The same
 // near-HF bounds as the other BF16 options (ids while the reference margin is above 0.25, chosen
-// logprobs within 0.15), a page half the size, and outputs that really moved off the fp32 path.
+// logprobs within 0.15), a page half the size (twice the pages in the same budget), and outputs
+// that really moved off the fp32 path.
 describe('cpu, --kv-cache-dtype bfloat16', () => {
   for (const name of MODEL_NAMES) {
     it(`${name}: near-HF outputs with half-size KV pages`, async () => {
@@ -198,6 +199,10 @@ describe('cpu, --kv-cache-dtype bfloat16', () => {
         expect(f32.kvCacheDtype).toBe('float32');
         expect(bf16.kvCacheDtype).toBe('bfloat16');
         expect(bf16.paging.pageBytes * 2).toBeLessThanOrEqual(f32.paging.pageBytes + 64);
+        // The same --memory-budget in bytes: twice the pages (tokens) with the smaller page.
+        const pages = (e: Engine) => e.paging.stats().totalPages;
+        expect(pages(bf16)).toBeGreaterThanOrEqual(2 * pages(f32));
+        expect(pages(bf16) * bf16.paging.pageBytes).toBeLessThanOrEqual(8 << 20);
         let moved = 0;
         for (const c of golden.cases) {
           moved = Math.max(moved, checkNearGolden(c, await run(bf16, c)));
