@@ -30,13 +30,15 @@ struct OpProfile {
   const bool enabled = env != nullptr;
   const bool prefill = env != nullptr && std::strcmp(env, "prefill") == 0;
   bool on = false;  // enabled and this step is of the profiled kind (decode-only, or with prompt tokens)
-  double ms[8] = {};
+  // The last entry is not an op of its own: the LoRA part of qkv, o, mlp-in and act+down.
+  static constexpr int kOps = 9;
+  double ms[kOps] = {};
   int steps = 0;
-  static constexpr const char* kNames[8] = {"embed+norm", "qkv", "rope+kv", "attention", "o", "mlp-in", "act+down", "lm_head"};
+  static constexpr const char* kNames[kOps] = {"embed+norm", "qkv", "rope+kv", "attention", "o", "mlp-in", "act+down", "lm_head", "(of which lora)"};
   void report() {
     if (!on || ++steps % (prefill ? 4 : 50) != 0) return;
     std::fprintf(stderr, "[profile] %d steps:", steps);
-    for (int i = 0; i < 8; i++) std::fprintf(stderr, " %s %.2f ms/step", kNames[i], ms[i] / steps);
+    for (int i = 0; i < kOps; i++) std::fprintf(stderr, " %s %.2f ms/step", kNames[i], ms[i] / steps);
     std::fprintf(stderr, "\n");
   }
 };
@@ -200,6 +202,7 @@ void CpuBackend::project(int layer, int p, const float* x, float* y, const std::
 
 void CpuBackend::apply_lora(int layer, std::initializer_list<int> ps, const float* x, std::initializer_list<float*> ys) {
   if (!any_lora_) return;
+  OpTimer timer(prof_, 8);
   cpu::LoraTarget targets[3];
   int n = 0;
   auto y = ys.begin();

@@ -128,14 +128,17 @@ inline void expand_cols(const uint8_t* pool, const LoraRef& r, const float* z, i
 #endif
 }
 
+// Prefetch (to L2) `bytes` from `p`.
+inline void prefetch_bytes(const uint8_t* p, size_t bytes) {
+  for (size_t o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + o), _MM_HINT_T1);
+}
+
 // Prefetch (to L2) every row of an adapter's module: A rows of `in` elements, B^T rows of `out`.
 inline void prefetch_module(const uint8_t* pool, const LoraRef& r, int in, int out) {
   const size_t es = r.bf16 ? 2 : 4;
   for (int j = 0; j < r.rank; j++) {
-    const char* a = reinterpret_cast<const char*>(pool + r.a_rows[j]);
-    const char* b = reinterpret_cast<const char*>(pool + r.b_rows[j]);
-    for (size_t o = 0; o < size_t(in) * es; o += 64) _mm_prefetch(a + o, _MM_HINT_T1);
-    for (size_t o = 0; o < size_t(out) * es; o += 64) _mm_prefetch(b + o, _MM_HINT_T1);
+    prefetch_bytes(pool + r.a_rows[j], size_t(in) * es);
+    prefetch_bytes(pool + r.b_rows[j], size_t(out) * es);
   }
 }
 
@@ -187,9 +190,12 @@ bool sgmv_by_segment(const uint8_t* pool, const LoraTarget* tg, int n_tg, const 
 }
 
 // Few segments: the phases are split inside each segment instead (rank rows, then output columns),
-// so both threads share one adapter's work: one parallel region per target, shrink, the barrier
-// of its loop, then expand with the output columns split across threads. The arithmetic per
-// output is the same as by segment.
+// so both threads share one adapter's work: one parallel region per target, shrink, a barrier,
+// then expand with the output columns split across threads. Each thread first prefetches every
+// row byte its share will read (its rank rows of A, its columns of B^T): a share is only a few
+// dozen KiB and, issued one by one from inside the loops, its misses queued behind each other
+// (a decode step's LoRA on one adapter ran 3x slower in the engine than from cache). The
+// arithmetic per output is the same as by segment.
 void sgmv_split(const uint8_t* pool, const LoraTarget& t, const LoraSegment* segs, int n_segs, const float* x, int in,
                 float* z, int max_rank) {
   const LoraRef* refs = t.refs;
@@ -199,23 +205,33 @@ void sgmv_split(const uint8_t* pool, const LoraTarget& t, const LoraSegment* seg
   const long n_work = long(n_segs) * row_blocks;
 #pragma omp parallel
   {
-    // Shrink: one work item per (segment, 4 rank rows); the A rows stay in L1 across the segment.
-#pragma omp for schedule(static)
-    for (long w = 0; w < n_work; w++) {
+    const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+    // Shrink: one work item per (segment, 4 rank rows), a contiguous range per thread; the A rows
+    // stay in L1 across the segment. Expand: a contiguous range of 16-aligned columns per thread.
+    const long w0 = n_work * id / nt, w1 = n_work * (id + 1) / nt;
+    const int chunk = ((out + nt - 1) / nt + 15) / 16 * 16;
+    const int c0 = std::min(out, id * chunk), len = std::min(out, c0 + chunk) - c0;
+    for (long w = w0; w < w1; w++) {
+      const LoraRef& r = refs[segs[w / row_blocks].slot];
+      const int j0 = int(w % row_blocks) * 4;
+      for (int j = j0; j < j0 + 4 && j < r.rank; j++) prefetch_bytes(pool + r.a_rows[j], size_t(in) * (r.bf16 ? 2 : 4));
+    }
+    for (int s = 0; s < n_segs && len > 0; s++) {
+      const LoraRef& r = refs[segs[s].slot];
+      const size_t es = r.bf16 ? 2 : 4;
+      for (int j = 0; j < r.rank; j++) prefetch_bytes(pool + r.b_rows[j] + size_t(c0) * es, size_t(len) * es);
+    }
+    for (long w = w0; w < w1; w++) {
       const LoraSegment& sg = segs[w / row_blocks];
       const LoraRef& r = refs[sg.slot];
       const int j0 = int(w % row_blocks) * 4;
       if (j0 < r.rank) shrink4(pool, r, j0, x, in, sg.start, sg.end, z, max_rank);
     }
-    const int n_threads = omp_get_num_threads();
-    const int chunk = ((out + n_threads - 1) / n_threads + 15) / 16 * 16;
-#pragma omp for schedule(static)
-    for (int c0 = 0; c0 < out; c0 += chunk) {
-      const int len = c0 + chunk <= out ? chunk : out - c0;
+#pragma omp barrier
+    if (len > 0)
       for (int s = 0; s < n_segs; s++)
         if (refs[segs[s].slot].rank > 0)
           expand_cols(pool, refs[segs[s].slot], z, max_rank, segs[s].start, segs[s].end, y, out, c0, len);
-    }
   }
 }
 
