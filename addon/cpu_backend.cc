@@ -236,7 +236,7 @@ void CpuBackend::forward(const StepBatch& b, float* logits) {
     // (BGMV). Otherwise segments (SGMV), so tokens that share an adapter read its rows once; the
     // engine orders sequences by adapter, so a decode batch of 16 on 8 adapters is 8 segments.
     per_token_ = int(segs_.size()) == T;
-    z_.resize(size_t(T) * std::max(max_rank, 1));
+    z_.resize(size_t(3) * T * std::max(max_rank, 1));  // up to 3 LoRA targets a call (q, k, v)
   }
   x_.resize(size_t(T) * H); h_.resize(size_t(T) * H); o_.resize(size_t(T) * H);
   q_.resize(size_t(T) * QD); att_.resize(size_t(T) * QD);

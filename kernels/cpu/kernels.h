@@ -121,7 +121,7 @@ struct LoraTarget {
 };
 
 // SGMV-style: per segment, A rows are read once and applied to every token of the segment.
-// z: scratch of at least T * (the largest rank) floats, shared by the targets.
+// z: scratch of at least n_targets * T * (the largest rank) floats.
 void lora_sgmv(const uint8_t* pool, const LoraTarget* targets, int n_targets, const LoraSegment* segs, int n_segs,
                const float* x, int in, float* z);
 // BGMV-style: per-token gather of the adapter (token_slot[t] indexes refs), for decode batches.

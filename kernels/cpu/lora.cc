@@ -190,48 +190,71 @@ bool sgmv_by_segment(const uint8_t* pool, const LoraTarget* tg, int n_tg, const 
 }
 
 // Few segments: the phases are split inside each segment instead (rank rows, then output columns),
-// so both threads share one adapter's work: one parallel region per target, shrink, a barrier,
-// then expand with the output columns split across threads. Each thread first prefetches every
-// row byte its share will read (its rank rows of A, its columns of B^T): a share is only a few
-// dozen KiB and, issued one by one from inside the loops, its misses queued behind each other
-// (a decode step's LoRA on one adapter ran 3x slower in the engine than from cache). The
-// arithmetic per output is the same as by segment.
-void sgmv_split(const uint8_t* pool, const LoraTarget& t, const LoraSegment* segs, int n_segs, const float* x, int in,
-                float* z, int max_rank) {
-  const LoraRef* refs = t.refs;
-  const int out = t.out;
-  float* y = t.y;
+// so both threads share one adapter's work: one parallel region for all targets, shrink of every
+// target (target p's z at z + p * T * max_rank), a barrier, then expand with each target's output
+// columns split across threads. Each thread first prefetches every row byte its share will read
+// (its rank rows of A, its columns of B^T): a share is only tens of KiB and, issued one by one
+// from inside the loops, its misses queued behind each other (a decode step's LoRA on one adapter
+// ran 3x slower in the engine than from cache). The arithmetic per output is the same as by
+// segment.
+void sgmv_split(const uint8_t* pool, const LoraTarget* tg, int n_tg, const LoraSegment* segs, int n_segs,
+                const float* x, int in, float* z, int max_rank) {
   const int row_blocks = (max_rank + 3) / 4;
-  const long n_work = long(n_segs) * row_blocks;
+  const long per_target = long(n_segs) * row_blocks, n_work = per_target * n_tg;
+  int T = 0;
+  for (int s = 0; s < n_segs; s++) T = std::max(T, segs[s].end);
+  const size_t z_target = size_t(T) * max_rank;
 #pragma omp parallel
   {
     const int nt = omp_get_num_threads(), id = omp_get_thread_num();
-    // Shrink: one work item per (segment, 4 rank rows), a contiguous range per thread; the A rows
-    // stay in L1 across the segment. Expand: a contiguous range of 16-aligned columns per thread.
+    // Shrink: one work item per (target, segment, 4 rank rows), a contiguous range per thread.
     const long w0 = n_work * id / nt, w1 = n_work * (id + 1) / nt;
-    const int chunk = ((out + nt - 1) / nt + 15) / 16 * 16;
-    const int c0 = std::min(out, id * chunk), len = std::min(out, c0 + chunk) - c0;
+    const auto item = [&](long w, const LoraRef*& r, const LoraSegment*& sg, int& j0) {
+      const long p = w / per_target, rest = w % per_target;
+      sg = &segs[rest / row_blocks];
+      r = &tg[p].refs[sg->slot];
+      j0 = int(rest % row_blocks) * 4;
+      return p;
+    };
+    // Expand: a contiguous range of 16-aligned columns of each target per thread.
+    const auto columns = [&](int out, int& c0, int& len) {
+      const int chunk = ((out + nt - 1) / nt + 15) / 16 * 16;
+      c0 = std::min(out, id * chunk);
+      len = std::min(out, c0 + chunk) - c0;
+    };
     for (long w = w0; w < w1; w++) {
-      const LoraRef& r = refs[segs[w / row_blocks].slot];
-      const int j0 = int(w % row_blocks) * 4;
-      for (int j = j0; j < j0 + 4 && j < r.rank; j++) prefetch_bytes(pool + r.a_rows[j], size_t(in) * (r.bf16 ? 2 : 4));
+      const LoraRef* r;
+      const LoraSegment* sg;
+      int j0;
+      item(w, r, sg, j0);
+      for (int j = j0; j < j0 + 4 && j < r->rank; j++) prefetch_bytes(pool + r->a_rows[j], size_t(in) * (r->bf16 ? 2 : 4));
     }
-    for (int s = 0; s < n_segs && len > 0; s++) {
-      const LoraRef& r = refs[segs[s].slot];
-      const size_t es = r.bf16 ? 2 : 4;
-      for (int j = 0; j < r.rank; j++) prefetch_bytes(pool + r.b_rows[j] + size_t(c0) * es, size_t(len) * es);
+    for (int p = 0; p < n_tg; p++) {
+      int c0, len;
+      columns(tg[p].out, c0, len);
+      for (int s = 0; s < n_segs && len > 0; s++) {
+        const LoraRef& r = tg[p].refs[segs[s].slot];
+        const size_t es = r.bf16 ? 2 : 4;
+        for (int j = 0; j < r.rank; j++) prefetch_bytes(pool + r.b_rows[j] + size_t(c0) * es, size_t(len) * es);
+      }
     }
     for (long w = w0; w < w1; w++) {
-      const LoraSegment& sg = segs[w / row_blocks];
-      const LoraRef& r = refs[sg.slot];
-      const int j0 = int(w % row_blocks) * 4;
-      if (j0 < r.rank) shrink4(pool, r, j0, x, in, sg.start, sg.end, z, max_rank);
+      const LoraRef* r;
+      const LoraSegment* sg;
+      int j0;
+      const long p = item(w, r, sg, j0);
+      if (j0 < r->rank) shrink4(pool, *r, j0, x, in, sg->start, sg->end, z + p * z_target, max_rank);
     }
 #pragma omp barrier
-    if (len > 0)
-      for (int s = 0; s < n_segs; s++)
-        if (refs[segs[s].slot].rank > 0)
-          expand_cols(pool, refs[segs[s].slot], z, max_rank, segs[s].start, segs[s].end, y, out, c0, len);
+    for (int p = 0; p < n_tg; p++) {
+      int c0, len;
+      columns(tg[p].out, c0, len);
+      if (len > 0)
+        for (int s = 0; s < n_segs; s++)
+          if (tg[p].refs[segs[s].slot].rank > 0)
+            expand_cols(pool, tg[p].refs[segs[s].slot], z + p * z_target, max_rank, segs[s].start, segs[s].end,
+                        tg[p].y, tg[p].out, c0, len);
+    }
   }
 }
 
@@ -244,7 +267,7 @@ void lora_sgmv(const uint8_t* pool, const LoraTarget* targets, int n_targets, co
     for (int s = 0; s < n_segs; s++) max_rank = std::max(max_rank, targets[p].refs[segs[s].slot].rank);
   if (max_rank == 0) return;
   if (sgmv_by_segment(pool, targets, n_targets, segs, n_segs, x, in, z, max_rank)) return;
-  for (int p = 0; p < n_targets; p++) sgmv_split(pool, targets[p], segs, n_segs, x, in, z, max_rank);
+  sgmv_split(pool, targets, n_targets, segs, n_segs, x, in, z, max_rank);
 }
 
 void lora_bgmv(const uint8_t* pool, const LoraTarget* targets, int n_targets, const int32_t* token_slot, int T,

@@ -569,13 +569,13 @@ void run_lora_case(Rng& rng, const AdapterSet& A, const std::vector<int32_t>& sl
   }
 
   // Runs `fn(targets, z)` on fresh copies of y0 and checks every target. z scratch: exactly
-  // T * (largest rank in the batch), as the header promises, with canaries.
+  // n_targets * T * (largest rank in the batch), as the header promises, with canaries.
   auto check = [&](const std::string& w, auto&& fn) {
     std::vector<Guarded> got;
     for (int p = 0; p < n_t; p++) got.emplace_back(y0[p].size(), y0[p].data());
     std::vector<LoraTarget> targets;
     for (int p = 0; p < n_t; p++) targets.push_back({A.trefs[p].data(), A.outs[p], got[p].data()});
-    Guarded z(size_t(T) * batch_rank);
+    Guarded z(size_t(n_t) * T * batch_rank);
     fn(targets, z.data());
     for (int p = 0; p < n_t; p++) {
       const std::string wp = n_t > 1 ? w + fmt(" [target %d]", p) : w;
