@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "kernels/cpu/kernels.h"
+#include "kernels/cpu/packed_tile.h"
 
 // Every SIMD function is compiled for AVX-512 F/BW/VL and only called after has_avx512() said yes.
 #define LP_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
@@ -138,17 +139,8 @@ template <WType WT, int TB, int G>
 LP_AVX512 void packed_block(const float* x, int K, int k0, int k1, const void* P, int g0, int N, const float* bias,
                             float* y, bool first, bool last) {
   __mmask16 mask[G];
-#pragma GCC unroll 8
-  for (int j = 0; j < G; j++) {
-    const int n = N - (g0 + j) * kG;
-    mask[j] = static_cast<__mmask16>(n >= kG ? 0xFFFFu : (1u << n) - 1);
-  }
   __m512 acc[TB][G];
-#pragma GCC unroll 8
-  for (int t = 0; t < TB; t++)
-#pragma GCC unroll 8
-    for (int j = 0; j < G; j++)
-      acc[t][j] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[j], y + size_t(t) * N + (g0 + j) * kG);
+  tile::begin(acc, mask, y, N, g0, first);
   const size_t stride = size_t(K) * kG;  // elements between groups
   const size_t base = size_t(g0) * stride;
   constexpr size_t es = WT == WType::F32 ? 4 : 2;
@@ -167,13 +159,7 @@ LP_AVX512 void packed_block(const float* x, int K, int k0, int k1, const void* P
       for (int j = 0; j < G; j++) acc[t][j] = _mm512_fmadd_ps(w[j], xb, acc[t][j]);
     }
   }
-#pragma GCC unroll 8
-  for (int j = 0; j < G; j++) {
-    const int n0 = (g0 + j) * kG;
-    const __m512 b = last && bias ? _mm512_maskz_loadu_ps(mask[j], bias + n0) : _mm512_setzero_ps();
-#pragma GCC unroll 8
-    for (int t = 0; t < TB; t++) _mm512_mask_storeu_ps(y + size_t(t) * N + n0, mask[j], _mm512_add_ps(acc[t][j], b));
-  }
+  tile::end(acc, mask, y, N, g0, bias, last);
 }
 
 // Groups [g0, g0 + G) for every token. K is cut into slices whose weight panel (G groups x kc

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "kernels/cpu/kernels.h"
+#include "kernels/cpu/packed_tile.h"
 
 #define LP_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
@@ -36,16 +37,8 @@ template <int TB, int G>
 LP_AVX512BF16 void pair_block(const uint32_t* xp, int K2, int p0, int p1, const uint16_t* P, int g0, int N,
                               const float* bias, float* y, bool first, bool last) {
   __mmask16 mask[G];
-  for (int j = 0; j < G; j++) {
-    const int n = N - (g0 + j) * kG;
-    mask[j] = static_cast<__mmask16>(n >= kG ? 0xFFFFu : (1u << n) - 1);
-  }
   __m512 acc[TB][G];
-#pragma GCC unroll 8
-  for (int t = 0; t < TB; t++)
-#pragma GCC unroll 8
-    for (int j = 0; j < G; j++)
-      acc[t][j] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[j], y + size_t(t) * N + (g0 + j) * kG);
+  tile::begin(acc, mask, y, N, g0, first);
   const size_t stride = size_t(K2) * kG * 2;  // uint16 elements between groups
   const uint16_t* pb = P + size_t(g0) * stride;
   for (int p = p0; p < p1; p++) {
@@ -61,11 +54,7 @@ LP_AVX512BF16 void pair_block(const uint32_t* xp, int K2, int p0, int p1, const 
       for (int j = 0; j < G; j++) acc[t][j] = _mm512_dpbf16_ps(acc[t][j], w[j], xb);
     }
   }
-  for (int j = 0; j < G; j++) {
-    const int n0 = (g0 + j) * kG;
-    const __m512 b = last && bias ? _mm512_maskz_loadu_ps(mask[j], bias + n0) : _mm512_setzero_ps();
-    for (int t = 0; t < TB; t++) _mm512_mask_storeu_ps(y + size_t(t) * N + n0, mask[j], _mm512_add_ps(acc[t][j], b));
-  }
+  tile::end(acc, mask, y, N, g0, bias, last);
 }
 
 template <int G>
