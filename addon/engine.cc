@@ -263,7 +263,6 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
                                      std::to_string(page) + " bytes");
           return int(std::min(n, 2147483647.0));
         };
-        const int cpu_pages = pages_for(cpu_opts.kv_bf16 ? 2 : sizeof(float));
 #if LORAPLEX_WITH_CUDA
         std::string why;
         const bool gpu = cuda_device_available(&why);
@@ -277,12 +276,12 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
             throw std::runtime_error("--kv-cache-dtype bfloat16 is not supported on --device cuda (the KV cache is fp32 there)");
           backend_ = make_cuda_backend(model, block_size, pages_for(sizeof(float)), max_slots + 1);
         } else {
-          backend_ = make_cpu_backend(model, block_size, cpu_pages, max_slots + 1, cpu_opts);
+          backend_ = make_cpu_backend(model, block_size, pages_for(cpu_opts.kv_bf16 ? 2 : sizeof(float)), max_slots + 1, cpu_opts);
         }
 #else
         if (device == "cuda")
           throw std::runtime_error("--device cuda: this build has no CUDA backend (build with --CDLORAPLEX_CUDA=ON)");
-        backend_ = make_cpu_backend(model, block_size, cpu_pages, max_slots + 1, cpu_opts);
+        backend_ = make_cpu_backend(model, block_size, pages_for(cpu_opts.kv_bf16 ? 2 : sizeof(float)), max_slots + 1, cpu_opts);
 #endif
         *backend_name = backend_->name();
         sampler_ = std::make_unique<Sampler>(spec.vocab, eos);

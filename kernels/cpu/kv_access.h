@@ -18,13 +18,17 @@ inline const uint8_t* kv_row(const uint8_t* pool, const KvLayout& L, int layer, 
   return kv_row(const_cast<uint8_t*>(pool), L, layer, page, slot, which);
 }
 
-// Element i of a KV row (fp32 or BF16; BF16 -> fp32 is exact).
-inline float kv_at(const uint8_t* row, size_t i, bool bf16) {
-  if (!bf16) return reinterpret_cast<const float*>(row)[i];
-  const uint32_t u = uint32_t(reinterpret_cast<const uint16_t*>(row)[i]) << 16;
+// BF16 -> fp32 (exact: the high half of the bits).
+inline float bf16_bits(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
   float f;
   __builtin_memcpy(&f, &u, 4);
   return f;
+}
+
+// Element i of a KV row (fp32 or BF16).
+inline float kv_at(const uint8_t* row, size_t i, bool bf16) {
+  return bf16 ? bf16_bits(reinterpret_cast<const uint16_t*>(row)[i]) : reinterpret_cast<const float*>(row)[i];
 }
 
 // Calls f(seq, token index, position) for every new token of the batch.
@@ -41,13 +45,7 @@ inline const float* lora_row(const uint8_t* pool, int64_t off) { return reinterp
 inline const uint16_t* lora_row_bf16(const uint8_t* pool, int64_t off) {
   return reinterpret_cast<const uint16_t*>(pool + off);
 }
-// Element k of a LoRA row stored as fp32 or BF16 (BF16 -> fp32 is exact: the high half of the bits).
-inline float bf16_bits(uint16_t h) {
-  const uint32_t u = uint32_t(h) << 16;
-  float f;
-  __builtin_memcpy(&f, &u, 4);
-  return f;
-}
+// Element k of a LoRA row stored as fp32 or BF16.
 inline float lora_at(const uint8_t* pool, int64_t off, int k, bool bf16) {
   return bf16 ? bf16_bits(lora_row_bf16(pool, off)[k]) : lora_row(pool, off)[k];
 }

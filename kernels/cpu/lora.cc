@@ -16,15 +16,16 @@ namespace loraplex::cpu::LP_ISA_NS {
 
 namespace {
 
-// z[t, j] = scale * A[j, :] . x[t, :] for rank rows [j0, j0 + 4) (rows past `rank` skipped) of
-// tokens [t0, t1): four independent accumulators share each x load (a single dot product is one
-// FMA latency chain per vector and runs at a quarter of the machine). Rows fp32 or BF16.
+// Element k of a row of element type R (float, or uint16_t for BF16).
 template <typename R>
 inline float row_at(const R* row, int k) {
   if constexpr (sizeof(R) == 2) return bf16_bits(row[k]);
   else return row[k];
 }
 
+// z[t, j] = scale * A[j, :] . x[t, :] for rank rows [j0, j0 + 4) (rows past `rank` skipped) of
+// tokens [t0, t1): four independent accumulators share each x load (a single dot product is one
+// FMA latency chain per vector and runs at a quarter of the machine). Rows fp32 or BF16.
 template <typename R>
 inline void shrink4_t(const uint8_t* pool, const LoraRef& r, int j0, const float* x, int in, int t0, int t1, float* z,
                       int z_stride) {
