@@ -108,7 +108,9 @@ export class Metrics {
     this.genTokens.inc(labels, run.completionTokens);
     for (const s of run.streams) {
       const seq = s.seq;
-      const reason = seq.finishReason === 'length' ? 'length' : seq.finishReason === 'abort' ? (s.finished ? 'stop' : 'abort') : (seq.finishReason ?? 'abort');
+      // The choice's own ending: a stop string is 'stop' (the engine saw an abort); a choice cut
+      // short because the client went away is 'abort' (vLLM's label for aborted requests).
+      const reason = s.reason ?? 'abort';
       this.success.inc({ ...labels, finished_reason: reason });
       if (seq.firstTokenAt !== null) {
         this.ttft.observe(labels, (seq.firstTokenAt - t0) / 1000);

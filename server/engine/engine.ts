@@ -75,6 +75,11 @@ export class Engine {
   private steps = 0;
   private lastProgress = performance.now();
   private closed = false;
+  /**
+   * LORAPLEX_CHECK_INVARIANTS=1 (the test suite sets it): the pool's invariants are checked after
+   * every step and when the engine goes idle, and a violation fails loudly.
+   */
+  private readonly checking = process.env.LORAPLEX_CHECK_INVARIANTS === '1';
   /** Called after every step (tests check pool invariants here; benchmarks read lastStep). */
   onStep: (() => void) | null = null;
   /** Timings of the most recent step: host side = wall - forward - sample. */
@@ -182,7 +187,7 @@ export class Engine {
         400, 'invalid_request_error', 'max_tokens', 'context_length_exceeded');
     const adapterId = opts.adapter ?? null;
     const slot = adapterId === null ? 0 : this.adapters.acquire(adapterId); // throws 404 if unknown
-    const kvCapacity = this.paging.totalPages - this.adapters.pagesFor(adapterId);
+    const kvCapacity = Math.max(0, this.paging.totalPages - this.adapters.pagesFor(adapterId));
     if (this.paging.blocksFor(total) > kvCapacity) {
       if (adapterId !== null) this.adapters.releaseRef(adapterId);
       throw new LoraplexError(
@@ -289,8 +294,25 @@ export class Engine {
       this.lastProgress = performance.now();
       this.postprocess(plan, result.tokens, result.logprobs, result.topIds, result.topLogprobs, result.numTop);
       this.lastStep = { tokens: batch.tokens.length, seqs: plan.length, forwardMs: result.forwardMs, sampleMs: result.sampleMs, wallMs: performance.now() - t0 };
+      if (this.checking) this.checkInvariants();
       this.onStep?.();
     }
+    if (this.checking) this.checkInvariants();
+  }
+
+  /** Pool, adapter residency and KV ownership agree; throws on the first disagreement. */
+  checkInvariants(): void {
+    this.paging.checkInvariants();
+    this.adapters.checkInvariants();
+    let kv = 0;
+    for (const q of [...this.scheduler.running, ...this.scheduler.waiting]) {
+      for (const p of q.blocks) {
+        const o = this.paging.ownerOf(p);
+        if (!o || o.kind !== 'kv' || o.seqId !== q.id) throw new Error(`invariant: page ${p} of sequence ${q.id} is owned by ${JSON.stringify(o)}`);
+      }
+      kv += q.blocks.length;
+    }
+    if (kv !== this.paging.stats().kvPages) throw new Error(`invariant: sequences hold ${kv} KV pages, the pool counts ${this.paging.stats().kvPages}`);
   }
 
   private buildBatch(plan: ScheduledSeq[]): NativeStepBatch {
@@ -381,6 +403,13 @@ export class Engine {
       if (seq.isFinished) continue; // aborted while the step ran
       seq.numComputed += p.numNew;
       const id = tokens[k];
+      if (id < 0) {
+        // Defence in depth behind adapter validation: never sample from NaN/inf logits.
+        this.finishSeq(seq, 'error', new LoraplexError(
+          'the model produced non-finite logits for this request; it was stopped instead of sampling garbage',
+          500, 'server_error', null, 'non_finite_logits'));
+        continue;
+      }
       let top: Array<[number, number]> | null = null;
       const nTop = seq.params.logprobs ?? 0;
       if (seq.params.logprobs !== null) {

@@ -8,6 +8,7 @@ import type { TokenEvent } from '../engine/sequence.js';
 import type { ChatMessage as TplMessage } from '../engine/tokenizer.js';
 import { ChatCompletionRequest, CompletionRequest } from '../schemas/openai.js';
 import { GenerationRun, type ChoiceEvent, type ChoiceInput } from '../services/generation.js';
+import { toOpenAIError } from '../openai-error.js';
 import { choiceCount, invalid, normalizePrompts, resolveAdapter, samplingParams, stopStrings } from '../services/request-params.js';
 import type { Metrics } from '../metrics.js';
 
@@ -15,8 +16,8 @@ export interface OpenAIRouteDeps {
   engine: Engine;
   metrics: Metrics;
   maxN: number;
-  /** Throws 429/503 when the server cannot take more work. */
-  admit: () => void;
+  /** Throws 429/503 when the server cannot take `sequences` more sequences, 400 (naming `param`) if it never could. */
+  admit: (sequences: number, param: string) => void;
 }
 
 const now = () => Math.floor(Date.now() / 1000);
@@ -75,55 +76,75 @@ function sse(reply: FastifyReply, data: unknown): void {
   reply.raw.write(`data: ${typeof data === 'string' ? data : JSON.stringify(data)}\n\n`);
 }
 
-/** Runs a request's choices, aborting them if the client disconnects first. */
-async function drive(
-  req: FastifyRequest,
-  reply: FastifyReply,
-  run: GenerationRun,
-  onEvent: (e: ChoiceEvent) => void,
-): Promise<boolean> {
-  let gone = false;
+/** Aborts a run's choices as soon as the client disconnects. */
+function watchClient(req: FastifyRequest, reply: FastifyReply, run: GenerationRun) {
+  const w = {
+    gone: false,
+    dispose: () => {
+      reply.raw.off('close', onClose);
+      req.raw.off('aborted', onClose);
+    },
+  };
   const onClose = () => {
     if (!reply.raw.writableFinished) {
-      gone = true;
+      w.gone = true;
       run.abort();
     }
   };
   reply.raw.on('close', onClose);
   req.raw.on('aborted', onClose);
-  try {
-    for await (const e of run.events()) {
-      if (gone) break;
-      onEvent(e);
-    }
-  } finally {
-    reply.raw.off('close', onClose);
-  }
-  return !gone;
+  return w;
 }
 
-/** Streams a run's events as SSE chunks (`chunkOf` shapes one; null sends nothing), then the usage
- *  chunk when asked and `[DONE]`. SSE headers are already sent. */
+/**
+ * Streams a run's events as SSE chunks (`chunkOf` shapes one; null sends nothing), then the usage
+ * chunk when asked and `[DONE]`. The headers go out with the first event: an error known before
+ * the first token (a broken adapter, a prompt the pool can never hold) is the same 4xx JSON
+ * response a non-streaming request gets. An error after that is an SSE error event in the same
+ * OpenAI shape.
+ */
 async function streamRun(
   req: FastifyRequest,
   reply: FastifyReply,
   run: GenerationRun,
   done: () => void,
+  preamble: () => unknown[],
   chunkOf: (e: ChoiceEvent) => unknown,
   usageChunk: (() => unknown) | null,
 ): Promise<FastifyReply> {
-  const ok = await drive(req, reply, run, (e) => {
-    const c = chunkOf(e);
-    if (c !== null) sse(reply, c);
-  }).catch((err) => {
-    sse(reply, { error: { message: (err as Error).message, type: 'server_error', param: null, code: null } });
-    return true;
-  });
-  if (ok) {
-    if (usageChunk) sse(reply, usageChunk());
-    sse(reply, '[DONE]');
+  const watch = watchClient(req, reply, run);
+  const events = run.events();
+  let first: IteratorResult<ChoiceEvent>;
+  try {
+    first = await events.next();
+  } catch (err) {
+    watch.dispose();
+    done();
+    throw err; // -> the error handler: a JSON error with its own status
   }
-  reply.raw.end();
+  let ok = !watch.gone;
+  if (ok) {
+    sseHeaders(reply);
+    for (const c of preamble()) sse(reply, c);
+    try {
+      for (let it = first; !it.done && !watch.gone; it = await events.next()) {
+        const c = chunkOf(it.value);
+        if (c !== null) sse(reply, c);
+      }
+    } catch (err) {
+      const { body } = toOpenAIError(err);
+      sse(reply, body);
+    }
+    ok = !watch.gone;
+    if (ok) {
+      if (usageChunk) sse(reply, usageChunk());
+      sse(reply, '[DONE]');
+    }
+    reply.raw.end();
+  } else {
+    await events.return(undefined);
+  }
+  watch.dispose();
   done();
   return reply;
 }
@@ -133,12 +154,18 @@ async function collectRun(req: FastifyRequest, reply: FastifyReply, run: Generat
   const texts = Array.from({ length: n }, () => '');
   const toks: TokenEvent[][] = Array.from({ length: n }, () => []);
   const finish: Array<string | null> = Array.from({ length: n }, () => null);
-  const ok = await drive(req, reply, run, (e) => {
-    texts[e.index] += e.text;
-    toks[e.index].push(...e.tokens);
-    if (e.finishReason) finish[e.index] = e.finishReason;
-  });
-  return ok ? { texts, toks, finish } : null;
+  const watch = watchClient(req, reply, run);
+  try {
+    for await (const e of run.events()) {
+      if (watch.gone) break;
+      texts[e.index] += e.text;
+      for (const t of e.tokens) toks[e.index].push(t);
+      if (e.finishReason) finish[e.index] = e.finishReason;
+    }
+  } finally {
+    watch.dispose();
+  }
+  return watch.gone ? null : { texts, toks, finish };
 }
 
 export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps): Promise<void> {
@@ -146,8 +173,9 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
 
   app.get('/v1/models', async () => {
     const created = now();
-    const base = { id: engine.model.name, object: 'model', created, owned_by: 'loraplex', root: engine.model.dir, parent: null, max_model_len: engine.maxModelLen };
-    const adapters = engine.adapters.listKnown().map((a) => ({ id: a.id, object: 'model', created, owned_by: 'loraplex', root: a.dir, parent: engine.model.name }));
+    // `root` names the model, never where it lives on the server.
+    const base = { id: engine.model.name, object: 'model', created, owned_by: 'loraplex', root: engine.model.name, parent: null, max_model_len: engine.maxModelLen };
+    const adapters = engine.adapters.listKnown().map((a) => ({ id: a.id, object: 'model', created, owned_by: 'loraplex', root: a.id, parent: engine.model.name }));
     return { object: 'list', data: [base, ...adapters] };
   });
 
@@ -162,13 +190,17 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
     if (logprobs !== null && (logprobs < 0 || logprobs > 20)) invalid('logprobs', 'logprobs must be an integer in [0, 20]');
     if (body.echo && logprobs !== null) invalid('echo', 'echo together with logprobs is not supported');
     const stops = stopStrings(body.stop);
+    // Fan-out is checked before any per-prompt work (tokenising): prompts alone, then prompts x n.
+    const p0 = Array.isArray(body.prompt) ? body.prompt[0] : undefined;
+    const numPrompts = typeof p0 === 'string' || Array.isArray(p0) ? body.prompt.length : 1;
+    deps.admit(numPrompts, 'prompt');
+    deps.admit(numPrompts * n, 'n');
     const prompts = normalizePrompts(engine, body.prompt);
     const inputs: ChoiceInput[] = [];
     for (const p of prompts) {
       const params = samplingParams(engine, body, body.max_tokens, 'max_tokens', p.ids.length, logprobs);
       for (let k = 0; k < n; k++) inputs.push({ promptIds: p.ids, params: { ...params, seed: params.seed === null ? null : params.seed + k }, stops });
     }
-    deps.admit();
     const run = new GenerationRun(engine, inputs, adapter);
     const id = `cmpl-${randomUUID().replace(/-/g, '')}`;
     const created = now();
@@ -177,10 +209,9 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
     req.loraplex = { model: body.model, adapter, run };
 
     if (body.stream) {
-      sseHeaders(reply);
       const echoed = new Set<number>();
       const sent = inputs.map(() => 0); // characters streamed per choice (logprobs text_offset)
-      return streamRun(req, reply, run, () => metrics.requestDone(run, 'stream', t0), (e) => {
+      return streamRun(req, reply, run, () => metrics.requestDone(run, 'stream', t0), () => [], (e) => {
         let text = e.text;
         if (!echoed.has(e.index)) (echoed.add(e.index), (text = echoText(e.index) + text));
         // One chunk per engine step that produced tokens, even when they decode to no text yet
@@ -243,8 +274,8 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
     const ids = engine.tokenizer.encodeChat(messages, body.add_generation_prompt ?? true);
     const maxTokens = body.max_completion_tokens ?? body.max_tokens;
     const params = samplingParams(engine, body, maxTokens, body.max_completion_tokens != null ? 'max_completion_tokens' : 'max_tokens', ids.length, logprobs);
+    deps.admit(n, 'n');
     const inputs: ChoiceInput[] = Array.from({ length: n }, (_, k) => ({ promptIds: ids, params: { ...params, seed: params.seed === null ? null : params.seed + k }, stops }));
-    deps.admit();
     const run = new GenerationRun(engine, inputs, adapter);
     const id = `chatcmpl-${randomUUID().replace(/-/g, '')}`;
     const created = now();
@@ -252,10 +283,9 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
     req.loraplex = { model: body.model, adapter, run };
 
     if (body.stream) {
-      sseHeaders(reply);
       const chunk = (choices: unknown[]) => ({ id, object: 'chat.completion.chunk', created, model: body.model, choices });
-      for (let i = 0; i < n; i++) sse(reply, chunk([{ index: i, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null }]));
-      return streamRun(req, reply, run, () => metrics.requestDone(run, 'stream', t0), (e) => {
+      const roles = () => Array.from({ length: n }, (_, i) => chunk([{ index: i, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null }]));
+      return streamRun(req, reply, run, () => metrics.requestDone(run, 'stream', t0), roles, (e) => {
         if (e.text === '' && !e.finishReason && e.tokens.length === 0) return null;
         const delta = e.text === '' && e.finishReason ? {} : { content: e.text };
         return chunk([{ index: e.index, delta, logprobs: logprobs !== null ? chatLogprobs(engine, e.tokens) : null, finish_reason: e.finishReason }]);

@@ -2,6 +2,7 @@
 import type { FastifyInstance } from 'fastify';
 import type { Engine } from '../engine/engine.js';
 import type { Metrics } from '../metrics.js';
+import { errorBody } from '../openai-error.js';
 
 export interface OpsDeps {
   engine: Engine;
@@ -15,14 +16,15 @@ export async function opsRoutes(app: FastifyInstance, deps: OpsDeps): Promise<vo
   const { engine } = deps;
   app.get('/health', async (_req, reply) => {
     const stalled = engine.secondsSinceProgress() > deps.stallSeconds;
-    reply.code(stalled ? 503 : 200);
-    return { status: stalled ? 'stalled' : 'ok' };
+    if (!stalled) return { status: 'ok' };
+    reply.code(503);
+    return { status: 'stalled', ...errorBody(`the engine made no progress for ${deps.stallSeconds} s`, 'server_error', null, 'engine_stalled') };
   });
   app.get('/ready', async (_req, reply) => {
     const draining = deps.isDraining();
-    reply.code(draining ? 503 : 200);
-    if (draining) reply.header('retry-after', '5');
-    return { status: draining ? 'draining' : 'ready', model: engine.model.name };
+    if (!draining) return { status: 'ready', model: engine.model.name };
+    reply.code(503).header('retry-after', '5');
+    return { status: 'draining', model: engine.model.name, ...errorBody('server is shutting down', 'server_error', null, 'shutting_down') };
   });
   app.get('/metrics', async (_req, reply) => {
     reply.header('content-type', deps.metrics.registry.contentType);

@@ -14,6 +14,8 @@ export class TextStream {
   private readonly decoder: IncrementalDecoder;
   private pending = ''; // decoded, not yet emitted (might be the start of a stop string)
   private done = false;
+  /** Why this choice ended as the client sees it ('stop' for a stop string too); null while running. */
+  reason: FinishReason | null = null;
   readonly tokenIds: number[] = [];
 
   constructor(
@@ -39,11 +41,13 @@ export class TextStream {
       const emit = this.pending.slice(0, hit);
       this.pending = '';
       this.done = true;
+      this.reason = 'stop';
       this.engine.abort(this.seq); // frees its pages now; the choice ends with "stop"
       return { text: emit, tokens: out.tokens, finishReason: 'stop' };
     }
     if (out.finishReason) {
       this.done = true;
+      this.reason = out.finishReason;
       const emit = this.pending;
       this.pending = '';
       return { text: emit, tokens: out.tokens, finishReason: out.finishReason };
