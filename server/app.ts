@@ -3,7 +3,7 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 import { mkdirSync } from 'node:fs';
 import { resolve } from 'node:path';
-import Fastify, { LogController, type FastifyError, type FastifyInstance, type FastifyReply } from 'fastify';
+import Fastify, { LogController, type FastifyInstance, type FastifyReply } from 'fastify';
 import pino from 'pino';
 import type { ServeConfig } from './config.js';
 import { ensureDemoModel } from './demo/demo-model.js';
@@ -13,6 +13,8 @@ import { Metrics } from './metrics.js';
 import { adapterRoutes } from './routes/adapters.js';
 import { openaiRoutes } from './routes/openai.js';
 import { opsRoutes } from './routes/ops.js';
+import { fastifyHttpErrorOptions, installHttpErrorHandling } from './http-errors.js';
+import { errorBody, toOpenAIError } from './openai-error.js';
 import { createAdapterStore } from './stores/adapter-store.js';
 
 export interface AppState {
@@ -20,39 +22,6 @@ export interface AppState {
 }
 
 const OPEN_ROUTES = new Set(['/health', '/ready', '/metrics']);
-
-function errorBody(message: string, type: string, param: string | null, code: string | null) {
-  return { error: { message, type, param, code } };
-}
-
-/** Maps any error to (status, OpenAI error body). Bad input is a 4xx; only our own bugs are 500. */
-export function toOpenAIError(err: unknown): { status: number; body: ReturnType<typeof errorBody>; retryAfter?: number } {
-  if (err instanceof LoraplexError) {
-    const retry = err.status === 429 || err.status === 503 ? 5 : undefined;
-    return { status: err.status, body: errorBody(err.message, err.type, err.param, err.code), retryAfter: retry };
-  }
-  const e = err as FastifyError & { validation?: Array<{ instancePath?: string; params?: Record<string, unknown>; message?: string }> };
-  if (e.validation && e.validation.length) {
-    const v = e.validation[0];
-    const path = (v.instancePath ?? '').replace(/^\//, '').replace(/\//g, '.');
-    const missing = v.params?.missingProperty as string | undefined;
-    const param = missing ? (path ? `${path}.${missing}` : missing) : path || null;
-    const msg = missing ? `${param} is required` : `${param ?? 'body'} ${v.message ?? 'is invalid'}`;
-    return { status: 400, body: errorBody(msg, 'invalid_request_error', param, 'invalid_value') };
-  }
-  switch (e.code) {
-    case 'FST_ERR_CTP_BODY_TOO_LARGE':
-      return { status: 413, body: errorBody('request body is too large', 'invalid_request_error', null, 'request_too_large') };
-    case 'FST_ERR_CTP_INVALID_MEDIA_TYPE':
-      return { status: 415, body: errorBody(`unsupported content type; send application/json`, 'invalid_request_error', null, 'unsupported_media_type') };
-    case 'FST_ERR_CTP_EMPTY_JSON_BODY':
-    case 'FST_ERR_CTP_INVALID_JSON_BODY':
-      return { status: 400, body: errorBody(`request body is not valid JSON`, 'invalid_request_error', null, 'invalid_json') };
-  }
-  if (e.statusCode && e.statusCode >= 400 && e.statusCode < 500)
-    return { status: e.statusCode, body: errorBody(e.message, 'invalid_request_error', null, e.code ?? null) };
-  return { status: 500, body: errorBody('internal server error', 'server_error', null, null) };
-}
 
 function keyDigest(s: string): Buffer {
   return createHash('sha256').update(s).digest();
@@ -71,12 +40,10 @@ export async function buildApp(engine: Engine, cfg: ServeConfig, opts: BuildOpti
     bodyLimit: cfg.maxBodyBytes,
     ajv: { customOptions: { coerceTypes: false, removeAdditional: false, useDefaults: false, allErrors: false } },
     return503OnClosing: false,
-    // Router-level failures (over-long path parameters, bad percent-encoding) in the same shape.
-    frameworkErrors: (err, _req, reply) => {
-      const status = err.code === 'FST_ERR_MAX_PARAM_LENGTH' ? 414 : 400;
-      (reply as unknown as FastifyReply).code(status).send(errorBody(err.message, "invalid_request_error", null, err.code ?? "invalid_url"));
-    },
+    // Parser, Node and router failures (malformed HTTP, bad URLs) in the same shape: http-errors.ts.
+    ...fastifyHttpErrorOptions(),
   });
+  installHttpErrorHandling(app);
   // JSON everywhere (multipart only for uploads): a text/plain body is a 415, not a schema error.
   app.removeContentTypeParser('text/plain');
   const metrics = new Metrics(engine);
@@ -109,8 +76,11 @@ export async function buildApp(engine: Engine, cfg: ServeConfig, opts: BuildOpti
     }, 'request');
   });
   app.setErrorHandler((err, req, reply) => {
-    const { status, body, retryAfter } = toOpenAIError(err);
-    if (status >= 500) req.log.error({ err }, 'request failed');
+    const { status, body, retryAfter, expected } = toOpenAIError(err);
+    // Conditions the server reports on purpose (registry down, draining, full) are warnings without
+    // a stack; only errors nobody anticipated (our bugs) are logged with one.
+    if (!expected) req.log.error({ err }, 'request failed');
+    else if (status >= 500 || status === 429) req.log.warn({ status, code: body.error.code, msg: body.error.message }, 'request refused');
     if (retryAfter) reply.header('retry-after', String(retryAfter));
     reply.code(status).send(body);
   });
@@ -118,10 +88,17 @@ export async function buildApp(engine: Engine, cfg: ServeConfig, opts: BuildOpti
     reply.code(404).send(errorBody(`no route ${req.method} ${req.url.split('?')[0]}`, 'invalid_request_error', null, 'not_found'));
   });
 
-  const admit = () => {
+  // --max-queue counts sequences (prompts x n), the unit that takes memory and engine time: a
+  // request that fans out past the whole queue is refused outright, one that does not fit now waits
+  // for a retry.
+  const admit = (sequences: number, param: string) => {
     if (state.draining) throw new LoraplexError('server is shutting down', 503, 'server_error', null, 'shutting_down');
+    if (sequences > cfg.maxQueue)
+      throw new LoraplexError(
+        `the request fans out to ${sequences} sequences (prompts x n); at most ${cfg.maxQueue} are allowed (--max-queue)`,
+        400, 'invalid_request_error', param, 'too_many_sequences');
     const s = engine.scheduler;
-    if (s.waiting.length + s.running.length >= cfg.maxQueue)
+    if (s.waiting.length + s.running.length + sequences > cfg.maxQueue)
       throw new LoraplexError('too many requests in flight; retry later', 429, 'rate_limit_error', null, 'queue_full');
   };
   await app.register(openaiRoutes, { engine, metrics, maxN: cfg.maxN, admit });
