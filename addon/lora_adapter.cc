@@ -1,6 +1,7 @@
 #include "addon/lora_adapter.h"
 
 #include <cmath>
+#include <limits>
 #include <set>
 #include <stdexcept>
 
@@ -83,9 +84,23 @@ std::shared_ptr<ParsedAdapter> parse_adapter(const std::string& path, const std:
     to_f32(*b, bw.data());
     for (int o = 0; o < outw; o++)
       for (int j = 0; j < e.rank; j++) m.bt[size_t(j) * outw + o] = bw[size_t(o) * e.rank + j];
-    for (const auto* v : {&m.a, &bw})
-      for (float x : *v)
+    if (!std::isfinite(e.scale))
+      throw std::runtime_error(path + ": the scale of '" + prefix + "' is not finite in float32");
+    double amax[2] = {0.0, 0.0};
+    for (int k = 0; k < 2; k++)
+      for (float x : k == 0 ? m.a : bw) {
         if (!std::isfinite(x)) throw std::runtime_error(path + ": non-finite value in '" + prefix + "' LoRA weights");
+        amax[k] = std::max(amax[k], double(std::fabs(x)));
+      }
+    // Worst case of one output of the delta, |s| * sum_j |B[o,j]| * sum_k |A[j,k]| |x_k|, for
+    // activations up to kActivationHeadroom: it must stay finite in fp32, or the adapter would
+    // turn finite inputs into inf/NaN logits. Real adapters sit ~30 orders of magnitude below.
+    constexpr double kActivationHeadroom = 1e4;
+    const double worst = std::fabs(double(e.scale)) * e.rank * amax[1] * double(in) * amax[0] * kActivationHeadroom;
+    if (!(worst <= double(std::numeric_limits<float>::max())))
+      throw std::runtime_error(path + ": the LoRA weights of '" + prefix + "' are too large (max |A| " +
+                               std::to_string(amax[0]) + ", max |B| " + std::to_string(amax[1]) + ", scale " +
+                               std::to_string(e.scale) + "): the update would overflow float32");
     out->bytes += (m.a.size() + m.bt.size()) * sizeof(float);
     out->max_rank = std::max(out->max_rank, e.rank);
     out->modules.push_back(std::move(m));

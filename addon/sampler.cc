@@ -27,6 +27,20 @@ int32_t argmax_first(const float* x, int V) {
   return 0;  // every logit NaN or -inf: the first, as the plain loop gives
 }
 
+// True if every x[i] is finite. x * 0 is 0 for finite x and NaN for inf/NaN; 16 independent
+// accumulators keep it vectorisable without -ffast-math.
+bool all_finite(const float* x, int V) {
+  constexpr int L = 16;
+  float acc[L] = {};
+  int i = 0;
+  for (; i + L <= V; i += L)
+    for (int l = 0; l < L; l++) acc[l] += x[i + l] * 0.f;
+  float tail = 0.f;
+  for (; i < V; i++) tail += x[i] * 0.f;
+  for (int l = 0; l < L; l++) tail += acc[l];
+  return tail == 0.f;
+}
+
 }  // namespace
 
 void Sampler::add_sequence(uint32_t seq_id, int64_t seed, const int32_t* prompt, int n_prompt) {
@@ -49,6 +63,13 @@ SampleResult Sampler::sample(uint32_t seq_id, float* logits, const SamplingParam
   SeqSamplingState& st = it->second;
   const int V = vocab_;
   SampleResult r;
+  // A NaN or infinite logit means the forward pass broke down for this sequence: report it
+  // (token -1) instead of sampling garbage; the engine ends the sequence with an error.
+  if (!all_finite(logits, V)) {
+    r.token = -1;
+    r.logprob = NAN;
+    return r;
+  }
 
   // Raw logprobs: log_softmax of the unprocessed logits. The log-sum-exp over the vocabulary is
   // only paid for when the request asked for logprobs (num_logprobs >= 0).

@@ -28,7 +28,7 @@ struct SeqSamplingState {
 };
 
 struct SampleResult {
-  int32_t token;
+  int32_t token;  // -1: the logits were not all finite; nothing was sampled or recorded
   float logprob;
   std::vector<int32_t> top_ids;   // [num_logprobs]
   std::vector<float> top_logprobs;

@@ -43,7 +43,7 @@ async function generate(argv: string[]): Promise<void> {
     let adapter: string | null = null;
     if (typeof v.adapter === 'string') {
       adapter = 'cli-adapter';
-      engine.adapters.register(adapter, resolve(v.adapter));
+      engine.adapters.register(adapter, resolve(v.adapter), { trusted: true }); // the user's own folder
       await engine.adapters.loadNow(adapter); // surfaces a bad adapter as a load error
     }
     const tok = engine.tokenizer;

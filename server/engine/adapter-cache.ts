@@ -6,6 +6,7 @@ import { existsSync, readdirSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import type { NativeAdapter, NativeEngine } from '../native/addon.js';
 import { AdapterError, planAdapter, toNativePlan, type AdapterPlan } from './adapter-config.js';
+import { confinedDir, confinedFile, resolveRoots } from './adapter-files.js';
 import type { ModelInfo } from './model-config.js';
 import type { PagingManager } from './paging-manager.js';
 import type { Sequence } from './sequence.js';
@@ -17,6 +18,8 @@ type Tier = 'disk' | 'loading' | 'host' | 'pool';
 export interface AdapterEntry {
   id: string;
   dir: string;
+  /** The CLI's own --adapter: its files are not confined to the allowed roots. */
+  trusted: boolean;
   tier: Tier;
   plan: AdapterPlan | null;
   parsed: NativeAdapter | null;
@@ -50,6 +53,10 @@ export interface AdapterCacheStats {
 export class AdapterCache {
   private readonly entries = new Map<string, AdapterEntry>();
   private readonly retiring = new Set<string>();
+  /** Adapter-dir adapters unloaded through the API: not found again until loaded again (in memory only). */
+  private readonly unloaded = new Set<string>();
+  /** --lora-roots: with --adapter-dir, the folders every adapter file must resolve into. */
+  private extraRoots: string[] = [];
   private readonly slots: Array<AdapterEntry | null>;
   private clock = 0;
   private loadsTotal = 0;
@@ -72,28 +79,52 @@ export class AdapterCache {
     this.hostCacheBytes = opts.hostCacheBytes ?? 1024 * 1024 * 1024;
   }
 
-  /** Makes an adapter directory known under `id` (CLI --adapter, vLLM load_lora_adapter, uploads). */
-  register(id: string, dir: string): AdapterEntry {
+  /** Adds folders (--lora-roots) that load_lora_adapter may register adapters from. */
+  allowRoots(roots: string[]): void {
+    this.extraRoots = [...this.extraRoots, ...roots];
+  }
+
+  /** The allowed roots, resolved now (a root created after start counts once it exists). */
+  get roots(): string[] {
+    return resolveRoots([this.opts.adapterDir, ...this.extraRoots]);
+  }
+
+  /**
+   * Makes an adapter directory known under `id` (CLI --adapter, vLLM load_lora_adapter, uploads).
+   * `trusted` (the CLI's own --adapter) lifts the root confinement for that adapter's files.
+   */
+  register(id: string, dir: string, opts: { trusted?: boolean } = {}): AdapterEntry {
     if (!ADAPTER_ID_RE.test(id)) throw new AdapterError(`invalid adapter id ${JSON.stringify(id)}`, 400, 'id');
     const existing = this.entries.get(id);
     if (existing) return existing;
+    this.unloaded.delete(id);
     const e: AdapterEntry = {
-      id, dir: resolve(dir), tier: 'disk', plan: null, parsed: null, pagesNeeded: 0, slot: 0, pages: [],
+      id, dir: resolve(dir), trusted: opts.trusted === true, tier: 'disk', plan: null, parsed: null, pagesNeeded: 0, slot: 0, pages: [],
       lastUsed: 0, refs: 0, requestsServed: 0, loads: 0, lastError: null,
     };
     this.entries.set(id, e);
     return e;
   }
 
-  /** Known adapter, or one found as `<adapter-dir>/<id>/adapter_config.json`. */
+  /**
+   * Known adapter, or one found as `<adapter-dir>/<id>/adapter_config.json`. A folder there that
+   * resolves outside the allowed roots (a symlink to elsewhere) is not an adapter.
+   */
   lookup(id: string): AdapterEntry | null {
     if (this.retiring.has(id)) return null;
     const e = this.entries.get(id);
     if (e) return e;
-    if (!this.opts.adapterDir || !ADAPTER_ID_RE.test(id)) return null;
+    if (!this.opts.adapterDir || !ADAPTER_ID_RE.test(id) || this.unloaded.has(id)) return null;
     const dir = join(this.opts.adapterDir, id);
-    if (existsSync(join(dir, 'adapter_config.json')) && statSync(dir).isDirectory()) return this.register(id, dir);
-    return null;
+    if (!existsSync(join(dir, 'adapter_config.json')) || !statSync(dir).isDirectory()) return null;
+    const real = confinedDir(dir, resolveRoots([this.opts.adapterDir]));
+    if (real === null) return null;
+    return this.register(id, real);
+  }
+
+  /** A new adapter was written to `<adapter-dir>/<id>` (upload, registry sync): an unload of the old one no longer hides it. */
+  published(id: string): void {
+    this.unloaded.delete(id);
   }
 
   /** Adapters that can be named now (those being retired are already gone for new requests). */
@@ -105,7 +136,7 @@ export class AdapterCache {
   listKnown(): AdapterEntry[] {
     const dir = this.opts.adapterDir;
     if (dir && existsSync(dir)) {
-      for (const name of readdirSync(dir).sort()) if (!this.entries.has(name) && !this.retiring.has(name)) this.lookup(name);
+      for (const name of readdirSync(dir).sort()) if (!this.entries.has(name) && !this.retiring.has(name) && ADAPTER_ID_RE.test(name)) this.lookup(name);
     }
     return this.list().sort((a, b) => a.id.localeCompare(b.id));
   }
@@ -204,13 +235,17 @@ export class AdapterCache {
    * Stops serving an adapter: new requests get 404 at once, requests already queued or running
    * finish, then its pages and host copy are freed. Resolves when nothing uses it any more.
    */
-  async retire(id: string): Promise<boolean> {
+  async retire(id: string, opts: { sticky?: boolean } = {}): Promise<boolean> {
     const e = this.entries.get(id) ?? this.lookup(id);
     if (!e) return false;
     this.retiring.add(id);
     try {
       while (e.refs > 0) await this.waitForProgress();
+      const inAdapterDir = this.opts.adapterDir !== null && e.dir === confinedDir(join(this.opts.adapterDir, id), resolveRoots([this.opts.adapterDir]));
       this.forget(id);
+      // An unloaded adapter that lives in --adapter-dir would be found there again on the next
+      // lookup: remember the unload (until it is loaded or published again; not across restarts).
+      if (opts.sticky && inAdapterDir) this.unloaded.add(id);
     } finally {
       this.retiring.delete(id);
     }
@@ -231,25 +266,27 @@ export class AdapterCache {
     e.tier = 'loading';
     try {
       if (e.parsed === null) {
-        const plan = planAdapter(e.dir, this.model, this.opts.maxLoraRank);
-        const file = join(e.dir, 'adapter_model.safetensors');
-        if (!existsSync(file)) {
+        const roots = e.trusted ? ['/'] : this.roots;
+        const plan = await planAdapter(e.dir, this.model, this.opts.maxLoraRank, roots);
+        const name = 'adapter_model.safetensors';
+        if (!existsSync(join(e.dir, name))) {
           const pickle = ['adapter_model.bin', 'adapter_model.pt'].find((f) => existsSync(join(e.dir, f)));
-          throw new AdapterError(
-            pickle ? `${pickle}: pickle adapters are never loaded; convert to adapter_model.safetensors` : 'adapter_model.safetensors: missing',
-            pickle ? 415 : 400, 'adapter_model.safetensors', pickle ? 'unsupported_format' : 'invalid_adapter');
+          if (pickle) throw new AdapterError(`${pickle}: pickle adapters are never loaded; convert to ${name}`, 415, name, 'unsupported_format');
         }
+        const file = confinedFile(e.dir, name, roots);
         let parsed: NativeAdapter;
         try {
           parsed = await this.native.parseAdapter(file, toNativePlan(plan), this.opts.maxLoraRank);
         } catch (err) {
-          throw new AdapterError(`adapter ${e.id}: ${(err as Error).message}`);
+          // The native message names the file by its path: say its name, never where it lives.
+          throw new AdapterError(`adapter ${e.id}: ${(err as Error).message.split(file).join(name)}`);
         }
+        const pages = this.native.adapterPages(parsed);
+        if (pages > this.paging.totalPages)
+          throw new AdapterError(`adapter ${e.id} needs ${pages} pages; the pool has ${this.paging.totalPages}`, 400, 'model', 'adapter_too_large');
         e.plan = plan;
         e.parsed = parsed;
-        e.pagesNeeded = this.native.adapterPages(parsed);
-        if (e.pagesNeeded > this.paging.totalPages)
-          throw new AdapterError(`adapter ${e.id} needs ${e.pagesNeeded} pages; the pool has ${this.paging.totalPages}`, 400, 'model', 'adapter_too_large');
+        e.pagesNeeded = pages;
       }
       e.tier = 'host';
       e.lastError = null;
@@ -259,6 +296,7 @@ export class AdapterCache {
     } catch (err) {
       e.tier = 'disk';
       e.parsed = null;
+      e.pagesNeeded = 0;
       e.lastError = err instanceof AdapterError ? err : new AdapterError(`adapter ${e.id}: ${(err as Error).message}`);
       this.loadFailures++;
       this.onLoadFailed(e.id, e.lastError);
@@ -307,6 +345,28 @@ export class AdapterCache {
     e.slot = 0;
     e.tier = e.parsed ? 'host' : 'disk';
     this.evictions++;
+  }
+
+  /** Cross-checks residency against the pool's owner table (tests run it after every step). */
+  checkInvariants(): void {
+    let pages = 0;
+    for (const e of this.entries.values()) {
+      if (e.refs < 0 || e.pagesNeeded < 0) throw new Error(`invariant: adapter ${e.id} has refs ${e.refs}, pagesNeeded ${e.pagesNeeded}`);
+      if (e.pagesNeeded > this.paging.totalPages) throw new Error(`invariant: adapter ${e.id} needs ${e.pagesNeeded} pages of ${this.paging.totalPages}`);
+      if (e.tier === 'pool') {
+        if (this.slots[e.slot] !== e) throw new Error(`invariant: adapter ${e.id} in the pool without its slot ${e.slot}`);
+        if (e.pages.length !== e.pagesNeeded) throw new Error(`invariant: adapter ${e.id} holds ${e.pages.length} pages, needs ${e.pagesNeeded}`);
+        for (const p of e.pages) {
+          const o = this.paging.ownerOf(p);
+          if (!o || o.kind !== 'adapter' || o.slot !== e.slot) throw new Error(`invariant: page ${p} of adapter ${e.id} is owned by ${JSON.stringify(o)}`);
+        }
+        pages += e.pages.length;
+      } else if (e.pages.length || e.slot !== 0) throw new Error(`invariant: adapter ${e.id} (${e.tier}) holds pool pages or a slot`);
+    }
+    this.slots.forEach((x, i) => {
+      if (x && (x.tier !== 'pool' || x.slot !== i)) throw new Error(`invariant: slot ${i} holds ${x.id} (${x.tier}, slot ${x.slot})`);
+    });
+    if (pages !== this.paging.stats().adapterPages) throw new Error(`invariant: adapters hold ${pages} pages, the pool counts ${this.paging.stats().adapterPages}`);
   }
 
   private trimHostCache(): void {

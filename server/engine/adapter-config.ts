@@ -1,9 +1,9 @@
 // PEFT adapter_config.json semantics -> a per-(layer, projection) plan of rank and scale, exactly
 // as PEFT resolves target_modules, layers_to_transform, rank_pattern, alpha_pattern and rsLoRA.
-import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { RE2JS } from 're2js';
 import type { NativeLoraPlan } from '../native/addon.js';
-import { LoraplexError } from './errors.js';
+import { readAdapterConfig } from './adapter-files.js';
+import { AdapterError } from './errors.js';
 import type { ModelInfo } from './model-config.js';
 
 export const PROJ_NAMES = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] as const;
@@ -24,51 +24,138 @@ export interface AdapterPlan {
   modules: LoraModulePlan[];
 }
 
-export class AdapterError extends LoraplexError {
-  constructor(message: string, status = 400, param: string | null = null, code = 'invalid_adapter') {
-    super(message, status, 'invalid_request_error', param, code);
-    this.name = 'AdapterError';
-  }
-}
+export { AdapterError };
 
 function moduleKey(layer: number, proj: number): string {
   return `model.layers.${layer}.${proj <= 3 ? 'self_attn' : 'mlp'}.${PROJ_NAMES[proj]}`;
 }
 
-function pyRegex(pattern: string, field: string, anchored: 'full' | 'suffix'): RegExp {
+/**
+ * Module-name patterns of adapter_config.json are matched with RE2 semantics (re2js: linear time in
+ * the key, no backtracking), so a hostile pattern such as `(.*)*z` costs what any other does.
+ * Python's lookaround and backreferences have no linear-time form: such a pattern is refused.
+ */
+export const MAX_PATTERN_LENGTH = 1024;
+/** Entries of rank_pattern / alpha_pattern; of them, regular expressions (not plain module names). */
+export const MAX_PATTERN_KEYS = 4096;
+export const MAX_REGEX_KEYS = 256;
+
+// The first compile and match pay for warming re2js up (~30 ms): do it at start, not in a request.
+RE2JS.compile('(?:.*\\.)?(?:(a|b)*c+_proj)').matches('model.layers.0.mlp.c_proj');
+
+interface KeyMatcher {
+  test(key: string): boolean;
+}
+
+// `(.*\.)?(L)$` for a key L of plain name characters ('.' matches any character, as in the regex):
+// a suffix compare, no regex at all. PEFT configs usually list module names like this.
+const PLAIN_KEY = /^[A-Za-z0-9_.-]+$/;
+
+function plainSuffixMatcher(lit: string): KeyMatcher {
+  // L has a fixed length, so there is one split: the key's last |L| characters match L and what
+  // precedes them is empty or ends with a literal dot.
+  return {
+    test(key: string): boolean {
+      const off = key.length - lit.length;
+      if (off < 0 || (off > 0 && key[off - 1] !== '.')) return false;
+      for (let i = 0; i < lit.length; i++) if (lit[i] !== '.' && lit[i] !== key[off + i]) return false;
+      return true;
+    },
+  };
+}
+
+function patternMatcher(pattern: string, field: string, anchored: 'full' | 'suffix'): KeyMatcher {
+  if (pattern.length > MAX_PATTERN_LENGTH)
+    throw new AdapterError(`adapter_config.json: a ${field} pattern is longer than ${MAX_PATTERN_LENGTH} characters`, 400, field);
+  if (anchored === 'suffix' && PLAIN_KEY.test(pattern)) return plainSuffixMatcher(pattern);
   try {
-    return anchored === 'full' ? new RegExp(`^(?:${pattern})$`) : new RegExp(`^(.*\\.)?(${pattern})$`);
+    const re = RE2JS.compile(anchored === 'full' ? `(?:${pattern})` : `(?:.*\\.)?(?:${pattern})`);
+    return { test: (key: string) => re.matches(key) };
   } catch (e) {
-    throw new AdapterError(`adapter_config.json: ${field} ${JSON.stringify(pattern)} is not a valid regular expression`, 400, field);
+    throw new AdapterError(
+      `adapter_config.json: ${field} ${JSON.stringify(pattern.slice(0, 80))} is not a supported regular expression (RE2 syntax: no lookaround or backreferences): ${(e as Error).message.replace(/^error parsing regexp: /, '')}`,
+      400, field);
   }
 }
 
-function patternValue(pattern: Record<string, unknown>, key: string, field: string): number | undefined {
-  for (const [k, v] of Object.entries(pattern)) {
-    if (pyRegex(k, field, 'suffix').test(key)) {
-      if (typeof v !== 'number' || !Number.isFinite(v)) throw new AdapterError(`adapter_config.json: ${field}[${k}] must be a number`, 400, field);
-      return v;
-    }
+interface PatternTable {
+  entries: Array<{ key: string; value: number; m: KeyMatcher | null }>;
+}
+
+function patternTable(pattern: Record<string, unknown>, field: string): PatternTable {
+  const keys = Object.keys(pattern);
+  if (keys.length > MAX_PATTERN_KEYS) throw new AdapterError(`adapter_config.json: ${field} has more than ${MAX_PATTERN_KEYS} entries`, 400, field);
+  if (keys.filter((k) => !PLAIN_KEY.test(k)).length > MAX_REGEX_KEYS)
+    throw new AdapterError(`adapter_config.json: ${field} has more than ${MAX_REGEX_KEYS} regular-expression keys (plain module names are not limited this way)`, 400, field);
+  return {
+    entries: keys.map((k) => {
+      const v = pattern[k];
+      if (typeof v !== 'number' || !Number.isFinite(v)) throw new AdapterError(`adapter_config.json: ${field}[${JSON.stringify(k.slice(0, 80))}] must be a number`, 400, field);
+      return { key: k, value: v, m: null };
+    }),
+  };
+}
+
+/** First entry (in the config's order) whose pattern matches `key`; compiled lazily, once. */
+function* patternValue(t: PatternTable, key: string, field: string): Generator<void, number | undefined> {
+  for (let i = 0; i < t.entries.length; i++) {
+    const e = t.entries[i];
+    e.m ??= patternMatcher(e.key, field, 'suffix');
+    if (e.m.test(key)) return e.value;
+    yield; // a compile can take a millisecond: give the caller a chance to pause after each
+
   }
   return undefined;
 }
 
-/** Reads and resolves an adapter directory's config against the base model. Throws AdapterError. */
-export function planAdapter(dir: string, model: ModelInfo, maxLoraRank: number): AdapterPlan {
-  const path = join(dir, 'adapter_config.json');
-  let cfg: Record<string, unknown>;
-  try {
-    const v = JSON.parse(readFileSync(path, 'utf8'));
-    if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new Error('not a JSON object');
-    cfg = v;
-  } catch (e) {
-    const code = (e as NodeJS.ErrnoException).code;
-    throw new AdapterError(`adapter_config.json: ${code === 'ENOENT' ? 'missing' : (e as Error).message}`, 400, 'adapter_config.json');
-  }
-  return planFromConfig(cfg, model, maxLoraRank);
+/**
+ * Largest |scale| (lora_alpha / r, or / sqrt(r) with rsLoRA) accepted. Real adapters stay far
+ * below it (alpha = 2r is common, i.e. 2); past it the delta swamps the base model and fp32
+ * activations move towards overflow.
+ */
+export const MAX_LORA_SCALE = 1e4;
+
+/** Reads an adapter directory's config (resolved inside the allowed roots) and plans it; off-loop friendly. */
+export async function planAdapter(dir: string, model: ModelInfo, maxLoraRank: number, roots: string[]): Promise<AdapterPlan> {
+  const cfg = readAdapterConfig(dir, roots);
+  return planFromConfigAsync(cfg, model, maxLoraRank);
 }
 
+/** Resolves the plan synchronously (tests, small configs). */
 export function planFromConfig(cfg: Record<string, unknown>, model: ModelInfo, maxLoraRank: number): AdapterPlan {
+  const g = planSteps(cfg, model, maxLoraRank);
+  for (;;) {
+    const r = g.next();
+    if (r.done) return r.value;
+  }
+}
+
+/** Time a plan may take in all (hostile pattern tables); the event loop gets a turn every slice. */
+const PLAN_SLICE_MS = 5;
+const PLAN_DEADLINE_MS = 2000;
+
+/**
+ * Resolves the plan in slices of a few milliseconds, yielding to the event loop between them, so
+ * a config with thousands of patterns never stalls running streams or /health.
+ */
+export async function planFromConfigAsync(cfg: Record<string, unknown>, model: ModelInfo, maxLoraRank: number): Promise<AdapterPlan> {
+  const g = planSteps(cfg, model, maxLoraRank);
+  const t0 = performance.now();
+  let slice = t0;
+  for (;;) {
+    const r = g.next();
+    if (r.done) return r.value;
+    const now = performance.now();
+    if (now - slice >= PLAN_SLICE_MS) {
+      if (now - t0 > PLAN_DEADLINE_MS)
+        throw new AdapterError(`adapter_config.json: matching its module patterns takes longer than ${PLAN_DEADLINE_MS / 1000} s; use fewer or simpler patterns`, 400, 'adapter_config.json');
+      await new Promise<void>((res) => setImmediate(res));
+      slice = performance.now();
+    }
+  }
+}
+
+function* planSteps(cfg: Record<string, unknown>, model: ModelInfo, maxLoraRank: number): Generator<void, AdapterPlan> {
   const fail = (field: string, msg: string): never => {
     throw new AdapterError(`adapter_config.json: ${msg}`, 400, field);
   };
@@ -88,13 +175,15 @@ export function planFromConfig(cfg: Record<string, unknown>, model: ModelInfo, m
   if (typeof r !== 'number' || !Number.isInteger(r)) fail('r', 'r must be an integer');
   const rank = r as number;
   const alphaRaw = cfg.lora_alpha ?? 8;
-  if (typeof alphaRaw !== 'number' || !Number.isFinite(alphaRaw)) fail('lora_alpha', 'lora_alpha must be a number');
+  if (typeof alphaRaw !== 'number' || !Number.isFinite(alphaRaw)) fail('lora_alpha', 'lora_alpha must be a finite number');
   const alpha = alphaRaw as number;
   const rsLora = cfg.use_rslora === true;
-  const rankPattern = (cfg.rank_pattern ?? {}) as Record<string, unknown>;
-  const alphaPattern = (cfg.alpha_pattern ?? {}) as Record<string, unknown>;
-  if (typeof rankPattern !== 'object' || Array.isArray(rankPattern)) fail('rank_pattern', 'rank_pattern must be an object');
-  if (typeof alphaPattern !== 'object' || Array.isArray(alphaPattern)) fail('alpha_pattern', 'alpha_pattern must be an object');
+  const rankPatternRaw = cfg.rank_pattern ?? {};
+  const alphaPatternRaw = cfg.alpha_pattern ?? {};
+  if (typeof rankPatternRaw !== 'object' || Array.isArray(rankPatternRaw)) fail('rank_pattern', 'rank_pattern must be an object');
+  if (typeof alphaPatternRaw !== 'object' || Array.isArray(alphaPatternRaw)) fail('alpha_pattern', 'alpha_pattern must be an object');
+  const rankPattern = patternTable(rankPatternRaw as Record<string, unknown>, 'rank_pattern');
+  const alphaPattern = patternTable(alphaPatternRaw as Record<string, unknown>, 'alpha_pattern');
 
   // PEFT's check_target_module_exists, for the module keys of a Llama-family model:
   // exclude_modules first; a string is a full-match regex (layers_to_transform does not apply);
@@ -102,7 +191,7 @@ export function planFromConfig(cfg: Record<string, unknown>, model: ModelInfo, m
   const excl = cfg.exclude_modules;
   let excluded: (key: string) => boolean = () => false;
   if (typeof excl === 'string') {
-    const re = pyRegex(excl, 'exclude_modules', 'full');
+    const re = patternMatcher(excl, 'exclude_modules', 'full');
     excluded = (k) => re.test(k);
   } else if (Array.isArray(excl) && excl.length > 0) {
     const list = excl.map(String);
@@ -119,7 +208,7 @@ export function planFromConfig(cfg: Record<string, unknown>, model: ModelInfo, m
     if (tm.toLowerCase() === 'all-linear') {
       exact = () => true; // every linear layer but the output head
     } else {
-      const re = pyRegex(tm, 'target_modules', 'full');
+      const re = patternMatcher(tm, 'target_modules', 'full');
       for (const k of embedKeys) if (re.test(k)) fail('target_modules', `target_modules matches ${k}; embedding and lm_head LoRA are not supported`);
       exact = (k) => re.test(k);
     }
@@ -153,11 +242,20 @@ export function planFromConfig(cfg: Record<string, unknown>, model: ModelInfo, m
     for (let proj = 0; proj < PROJ_NAMES.length; proj++) {
       const key = moduleKey(layer, proj);
       if (!matches(key, layer)) continue;
-      const mr = patternValue(rankPattern, key, 'rank_pattern') ?? rank;
-      const ma = patternValue(alphaPattern, key, 'alpha_pattern') ?? alpha;
+      const mr = (yield* patternValue(rankPattern, key, 'rank_pattern')) ?? rank;
+      const ma = (yield* patternValue(alphaPattern, key, 'alpha_pattern')) ?? alpha;
       if (!Number.isInteger(mr) || mr < 1 || mr > maxLoraRank)
         throw new AdapterError(`adapter rank ${mr} (${key}) is outside 1..${maxLoraRank} (--max-lora-rank)`, 400, 'r', 'invalid_rank');
-      modules.push({ layer, proj, rank: mr, alpha: ma, scale: rsLora ? ma / Math.sqrt(mr) : ma / mr });
+      const scale = rsLora ? ma / Math.sqrt(mr) : ma / mr;
+      // The kernels multiply by the scale in fp32: it must be finite there, and sane.
+      if (!Number.isFinite(Math.fround(scale)) || Math.abs(scale) > MAX_LORA_SCALE) {
+        const field = ma === alpha ? 'lora_alpha' : 'alpha_pattern';
+        throw new AdapterError(
+          `adapter_config.json: the LoRA scale of ${key} (${field} ${ma} / ${rsLora ? 'sqrt(r)' : 'r'} with r ${mr}) is ${scale}; |scale| must be at most ${MAX_LORA_SCALE}`,
+          400, field);
+      }
+      modules.push({ layer, proj, rank: mr, alpha: ma, scale });
+      yield;
       targets.add(PROJ_NAMES[proj]);
     }
   }

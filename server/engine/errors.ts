@@ -20,3 +20,11 @@ export class ModelLoadError extends LoraplexError {
     this.name = 'ModelLoadError';
   }
 }
+
+/** An adapter that cannot be served: bad config, bad weights, missing files (400 invalid_adapter). */
+export class AdapterError extends LoraplexError {
+  constructor(message: string, status = 400, param: string | null = null, code = 'invalid_adapter') {
+    super(message, status, 'invalid_request_error', param, code);
+    this.name = 'AdapterError';
+  }
+}

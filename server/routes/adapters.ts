@@ -1,12 +1,12 @@
 // Adapter management: upload (multipart), list, get, delete, and vLLM's load/unload endpoints.
 import { realpathSync, rmSync } from 'node:fs';
-import { sep } from 'node:path';
 import multipart from '@fastify/multipart';
 import { Type, type Static } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
 import type { ServeConfig } from '../config.js';
 import type { AdapterEntry } from '../engine/adapter-cache.js';
 import type { Engine } from '../engine/engine.js';
+import { isInside } from '../engine/adapter-files.js';
 import { LoraplexError } from '../engine/errors.js';
 import { checkAdapterId, receiveUpload, validateStaged } from '../services/adapter-upload.js';
 import type { AdapterStore } from '../stores/adapter-store.js';
@@ -27,6 +27,7 @@ function notFound(id: string): LoraplexError {
 export async function adapterRoutes(app: FastifyInstance, deps: AdapterRouteDeps): Promise<void> {
   const { engine, store, cfg } = deps;
   const adapterDir = engine.adapters.opts.adapterDir!;
+  engine.adapters.allowRoots(cfg.loraRoots);
   await app.register(multipart, { limits: { fileSize: cfg.maxAdapterBytes } });
 
   const describe = (e: AdapterEntry) => {
@@ -50,11 +51,12 @@ export async function adapterRoutes(app: FastifyInstance, deps: AdapterRouteDeps
 
   app.post('/v1/adapters', async (req, reply) => {
     store.checkWritable();
-    const up = await receiveUpload(req, adapterDir, cfg.maxAdapterBytes);
+    const up = await receiveUpload(req, reply, adapterDir, cfg.maxAdapterBytes);
     try {
       if (engine.adapters.lookup(up.id)) throw new LoraplexError(`adapter ${up.id} already exists`, 409, 'invalid_request_error', 'id', 'adapter_exists');
       const meta = await validateStaged(engine, up);
       await store.publish(up.id, up.dir, meta);
+      engine.adapters.published(up.id);
     } finally {
       rmSync(up.dir, { recursive: true, force: true }); // gone after a publish (renamed) or any failure
     }
@@ -91,14 +93,8 @@ export async function adapterRoutes(app: FastifyInstance, deps: AdapterRouteDeps
     } catch {
       throw new LoraplexError('lora_path does not exist', 400, 'invalid_request_error', 'lora_path', 'invalid_value');
     }
-    const roots = [adapterDir, ...cfg.loraRoots].map((r) => {
-      try {
-        return realpathSync(r);
-      } catch {
-        return null;
-      }
-    });
-    if (!roots.some((r) => r !== null && (real === r || real.startsWith(r + sep))))
+    // The folder must resolve inside a root; each of its files is checked again when it is read.
+    if (!isInside(real, engine.adapters.roots))
       throw new LoraplexError('lora_path must be inside --adapter-dir or a --lora-roots folder', 400, 'invalid_request_error', 'lora_path', 'invalid_value');
     engine.adapters.register(name, real);
     try {
@@ -113,7 +109,7 @@ export async function adapterRoutes(app: FastifyInstance, deps: AdapterRouteDeps
   app.post<{ Body: Static<typeof UnloadBody> }>('/v1/unload_lora_adapter', { schema: { body: UnloadBody } }, async (req) => {
     const name = req.body.lora_name;
     if (!engine.adapters.lookup(name)) throw notFound(name);
-    await engine.adapters.retire(name);
+    await engine.adapters.retire(name, { sticky: true });
     return `Success: LoRA adapter '${name}' removed successfully.`;
   });
 }

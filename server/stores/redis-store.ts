@@ -219,6 +219,7 @@ export class RedisStore implements AdapterStore {
       writeFileSync(join(staging, META_FILE), JSON.stringify(meta, null, 2));
       for (const f of [...ADAPTER_FILES, META_FILE]) fsyncPath(join(staging, f));
       renameSync(staging, join(this.adapterDir, id));
+      this.engine.adapters.published(id); // a new adapter under the id: an earlier unload no longer applies
     } finally {
       rmSync(staging, { recursive: true, force: true });
     }
