@@ -3,6 +3,7 @@
 // Thread safety: all methods are called from the engine thread only (see engine.h).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -22,6 +23,16 @@ struct StepBatch {
   std::vector<int32_t> context_lens;  // [S] KV length after this step
   std::vector<int32_t> block_tables;  // [S, max_blocks] page ids
   std::vector<int32_t> sample_seqs;   // sequences whose last token's logits are needed, in order
+};
+
+// Rows beyond the sampled ones whose logits a step needs (prompt logprobs): token indices into the
+// batch. The backend computes them in chunks of at most kChunk rows (so memory stays bounded for
+// long prompts: a chunk is kChunk x vocab floats) and hands each chunk to `consume`.
+struct RowLogits {
+  static constexpr int kChunk = 64;
+  std::vector<int32_t> rows;  // [R] token index t in [0, n_tokens)
+  // logits [count, vocab] of rows[first, first + count)
+  std::function<void(int first, int count, const float* logits)> consume;
 };
 
 struct PoolInfo {
@@ -45,8 +56,9 @@ class Backend {
   // Copies the adapter's rows into the given pages of the pool and makes it addressable as `slot`.
   virtual void install_adapter(int slot, const ParsedAdapter& a, const std::vector<int32_t>& pages) = 0;
   virtual void remove_adapter(int slot) = 0;
-  // Runs the model over the batch; writes logits [sample_seqs.size(), vocab].
-  virtual void forward(const StepBatch& b, float* logits) = 0;
+  // Runs the model over the batch; writes logits [sample_seqs.size(), vocab], then passes the
+  // logits of `extra` rows (if any) to extra->consume chunk by chunk.
+  virtual void forward(const StepBatch& b, float* logits, const RowLogits* extra = nullptr) = 0;
 };
 
 // KV page size for a model: one block of `block_size` tokens for every layer, K and V, elements

@@ -136,7 +136,7 @@ class CpuBackend final : public Backend {
     installed_[slot].rows.clear();
   }
 
-  void forward(const StepBatch& b, float* logits) override;
+  void forward(const StepBatch& b, float* logits, const RowLogits* extra) override;
 
  private:
   cpu::LoraRef& ref_at(int layer, int proj, int slot) {
@@ -212,7 +212,7 @@ void CpuBackend::apply_lora(int layer, std::initializer_list<int> ps, const floa
   else cpu::lora_sgmv(pool_, targets, n, segs_.data(), int(segs_.size()), x, in, z_.data());
 }
 
-void CpuBackend::forward(const StepBatch& b, float* logits) {
+void CpuBackend::forward(const StepBatch& b, float* logits, const RowLogits* extra) {
   const Model& m = *model_;
   const ModelSpec& s = m.spec;
   const int T = b.n_tokens, H = s.hidden, QD = m.q_dim(), KD = m.kv_dim(), I = s.intermediate;
@@ -293,20 +293,31 @@ void CpuBackend::forward(const StepBatch& b, float* logits) {
       for (size_t i = 0; i < x_.size(); i++) x_[i] += o_[i];
     }
   }
-  // Final norm and lm_head only on the last position of each sequence that samples.
+  // Final norm and lm_head only on the rows whose logits are needed: the last position of each
+  // sequence that samples, then (prompt logprobs) the extra rows in chunks.
   const int n = int(b.sample_seqs.size());
-  if (n == 0) {
-    prof_.report();
-    return;
-  }
   OpTimer lm_timer(prof_, 7);
-  last_.resize(size_t(n) * H);
-  for (int i = 0; i < n; i++) {
-    const int t = b.query_start[b.sample_seqs[i] + 1] - 1;
-    std::memcpy(last_.data() + size_t(i) * H, x_.data() + size_t(t) * H, H * sizeof(float));
+  // rows [n] token indices -> out [n, vocab] logits
+  const auto head = [&](const int32_t* rows, int cnt, float* out) {
+    last_.resize(size_t(cnt) * H);
+    for (int i = 0; i < cnt; i++) std::memcpy(last_.data() + size_t(i) * H, x_.data() + size_t(rows[i]) * H, H * sizeof(float));
+    cpu::rmsnorm(last_.data(), m.final_norm.data(), cnt, H, s.rms_eps, last_.data());
+    gemm(last_.data(), cnt, m.lm_head, packed_lm_head_, nullptr, out);
+  };
+  if (n > 0) {
+    std::vector<int32_t> rows(n);
+    for (int i = 0; i < n; i++) rows[i] = b.query_start[b.sample_seqs[i] + 1] - 1;
+    head(rows.data(), n, logits);
   }
-  cpu::rmsnorm(last_.data(), m.final_norm.data(), n, H, s.rms_eps, last_.data());
-  gemm(last_.data(), n, m.lm_head, packed_lm_head_, nullptr, logits);
+  if (extra && !extra->rows.empty()) {
+    const int R = int(extra->rows.size()), V = s.vocab;
+    std::vector<float> chunk(size_t(std::min(R, RowLogits::kChunk)) * V);
+    for (int first = 0; first < R; first += RowLogits::kChunk) {
+      const int cnt = std::min(RowLogits::kChunk, R - first);
+      head(extra->rows.data() + first, cnt, chunk.data());
+      extra->consume(first, cnt, chunk.data());
+    }
+  }
   prof_.report();
 }
 

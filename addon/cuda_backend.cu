@@ -183,7 +183,7 @@ class CudaBackend final : public Backend {
   const PoolInfo& pool() const override { return pool_info_; }
   void install_adapter(int slot, const ParsedAdapter& a, const std::vector<int32_t>& pages) override;
   void remove_adapter(int slot) override;
-  void forward(const StepBatch& b, float* logits) override;
+  void forward(const StepBatch& b, float* logits, const RowLogits* extra) override;
 
  private:
   void init(int block_size, int num_pages);
@@ -224,7 +224,7 @@ class CudaBackend final : public Backend {
   StepPlan plan_;
   std::vector<int32_t> ints_;
   PinnedBuf h_step_;
-  DevBuf d_step_, x_, h_, q_, k_, v_, att_, o_, gate_, up_, z_, last_, logits_, attn_ws_;
+  DevBuf d_step_, x_, h_, q_, k_, v_, att_, o_, gate_, up_, z_, last_, logits_, attn_ws_, extra_rows_;
 };
 
 const void* CudaBackend::upload(const void* host, size_t bytes, const char* what) {
@@ -540,7 +540,7 @@ void CudaBackend::apply_lora(int layer, int p, const float* x, float* y) {
   }
 }
 
-void CudaBackend::forward(const StepBatch& b, float* logits) {
+void CudaBackend::forward(const StepBatch& b, float* logits, const RowLogits* extra) {
   const Model& m = *model_;
   const ModelSpec& s = m.spec;
   if (b.n_tokens <= 0) return;
@@ -604,6 +604,31 @@ void CudaBackend::forward(const StepBatch& b, float* logits) {
     // Sampling runs on the host (addon/sampler.cc): [n, V] fp32 logits come back.
     check_cuda(cudaMemcpyAsync(logits, logits_.p, size_t(n) * V * f, cudaMemcpyDeviceToHost, compute_),
                "logits copy to host");
+  }
+  // Prompt logprobs: the extra rows in chunks, each chunk's logits back to the host for the
+  // log-softmax (the same host code as the CPU backend's rows).
+  if (extra && !extra->rows.empty()) {
+    const int R = int(extra->rows.size()), C = RowLogits::kChunk;
+    // The sampled rows' copy may still be in flight from last_/logits_, which may be regrown here.
+    check_cuda(cudaStreamSynchronize(compute_), "CUDA forward");
+    last_.ensure(size_t(C) * H * f, "activations");
+    logits_.ensure(size_t(C) * V * f, "logits");
+    extra_rows_.ensure(size_t(C) * sizeof(int32_t), "prompt logprob rows");
+    std::vector<float> host(size_t(std::min(R, C)) * V);
+    float* last = last_.as<float>();
+    for (int first = 0; first < R; first += C) {
+      const int cnt = std::min(C, R - first);
+      check_cuda(cudaMemcpyAsync(extra_rows_.p, extra->rows.data() + first, size_t(cnt) * sizeof(int32_t),
+                                 cudaMemcpyHostToDevice, compute_),
+                 "prompt logprob rows to device");
+      cuda::gather_rows(x, extra_rows_.as<int32_t>(), cnt, H, last, compute_);
+      cuda::rmsnorm(last, nullptr, final_norm_, cnt, H, s.rms_eps, last, compute_);
+      gemm_->run(last, cnt, H, lm_head_.data, lm_head_.wt, V, nullptr, logits_.as<float>(), compute_);
+      check_cuda(cudaMemcpyAsync(host.data(), logits_.p, size_t(cnt) * V * f, cudaMemcpyDeviceToHost, compute_),
+                 "prompt logits copy to host");
+      check_cuda(cudaStreamSynchronize(compute_), "CUDA prompt logits");
+      extra->consume(first, cnt, host.data());
+    }
   }
   check_cuda(cudaStreamSynchronize(compute_), "CUDA forward");
 }

@@ -109,6 +109,20 @@ struct EngineSampling {
   std::vector<double> new_seeds;
   std::vector<int32_t> new_prompt_start, new_prompt_tokens;
   std::vector<uint32_t> free_ids;
+  // Prompt logprobs: token index in the batch, the token it should have predicted, top-N to report.
+  std::vector<int32_t> plp_rows, plp_targets, plp_top;
+};
+
+// What a step hands back: per sampled row, then per prompt-logprob row.
+struct StepOutput {
+  std::vector<int32_t> tok, top_ids;
+  std::vector<float> lp, top_lp;
+  int max_n = 0;
+  std::vector<float> plp;
+  std::vector<int32_t> plp_rank, plp_top_ids;
+  std::vector<float> plp_top_lp;
+  int plp_max_n = 0;
+  double fwd = 0, smp = 0;
 };
 
 Napi::Function Engine::Init(Napi::Env env) {
@@ -341,6 +355,12 @@ Napi::Value Engine::Step(const Napi::CallbackInfo& info) {
   sp->new_prompt_start = I32(o, "newPromptStart", long(sp->new_ids.size()) + 1);
   sp->new_prompt_tokens = I32(o, "newPromptTokens", -1);
   sp->free_ids = U32(o, "freeSeqIds", -1);
+  if (o.Has("promptLpRows")) {
+    sp->plp_rows = I32(o, "promptLpRows", -1);
+    const long R = long(sp->plp_rows.size());
+    sp->plp_targets = I32(o, "promptLpTargets", R);
+    sp->plp_top = I32(o, "promptLpTop", R);
+  }
 
   // Validate everything the kernels index with, so bad input is an error and never a crash.
   const ModelSpec& spec = model_->spec;
@@ -368,12 +388,16 @@ Napi::Value Engine::Step(const Napi::CallbackInfo& info) {
     const int s = b->sample_seqs[i];
     if (s < 0 || s >= S || b->query_start[s + 1] == b->query_start[s]) type_error(env, "sampleSeqs entry out of range");
   }
+  for (size_t i = 0; i < sp->plp_rows.size(); i++) {
+    if (sp->plp_rows[i] < 0 || sp->plp_rows[i] >= T) type_error(env, "promptLpRows entry out of range");
+    if (sp->plp_targets[i] < 0 || sp->plp_targets[i] >= spec.vocab) type_error(env, "promptLpTargets entry out of the vocabulary");
+    if (sp->plp_top[i] < 0 || sp->plp_top[i] > 20) type_error(env, "promptLpTop must be in [0, 20]");
+  }
   const long n_new = long(sp->new_ids.size());
   if (sp->new_prompt_start[0] != 0 || sp->new_prompt_start[n_new] != long(sp->new_prompt_tokens.size()))
     type_error(env, "newPromptStart must run from 0 to the prompt token count");
 
-  auto res = std::make_shared<std::tuple<std::vector<int32_t>, std::vector<float>, std::vector<int32_t>,
-                                         std::vector<float>, int, double, double>>();
+  auto res = std::make_shared<StepOutput>();
   return Submit(
       env,
       [this, b, sp, res] {
@@ -386,12 +410,38 @@ Napi::Value Engine::Step(const Napi::CallbackInfo& info) {
         }
         const size_t n = b->sample_seqs.size();
         auto t0 = Clock::now();
+        auto& [tok, top_ids, lp, top_lp, max_n, plp, plp_rank, plp_top_ids, plp_top_lp, plp_max_n, fwd, smp] = *res;
+        // Prompt logprobs: each extra row's log-softmax, reduced to what is reported as its chunk
+        // arrives (the chunk's logits are not kept).
+        RowLogits extra;
+        const size_t R = sp->plp_rows.size();
+        if (R > 0) {
+          extra.rows = sp->plp_rows;
+          for (int32_t k : sp->plp_top) plp_max_n = std::max(plp_max_n, int(k));
+          plp.assign(R, 0.f);
+          plp_rank.assign(R, 0);
+          plp_top_ids.assign(R * plp_max_n, -1);
+          plp_top_lp.assign(R * plp_max_n, 0.f);
+          StepOutput* out = res.get();  // (structured bindings cannot be captured before C++20)
+          extra.consume = [out, sp, V](int first, int count, const float* lg) {
+            const int w = out->plp_max_n;
+            for (int i = 0; i < count; i++) {
+              const size_t r = size_t(first + i);
+              RowLogprobs q = row_logprobs(lg + size_t(i) * V, V, sp->plp_targets[r], sp->plp_top[r]);
+              out->plp[r] = q.logprob;
+              out->plp_rank[r] = q.rank;
+              for (size_t k = 0; k < q.top_ids.size(); k++) {
+                out->plp_top_ids[r * w + k] = q.top_ids[k];
+                out->plp_top_lp[r * w + k] = q.top_logprobs[k];
+              }
+            }
+          };
+        }
         if (b->n_tokens > 0) {
           logits_.resize(n * size_t(V));
-          backend_->forward(*b, logits_.data());
+          backend_->forward(*b, logits_.data(), R > 0 ? &extra : nullptr);
         }
         const double fwd_ms = ms_since(t0);
-        auto& [tok, lp, top_ids, top_lp, max_n, fwd, smp] = *res;
         max_n = 0;
         for (auto& p : sp->params) max_n = std::max(max_n, p.num_logprobs);  // -1 counts as 0
         tok.assign(n, -1);
@@ -414,8 +464,13 @@ Napi::Value Engine::Step(const Napi::CallbackInfo& info) {
         smp = ms_since(t1);
       },
       [res](Napi::Env env) {
-        auto& [tok, lp, top_ids, top_lp, max_n, fwd, smp] = *res;
+        auto& [tok, top_ids, lp, top_lp, max_n, plp, plp_rank, plp_top_ids, plp_top_lp, plp_max_n, fwd, smp] = *res;
         Napi::Object out = Napi::Object::New(env);
+        out.Set("promptLogprobs", to_typed<float, Napi::Float32Array>(env, plp));
+        out.Set("promptRanks", to_typed<int32_t, Napi::Int32Array>(env, plp_rank));
+        out.Set("promptTopIds", to_typed<int32_t, Napi::Int32Array>(env, plp_top_ids));
+        out.Set("promptTopLogprobs", to_typed<float, Napi::Float32Array>(env, plp_top_lp));
+        out.Set("promptNumTop", plp_max_n);
         out.Set("tokens", to_typed<int32_t, Napi::Int32Array>(env, tok));
         out.Set("logprobs", to_typed<float, Napi::Float32Array>(env, lp));
         out.Set("topIds", to_typed<int32_t, Napi::Int32Array>(env, top_ids));

@@ -43,6 +43,31 @@ bool all_finite(const float* x, int V) {
 
 }  // namespace
 
+RowLogprobs row_logprobs(const float* logits, int V, int32_t target, int n_top) {
+  RowLogprobs r;
+  float mx = -INFINITY;
+  for (int i = 0; i < V; i++) mx = std::max(mx, logits[i]);
+  double sum = 0.0;
+  for (int i = 0; i < V; i++) sum += std::exp(double(logits[i]) - mx);
+  const float lse = mx + float(std::log(sum));
+  const float t = logits[target];
+  r.logprob = t - lse;
+  // Rank as vLLM counts it: 1 + the number of tokens with a strictly higher logit.
+  int higher = 0;
+  for (int i = 0; i < V; i++) higher += logits[i] > t;
+  r.rank = higher + 1;
+  const int n = std::min(std::max(n_top, 0), V);
+  if (n > 0) {
+    std::vector<int32_t> idx(V);
+    std::iota(idx.begin(), idx.end(), 0);
+    std::partial_sort(idx.begin(), idx.begin() + n, idx.end(),
+                      [&](int a, int b) { return logits[a] != logits[b] ? logits[a] > logits[b] : a < b; });
+    r.top_ids.assign(idx.begin(), idx.begin() + n);
+    for (int i = 0; i < n; i++) r.top_logprobs.push_back(logits[idx[i]] - lse);
+  }
+  return r;
+}
+
 void Sampler::add_sequence(uint32_t seq_id, int64_t seed, const int32_t* prompt, int n_prompt) {
   SeqSamplingState st;
   if (seed >= 0) {

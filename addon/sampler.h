@@ -34,6 +34,16 @@ struct SampleResult {
   std::vector<float> top_logprobs;
 };
 
+// Teacher-forced logprob of `target` under logits[vocab] (log-softmax, as the sampler's raw
+// logprobs), its 1-based rank, and the n_top best (id, logprob) pairs, best first.
+struct RowLogprobs {
+  float logprob;
+  int32_t rank;
+  std::vector<int32_t> top_ids;
+  std::vector<float> top_logprobs;
+};
+RowLogprobs row_logprobs(const float* logits, int V, int32_t target, int n_top);
+
 class Sampler {
  public:
   Sampler(int vocab, std::vector<int32_t> eos_ids) : vocab_(vocab), eos_ids_(std::move(eos_ids)) {}

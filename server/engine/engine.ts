@@ -1,7 +1,7 @@
 // The engine: owns the native engine, the paging manager, the scheduler and the adapter cache, and
 // runs the loop `schedule -> step -> postprocess` while there is work.
 import { totalmem } from 'node:os';
-import { loadNative, type ComputeDtype, type DtypeOption, type KvCacheDtype, type LoraDtype, type NativeEngine, type NativeLoraPlan, type NativePoolInfo, type NativeStepBatch } from '../native/addon.js';
+import { loadNative, type ComputeDtype, type DtypeOption, type KvCacheDtype, type LoraDtype, type NativeEngine, type NativeLoraPlan, type NativePoolInfo, type NativeStepBatch, type NativeStepResult } from '../native/addon.js';
 import { AdapterCache, type AdapterCacheStats } from './adapter-cache.js';
 import { LoraplexError } from './errors.js';
 import { readModelDir, type ModelInfo } from './model-config.js';
@@ -47,6 +47,12 @@ export interface GenerateOptions {
 }
 
 const MiB = 1024 * 1024;
+
+/** Which sequence and prompt position a prompt-logprob row of a step belongs to. */
+interface PromptLpOwner {
+  seq: Sequence;
+  pos: number;
+}
 
 /** Default pool size: room for maxNumSeqs sequences of 512 tokens, at least 64 MiB, at most 1/4 of RAM. */
 export function defaultMemoryBudget(pageBytes: number, blockSize: number, maxNumSeqs: number): number {
@@ -292,7 +298,7 @@ export class Engine {
       }
       this.steps++;
       this.lastProgress = performance.now();
-      this.postprocess(plan, result.tokens, result.logprobs, result.topIds, result.topLogprobs, result.numTop);
+      this.postprocess(plan, result, batch.promptLpOwners);
       this.lastStep = { tokens: batch.tokens.length, seqs: plan.length, forwardMs: result.forwardMs, sampleMs: result.sampleMs, wallMs: performance.now() - t0 };
       if (this.checking) this.checkInvariants();
       this.onStep?.();
@@ -315,7 +321,7 @@ export class Engine {
     if (kv !== this.paging.stats().kvPages) throw new Error(`invariant: sequences hold ${kv} KV pages, the pool counts ${this.paging.stats().kvPages}`);
   }
 
-  private buildBatch(plan: ScheduledSeq[]): NativeStepBatch {
+  private buildBatch(plan: ScheduledSeq[]): NativeStepBatch & { promptLpOwners: PromptLpOwner[] } {
     // Group sequences by adapter so each adapter's tokens form one SGMV segment.
     plan.sort((a, b) => a.seq.adapterSlot - b.seq.adapterSlot);
     const S = plan.length;
@@ -332,9 +338,11 @@ export class Engine {
     const contextLens = new Int32Array(S);
     const blockTables = new Int32Array(S * maxBlocks);
     const seqIds = new Uint32Array(S);
+    // A request with max_tokens 0 only scores its prompt: its last chunk samples nothing.
+    for (const p of plan) if (p.sample && p.seq.params.maxTokens === 0) p.sample = false;
     const samples = plan.map((p, i) => (p.sample ? i : -1)).filter((i) => i >= 0);
     const N = samples.length;
-    const b: NativeStepBatch = {
+    const b: NativeStepBatch & { promptLpOwners: PromptLpOwner[] } = {
       tokens, positions, tokenSlots, queryStart, contextLens, blockTables, maxBlocks, seqIds,
       sampleSeqs: Int32Array.from(samples),
       temperature: new Float32Array(N), topP: new Float32Array(N), minP: new Float32Array(N),
@@ -342,18 +350,32 @@ export class Engine {
       topK: new Int32Array(N), numLogprobs: new Int32Array(N), suppressEos: new Uint8Array(N),
       newSeqIds: new Uint32Array(0), newSeeds: new Float64Array(0), newPromptStart: new Int32Array(1), newPromptTokens: new Int32Array(0),
       freeSeqIds: Uint32Array.from(this.freeSeqIds),
+      promptLpOwners: [],
     };
+    const lpRows: number[] = [];
+    const lpTargets: number[] = [];
+    const lpTop: number[] = [];
     this.freeSeqIds = [];
     let t = 0;
     const fresh: Sequence[] = [];
     plan.forEach((p, i) => {
       const seq = p.seq;
       queryStart[i] = t;
+      const P = seq.promptIds.length;
+      const lpTopN = seq.params.promptLogprobs;
       for (let k = 0; k < p.numNew; k++, t++) {
         const pos = seq.numComputed + k;
         tokens[t] = seq.tokenAt(pos);
         positions[t] = pos;
         tokenSlots[t] = seq.adapterSlot;
+        // Prompt logprobs: the logits at `pos` score prompt token pos + 1 (once: a recompute after
+        // preemption does not score it again).
+        if (lpTopN !== null && pos + 1 < P && seq.promptLogprobs[pos + 1] === undefined) {
+          lpRows.push(t);
+          lpTargets.push(seq.promptIds[pos + 1]);
+          lpTop.push(lpTopN);
+          b.promptLpOwners.push({ seq, pos: pos + 1 });
+        }
       }
       contextLens[i] = seq.numComputed + p.numNew;
       blockTables.set(seq.blocks, i * maxBlocks);
@@ -361,6 +383,11 @@ export class Engine {
       if (p.sample && !seq.registeredWithSampler) fresh.push(seq);
     });
     queryStart[S] = T;
+    if (lpRows.length) {
+      b.promptLpRows = Int32Array.from(lpRows);
+      b.promptLpTargets = Int32Array.from(lpTargets);
+      b.promptLpTop = Int32Array.from(lpTop);
+    }
     samples.forEach((si, j) => {
       const sp = plan[si].seq.params;
       const seq = plan[si].seq;
@@ -391,12 +418,23 @@ export class Engine {
     return b;
   }
 
-  private postprocess(plan: ScheduledSeq[], tokens: Int32Array, logprobs: Float32Array, topIds: Int32Array, topLps: Float32Array, numTop: number): void {
+  private postprocess(plan: ScheduledSeq[], result: NativeStepResult, lpOwners: PromptLpOwner[]): void {
+    const { tokens, logprobs, topIds, topLogprobs: topLps, numTop } = result;
+    lpOwners.forEach(({ seq, pos }, r) => {
+      if (seq.promptLogprobs.length === 0) seq.promptLogprobs.push(null); // the first token has none
+      const top: Array<[number, number]> = [];
+      for (let q = 0; q < (seq.params.promptLogprobs ?? 0); q++)
+        top.push([result.promptTopIds[r * result.promptNumTop + q], result.promptTopLogprobs[r * result.promptNumTop + q]]);
+      seq.promptLogprobs[pos] = { logprob: result.promptLogprobs[r], rank: result.promptRanks[r], top };
+    });
     let j = 0;
     for (const p of plan) {
       const seq = p.seq;
       if (!p.sample) {
-        if (!seq.isFinished) seq.numComputed += p.numNew;
+        if (seq.isFinished) continue;
+        seq.numComputed += p.numNew;
+        // max_tokens 0 (prompt scoring only): done once the whole prompt went through.
+        if (seq.params.maxTokens === 0 && seq.numComputed === seq.numTokens) this.finishSeq(seq, 'length');
         continue;
       }
       const k = j++;

@@ -13,6 +13,8 @@ export interface ModelInfo {
   eosTokenIds: number[];
   bosTokenId: number | null;
   torchDtype: string | null;
+  /** generation_config.json max_new_tokens: the default cap of a chat completion. */
+  maxNewTokens: number | null;
 }
 
 const ARCHES: Record<string, NativeModelSpec['arch']> = {
@@ -167,6 +169,7 @@ export function readModelDir(dirArg: string, servedName?: string): ModelInfo {
     eosTokenIds: eos,
     bosTokenId: bos,
     torchDtype: dtype,
+    maxNewTokens: typeof gen.max_new_tokens === 'number' && Number.isInteger(gen.max_new_tokens) && gen.max_new_tokens > 0 ? gen.max_new_tokens : null,
     spec: {
       arch,
       hiddenSize: hidden,

@@ -15,6 +15,13 @@ export interface TokenEvent {
   top: Array<[number, number]> | null; // [id, logprob] best first, when logprobs were asked for
 }
 
+/** Logprob of a prompt token given the tokens before it (teacher forcing). */
+export interface PromptLogprob {
+  logprob: number;
+  rank: number; // 1-based
+  top: Array<[number, number]>; // [id, logprob] best first
+}
+
 export interface SeqOutput {
   /** Tokens sampled since the last delivery. */
   tokens: TokenEvent[];
@@ -33,6 +40,8 @@ export class Sequence {
   finishReason: FinishReason | null = null;
   error: Error | undefined;
   numPreemptions = 0;
+  /** Prompt logprobs by position (params.promptLogprobs set): [0] stays null, filled as prefill runs. */
+  readonly promptLogprobs: Array<PromptLogprob | null> = [];
   readonly arrival = performance.now();
   firstTokenAt: number | null = null;
 

@@ -91,6 +91,10 @@ export interface NativeStepBatch {
   newPromptStart: Int32Array; // [K+1]
   newPromptTokens: Int32Array;
   freeSeqIds: Uint32Array; // sampler states to drop
+  /** Prompt logprobs: token indices (in [0, T)) whose logits are scored against the next prompt token. */
+  promptLpRows?: Int32Array; // [R]
+  promptLpTargets?: Int32Array; // [R] the token each row should have predicted
+  promptLpTop?: Int32Array; // [R] top-N alternatives to report (0..20)
 }
 
 export interface NativeStepResult {
@@ -99,6 +103,11 @@ export interface NativeStepResult {
   topIds: Int32Array; // [N * numTop]
   topLogprobs: Float32Array; // [N * numTop]
   numTop: number;
+  promptLogprobs: Float32Array; // [R] logprob of each promptLpTargets entry
+  promptRanks: Int32Array; // [R] its 1-based rank
+  promptTopIds: Int32Array; // [R * promptNumTop]
+  promptTopLogprobs: Float32Array; // [R * promptNumTop]
+  promptNumTop: number;
   forwardMs: number;
   sampleMs: number;
 }

@@ -4,7 +4,7 @@ import { randomUUID } from 'node:crypto';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { Engine } from '../engine/engine.js';
 import { LoraplexError } from '../engine/errors.js';
-import type { TokenEvent } from '../engine/sequence.js';
+import type { PromptLogprob, TokenEvent } from '../engine/sequence.js';
 import type { ChatMessage as TplMessage } from '../engine/tokenizer.js';
 import { ChatCompletionRequest, CompletionRequest } from '../schemas/openai.js';
 import { GenerationRun, type ChoiceEvent, type ChoiceInput } from '../services/generation.js';
@@ -30,19 +30,66 @@ function bytesOf(s: string): number[] {
   return [...Buffer.from(s, 'utf8')];
 }
 
-/** Completions' logprobs object for a run of tokens. */
-function completionLogprobs(engine: Engine, tokens: TokenEvent[], offset0: number) {
+interface CompletionLogprobs {
+  tokens: string[];
+  token_logprobs: Array<number | null>;
+  top_logprobs: Array<Record<string, number> | null>;
+  text_offset: number[];
+}
+
+/**
+ * Completions' logprobs object for a run of tokens. As OpenAI's legacy API and vLLM do,
+ * top_logprobs holds the top-N alternatives and the chosen token itself (up to N + 1 entries).
+ */
+function completionLogprobs(engine: Engine, tokens: TokenEvent[], offset0: number, into?: CompletionLogprobs): CompletionLogprobs {
   let off = offset0;
-  const out = { tokens: [] as string[], token_logprobs: [] as number[], top_logprobs: [] as Array<Record<string, number>>, text_offset: [] as number[] };
+  const out = into ?? { tokens: [], token_logprobs: [], top_logprobs: [], text_offset: [] };
   for (const t of tokens) {
     const s = tokenStr(engine, t.token);
     out.tokens.push(s);
     out.token_logprobs.push(t.logprob);
-    out.top_logprobs.push(Object.fromEntries((t.top ?? []).map(([id, lp]) => [tokenStr(engine, id), lp])));
+    const top = Object.fromEntries((t.top ?? []).map(([id, lp]) => [tokenStr(engine, id), lp]));
+    top[s] ??= t.logprob;
+    out.top_logprobs.push(top);
     out.text_offset.push(off);
     off += s.length;
   }
   return out;
+}
+
+/** The prompt's part of an echoed logprobs object: the first token has no logprob (null). */
+function promptCompletionLogprobs(engine: Engine, ids: number[], lps: Array<PromptLogprob | null>): CompletionLogprobs {
+  const out: CompletionLogprobs = { tokens: [], token_logprobs: [], top_logprobs: [], text_offset: [] };
+  let off = 0;
+  ids.forEach((id, i) => {
+    const s = tokenStr(engine, id);
+    const lp = i === 0 ? null : lps[i];
+    out.tokens.push(s);
+    out.text_offset.push(off);
+    off += s.length;
+    if (!lp) {
+      out.token_logprobs.push(null);
+      out.top_logprobs.push(null);
+      return;
+    }
+    out.token_logprobs.push(lp.logprob);
+    const top = Object.fromEntries(lp.top.map(([t, l]) => [tokenStr(engine, t), l]));
+    top[s] ??= lp.logprob;
+    out.top_logprobs.push(top);
+  });
+  return out;
+}
+
+/** vLLM's `prompt_logprobs`: null for the first token, then {token_id: {logprob, rank, decoded_token}}. */
+function vllmPromptLogprobs(engine: Engine, ids: number[], lps: Array<PromptLogprob | null>) {
+  return ids.map((id, i) => {
+    const lp = i === 0 ? null : lps[i];
+    if (!lp) return null;
+    const entry: Record<string, { logprob: number; rank: number; decoded_token: string }> = {};
+    lp.top.forEach(([t, l], r) => (entry[String(t)] = { logprob: l, rank: r + 1, decoded_token: tokenStr(engine, t) }));
+    entry[String(id)] ??= { logprob: lp.logprob, rank: lp.rank, decoded_token: tokenStr(engine, id) };
+    return entry;
+  });
 }
 
 function chatLogprobs(engine: Engine, tokens: TokenEvent[]) {
@@ -65,6 +112,7 @@ function chatLogprobs(engine: Engine, tokens: TokenEvent[]) {
 function sseHeaders(reply: FastifyReply): void {
   reply.hijack();
   reply.raw.writeHead(200, {
+    ...reply.getHeaders(), // set by hooks (CORS)
     'content-type': 'text/event-stream; charset=utf-8',
     'cache-control': 'no-cache',
     connection: 'keep-alive',
@@ -123,13 +171,15 @@ async function streamRun(
     throw err; // -> the error handler: a JSON error with its own status
   }
   let ok = !watch.gone;
+  // stream_options.include_usage: every chunk carries usage: null, the totals come last (OpenAI).
+  const send = (c: unknown) => sse(reply, usageChunk ? { ...(c as object), usage: null } : c);
   if (ok) {
     sseHeaders(reply);
-    for (const c of preamble()) sse(reply, c);
+    for (const c of preamble()) send(c);
     try {
       for (let it = first; !it.done && !watch.gone; it = await events.next()) {
         const c = chunkOf(it.value);
-        if (c !== null) sse(reply, c);
+        if (c !== null) send(c);
       }
     } catch (err) {
       const { body } = toOpenAIError(err);
@@ -188,7 +238,16 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
     if (body.best_of != null && body.best_of !== n) invalid('best_of', 'best_of must equal n (or be omitted)');
     const logprobs = body.logprobs ?? null;
     if (logprobs !== null && (logprobs < 0 || logprobs > 20)) invalid('logprobs', 'logprobs must be an integer in [0, 20]');
-    if (body.echo && logprobs !== null) invalid('echo', 'echo together with logprobs is not supported');
+    const vllmPromptLps = body.prompt_logprobs ?? null;
+    if (vllmPromptLps !== null && !(Number.isInteger(vllmPromptLps) && vllmPromptLps >= 0 && vllmPromptLps <= 20))
+      invalid('prompt_logprobs', 'prompt_logprobs must be an integer in [0, 20]');
+    // Prompt logprobs are scored in the prefill: with echo they cover the prompt in `logprobs`,
+    // and vLLM's prompt_logprobs returns them separately. Both need the whole prompt at once.
+    const echoLps = body.echo === true && logprobs !== null;
+    if (body.stream && echoLps) invalid('echo', 'echo with logprobs is not supported with stream; send stream: false');
+    if (body.stream && vllmPromptLps !== null) invalid('prompt_logprobs', 'prompt_logprobs is not supported with stream; send stream: false');
+    if (body.max_tokens === 0 && !body.echo) invalid('max_tokens', 'max_tokens 0 is only valid with echo (the prompt alone is returned)');
+    const promptLps = echoLps || vllmPromptLps !== null ? Math.max(echoLps ? logprobs! : 0, vllmPromptLps ?? 0) : null;
     const stops = stopStrings(body.stop);
     // Fan-out is checked before any per-prompt work (tokenising): prompts alone, then prompts x n.
     const p0 = Array.isArray(body.prompt) ? body.prompt[0] : undefined;
@@ -198,7 +257,8 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
     const prompts = normalizePrompts(engine, body.prompt);
     const inputs: ChoiceInput[] = [];
     for (const p of prompts) {
-      const params = samplingParams(engine, body, body.max_tokens, 'max_tokens', p.ids.length, logprobs);
+      // max_tokens absent: 16, as OpenAI's and vLLM's completions default.
+      const params = samplingParams(engine, body, body.max_tokens ?? Math.max(1, Math.min(16, engine.maxModelLen - p.ids.length)), 'max_tokens', p.ids.length, logprobs, promptLps);
       for (let k = 0; k < n; k++) inputs.push({ promptIds: p.ids, params: { ...params, seed: params.seed === null ? null : params.seed + k }, stops });
     }
     const run = new GenerationRun(engine, inputs, adapter);
@@ -229,14 +289,23 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
     const out = await collectRun(req, reply, run, inputs.length);
     metrics.requestDone(run, 'json', t0);
     if (!out) return reply;
+    const choiceLogprobs = (i: number) => {
+      if (logprobs === null) return null;
+      if (!echoLps) return completionLogprobs(engine, out.toks[i], echoText(i).length);
+      const seq = run.streams[i].seq;
+      const head = promptCompletionLogprobs(engine, seq.promptIds, seq.promptLogprobs);
+      const end = head.text_offset.length ? head.text_offset[head.text_offset.length - 1] + head.tokens[head.tokens.length - 1].length : 0;
+      return completionLogprobs(engine, out.toks[i], end, head);
+    };
     return {
       id, object: 'text_completion', created, model: body.model,
       choices: out.texts.map((text, i) => ({
         index: i,
         text: echoText(i) + text,
-        logprobs: logprobs !== null ? completionLogprobs(engine, out.toks[i], echoText(i).length) : null,
+        logprobs: choiceLogprobs(i),
         finish_reason: out.finish[i],
         stop_reason: null,
+        ...(vllmPromptLps !== null ? { prompt_logprobs: vllmPromptLogprobs(engine, run.streams[i].seq.promptIds, run.streams[i].seq.promptLogprobs) } : {}),
       })),
       usage: usage(),
     };
@@ -272,7 +341,9 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
     const stops = stopStrings(body.stop);
     if (!engine.tokenizer.hasChatTemplate) invalid('messages', 'this model has no chat template; use /v1/completions', 'no_chat_template');
     const ids = engine.tokenizer.encodeChat(messages, body.add_generation_prompt ?? true);
-    const maxTokens = body.max_completion_tokens ?? body.max_tokens;
+    // Absent: the rest of the context, capped by generation_config.json's max_new_tokens (as vLLM).
+    const genCap = engine.model.maxNewTokens;
+    const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? (genCap !== null ? Math.max(1, Math.min(genCap, engine.maxModelLen - ids.length)) : null);
     const params = samplingParams(engine, body, maxTokens, body.max_completion_tokens != null ? 'max_completion_tokens' : 'max_tokens', ids.length, logprobs);
     deps.admit(n, 'n');
     const inputs: ChoiceInput[] = Array.from({ length: n }, (_, k) => ({ promptIds: ids, params: { ...params, seed: params.seed === null ? null : params.seed + k }, stops }));

@@ -40,6 +40,7 @@ export const CompletionRequest = Type.Object(
     ]),
     logprobs: Type.Optional(Type.Union([Type.Integer(), Type.Null()])),
     echo: Type.Optional(Type.Union([Type.Boolean(), Type.Null()])),
+    prompt_logprobs: Type.Optional(Type.Union([Type.Integer(), Type.Null()])),
     suffix: Type.Optional(Type.Union([Type.String(), Type.Null()])),
     best_of: Type.Optional(Type.Union([Type.Integer(), Type.Null()])),
     logit_bias: Type.Optional(Type.Union([Type.Record(Type.String(), Type.Number()), Type.Null()])),

@@ -31,6 +31,7 @@ export interface CommonFields {
   min_tokens?: number;
   stop_token_ids?: number[];
   logit_bias?: Record<string, number> | null;
+  echo?: boolean | null;
 }
 
 export function stopStrings(stop: string | string[] | null | undefined): string[] {
@@ -58,15 +59,17 @@ export function samplingParams(
   maxTokensParam: string,
   promptLen: number,
   logprobs: number | null,
+  promptLogprobs: number | null = null,
 ): SamplingParams {
   if (body.logit_bias && Object.keys(body.logit_bias).length > 0) invalid('logit_bias', 'logit_bias is not supported');
   const ctx = engine.maxModelLen;
-  if (maxTokens != null && (!Number.isInteger(maxTokens) || maxTokens < 1))
+  // 0 is valid only where the route allows it (completions with echo: the prompt alone).
+  if (maxTokens != null && (!Number.isInteger(maxTokens) || maxTokens < 0 || (maxTokens === 0 && promptLogprobs === null && !body.echo)))
     invalid(maxTokensParam, `${maxTokensParam} must be a positive integer`);
   const room = ctx - promptLen;
   if (maxTokens != null && maxTokens > ctx)
     invalid(maxTokensParam, `${maxTokensParam} (${maxTokens}) is larger than the context window of ${ctx} tokens`, 'context_length_exceeded');
-  if (room < 1 || (maxTokens != null && promptLen + maxTokens > ctx))
+  if (room < (maxTokens === 0 ? 0 : 1) || (maxTokens != null && promptLen + maxTokens > ctx))
     invalid(
       maxTokensParam,
       `This model's maximum context length is ${ctx} tokens. However, you requested ${promptLen + (maxTokens ?? 1)} tokens (${promptLen} in the prompt, ${maxTokens ?? 1} for the completion).`,
@@ -87,6 +90,7 @@ export function samplingParams(
       frequencyPenalty: body.frequency_penalty ?? 0,
       seed: body.seed ?? null,
       logprobs,
+      promptLogprobs,
       ignoreEos: body.ignore_eos ?? false,
       minTokens: body.min_tokens ?? 0,
       stopTokenIds: body.stop_token_ids ?? [],
