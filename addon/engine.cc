@@ -57,6 +57,7 @@ std::vector<T> get_array(Napi::Env env, Napi::Object o, const char* key, long ex
 #define U32(o, k, n) get_array<uint32_t, napi_uint32_array>(env, o, k, n)
 #define F32(o, k, n) get_array<float, napi_float32_array>(env, o, k, n)
 #define F64(o, k, n) get_array<double, napi_float64_array>(env, o, k, n)
+#define I64(o, k, n) get_array<int64_t, napi_bigint64_array>(env, o, k, n)
 #define U8(o, k, n) get_array<uint8_t, napi_uint8_array>(env, o, k, n)
 
 template <typename T, typename TA>
@@ -106,7 +107,11 @@ struct EngineSampling {
   std::vector<uint32_t> seq_ids;
   std::vector<SamplingParams> params;  // aligned with batch.sample_seqs
   std::vector<uint32_t> new_ids;
-  std::vector<double> new_seeds;
+  std::vector<int64_t> new_seeds;     // [K] read only where new_has_seed
+  std::vector<uint8_t> new_has_seed;  // [K]
+  // logit_bias: sample i's (token, bias) pairs are [bias_start[i], bias_start[i + 1]).
+  std::vector<int32_t> bias_start, bias_ids;
+  std::vector<float> bias_values;
   std::vector<int32_t> new_prompt_start, new_prompt_tokens;
   std::vector<uint32_t> free_ids;
   // Prompt logprobs: token index in the batch, the token it should have predicted, top-N to report.
@@ -351,7 +356,11 @@ Napi::Value Engine::Step(const Napi::CallbackInfo& info) {
     sp->params[i] = {temp[i], top_p[i], top_k[i], min_p[i], rep[i], pres[i], freq[i], std::min(std::max(nlp[i], -1), 20),
                      sup[i] != 0};
   sp->new_ids = U32(o, "newSeqIds", -1);
-  sp->new_seeds = F64(o, "newSeeds", long(sp->new_ids.size()));
+  sp->new_seeds = I64(o, "newSeeds", long(sp->new_ids.size()));
+  sp->new_has_seed = U8(o, "newHasSeed", long(sp->new_ids.size()));
+  sp->bias_start = I32(o, "logitBiasStart", N + 1);
+  sp->bias_ids = I32(o, "logitBiasIds", -1);
+  sp->bias_values = F32(o, "logitBiasValues", long(sp->bias_ids.size()));
   sp->new_prompt_start = I32(o, "newPromptStart", long(sp->new_ids.size()) + 1);
   sp->new_prompt_tokens = I32(o, "newPromptTokens", -1);
   sp->free_ids = U32(o, "freeSeqIds", -1);
@@ -393,6 +402,19 @@ Napi::Value Engine::Step(const Napi::CallbackInfo& info) {
     if (sp->plp_targets[i] < 0 || sp->plp_targets[i] >= spec.vocab) type_error(env, "promptLpTargets entry out of the vocabulary");
     if (sp->plp_top[i] < 0 || sp->plp_top[i] > 20) type_error(env, "promptLpTop must be in [0, 20]");
   }
+  if (sp->bias_start[0] != 0 || sp->bias_start[N] != long(sp->bias_ids.size()))
+    type_error(env, "logitBiasStart must run from 0 to the logit_bias pair count");
+  for (long i = 0; i < N; i++)
+    if (sp->bias_start[i + 1] < sp->bias_start[i]) type_error(env, "logitBiasStart must be non-decreasing");
+  for (long i = 0; i < N; i++) {  // the arrays live in sp, which outlives the step
+    sp->params[i].bias_ids = sp->bias_ids.data() + sp->bias_start[i];
+    sp->params[i].bias_values = sp->bias_values.data() + sp->bias_start[i];
+    sp->params[i].n_bias = sp->bias_start[i + 1] - sp->bias_start[i];
+  }
+  for (size_t k = 0; k < sp->bias_ids.size(); k++) {
+    if (sp->bias_ids[k] < 0 || sp->bias_ids[k] >= spec.vocab) type_error(env, "logitBiasIds entry out of the vocabulary");
+    if (!(std::fabs(sp->bias_values[k]) <= 100.f)) type_error(env, "logitBiasValues must be in [-100, 100]");
+  }
   const long n_new = long(sp->new_ids.size());
   if (sp->new_prompt_start[0] != 0 || sp->new_prompt_start[n_new] != long(sp->new_prompt_tokens.size()))
     type_error(env, "newPromptStart must run from 0 to the prompt token count");
@@ -405,8 +427,8 @@ Napi::Value Engine::Step(const Napi::CallbackInfo& info) {
         for (uint32_t id : sp->free_ids) sampler_->remove_sequence(id);
         for (size_t i = 0; i < sp->new_ids.size(); i++) {
           const int32_t a = sp->new_prompt_start[i], z = sp->new_prompt_start[i + 1];
-          const double seed = sp->new_seeds[i];
-          sampler_->add_sequence(sp->new_ids[i], seed >= 0 ? int64_t(seed) : -1, sp->new_prompt_tokens.data() + a, z - a);
+          sampler_->add_sequence(sp->new_ids[i], sp->new_has_seed[i] != 0, uint64_t(sp->new_seeds[i]),
+                                 sp->new_prompt_tokens.data() + a, z - a);
         }
         const size_t n = b->sample_seqs.size();
         auto t0 = Clock::now();
@@ -451,7 +473,7 @@ Napi::Value Engine::Step(const Napi::CallbackInfo& info) {
         auto t1 = Clock::now();
         for (size_t i = 0; i < n; i++) {
           const uint32_t id = sp->seq_ids[b->sample_seqs[i]];
-          if (!sampler_->has_sequence(id)) sampler_->add_sequence(id, -1, nullptr, 0);
+          if (!sampler_->has_sequence(id)) sampler_->add_sequence(id, false, 0, nullptr, 0);
           SampleResult r = sampler_->sample(id, logits_.data() + i * V, sp->params[i]);
           tok[i] = r.token;
           lp[i] = r.logprob;

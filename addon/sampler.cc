@@ -68,10 +68,10 @@ RowLogprobs row_logprobs(const float* logits, int V, int32_t target, int n_top) 
   return r;
 }
 
-void Sampler::add_sequence(uint32_t seq_id, int64_t seed, const int32_t* prompt, int n_prompt) {
+void Sampler::add_sequence(uint32_t seq_id, bool seeded, uint64_t seed, const int32_t* prompt, int n_prompt) {
   SeqSamplingState st;
-  if (seed >= 0) {
-    st.rng.seed(uint64_t(seed));
+  if (seeded) {
+    st.rng.seed(seed);
   } else {
     std::random_device rd;
     st.rng.seed((uint64_t(rd()) << 32) ^ rd());
@@ -122,9 +122,13 @@ SampleResult Sampler::sample(uint32_t seq_id, float* logits, const SamplingParam
   // The chosen token's raw logprob needs its unprocessed logit; keep a copy only when processing
   // will change the logits.
   const bool modifies = want_lp && (p.temperature >= 1e-5f || p.repetition_penalty != 1.f || p.presence_penalty != 0.f ||
-                        p.frequency_penalty != 0.f || p.suppress_eos);
+                        p.frequency_penalty != 0.f || p.suppress_eos || p.n_bias > 0);
   std::vector<float> raw;
   if (modifies) raw.assign(logits, logits + V);
+
+  // logit_bias first, as vLLM's logits processors run before the penalties: +100 all but forces a
+  // token, -100 all but bans it. Reported logprobs stay raw (above).
+  for (int k = 0; k < p.n_bias; k++) logits[p.bias_ids[k]] += p.bias_values[k];
 
   // Penalties (vLLM semantics): repetition over prompt + output, presence/frequency over output.
   if (p.repetition_penalty != 1.f) {

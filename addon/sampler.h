@@ -1,5 +1,6 @@
-// Token sampling on the engine thread: penalties, temperature, top-k, top-p, min-p, seeded RNG,
-// and raw logprobs (log-softmax of the model's logits before any processing, as vLLM reports them).
+// Token sampling on the engine thread: logit_bias, penalties, temperature, top-k, top-p, min-p,
+// seeded RNG, and raw logprobs (log-softmax of the model's logits before any processing, as vLLM
+// reports them).
 // Thread safety: a Sampler and its sequence states belong to the engine thread.
 #pragma once
 #include <cstdint>
@@ -19,6 +20,11 @@ struct SamplingParams {
   float frequency_penalty = 0.f;
   int num_logprobs = 0;     // top-N alternatives to report (0..20); -1: no logprobs at all
   bool suppress_eos = false;  // min_tokens not reached yet
+  // logit_bias: n_bias (token, bias) pairs added to the logits first (the arrays belong to the
+  // step's batch and outlive sample()).
+  const int32_t* bias_ids = nullptr;
+  const float* bias_values = nullptr;
+  int n_bias = 0;
 };
 
 struct SeqSamplingState {
@@ -47,8 +53,9 @@ RowLogprobs row_logprobs(const float* logits, int V, int32_t target, int n_top);
 class Sampler {
  public:
   Sampler(int vocab, std::vector<int32_t> eos_ids) : vocab_(vocab), eos_ids_(std::move(eos_ids)) {}
-  // Registers a sequence once, before its first sampled token. seed < 0: nondeterministic.
-  void add_sequence(uint32_t seq_id, int64_t seed, const int32_t* prompt, int n_prompt);
+  // Registers a sequence once, before its first sampled token. seeded: the RNG starts from `seed`
+  // (any 64-bit value; a request's int64 seed as its bits), else from the system's entropy.
+  void add_sequence(uint32_t seq_id, bool seeded, uint64_t seed, const int32_t* prompt, int n_prompt);
   void remove_sequence(uint32_t seq_id) { states_.erase(seq_id); }
   bool has_sequence(uint32_t seq_id) const { return states_.count(seq_id) != 0; }
   size_t num_sequences() const { return states_.size(); }

@@ -10,16 +10,27 @@ export interface SamplingParams {
   repetitionPenalty: number;
   presencePenalty: number;
   frequencyPenalty: number;
-  seed: number | null;
+  /** Any integer in the signed 64-bit range (a bigint where a double cannot hold it); null = unseeded. */
+  seed: number | bigint | null;
   logprobs: number | null; // top-N alternatives per token (0..20); null = none
   /** Logprobs of the prompt's own tokens, with top-N alternatives (0..20); null = none. */
   promptLogprobs: number | null;
   ignoreEos: boolean;
   minTokens: number;
   stopTokenIds: number[];
+  /** OpenAI's logit_bias: [token id, bias in [-100, 100]] added to the logits before any processing. */
+  logitBias: Array<[number, number]>;
 }
 
 export const MAX_LOGPROBS = 20;
+export const MAX_LOGIT_BIAS = 1024;
+export const SEED_MIN = -(2n ** 63n);
+export const SEED_MAX = 2n ** 63n - 1n;
+
+/** The 64-bit seed of choice k of a request seeded with `seed` (seed + k, wrapping as int64). */
+export function choiceSeed(seed: number | bigint | null, k: number): bigint | null {
+  return seed === null ? null : BigInt.asIntN(64, BigInt(seed) + BigInt(k));
+}
 
 export function defaultSamplingParams(): SamplingParams {
   return {
@@ -37,6 +48,7 @@ export function defaultSamplingParams(): SamplingParams {
     ignoreEos: false,
     minTokens: 0,
     stopTokenIds: [],
+    logitBias: [],
   };
 }
 
@@ -56,7 +68,12 @@ export function makeSamplingParams(p: Partial<SamplingParams>): SamplingParams {
   if (!(s.repetitionPenalty > 0 && s.repetitionPenalty <= 2)) bad('repetition_penalty', 'repetition_penalty must be in (0, 2]');
   if (!(s.presencePenalty >= -2 && s.presencePenalty <= 2)) bad('presence_penalty', 'presence_penalty must be in [-2, 2]');
   if (!(s.frequencyPenalty >= -2 && s.frequencyPenalty <= 2)) bad('frequency_penalty', 'frequency_penalty must be in [-2, 2]');
-  if (s.seed !== null && !(Number.isSafeInteger(s.seed) && s.seed >= 0)) bad('seed', 'seed must be a non-negative integer');
+  if (s.seed !== null && !((typeof s.seed === 'bigint' || Number.isInteger(s.seed)) && BigInt(s.seed) >= SEED_MIN && BigInt(s.seed) <= SEED_MAX))
+    bad('seed', `seed must be an integer in [${SEED_MIN}, ${SEED_MAX}]`);
+  if (s.logitBias.length > MAX_LOGIT_BIAS) bad('logit_bias', `logit_bias may hold at most ${MAX_LOGIT_BIAS} entries`);
+  for (const [id, v] of s.logitBias)
+    if (!(Number.isInteger(id) && id >= 0 && typeof v === 'number' && v >= -100 && v <= 100))
+      bad('logit_bias', 'logit_bias maps token ids to biases in [-100, 100]');
   if (s.logprobs !== null && !(Number.isInteger(s.logprobs) && s.logprobs >= 0 && s.logprobs <= MAX_LOGPROBS))
     bad('logprobs', `logprobs must be an integer in [0, ${MAX_LOGPROBS}]`);
   if (s.promptLogprobs !== null && !(Number.isInteger(s.promptLogprobs) && s.promptLogprobs >= 0 && s.promptLogprobs <= MAX_LOGPROBS))

@@ -4,7 +4,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Tokenizer } from '@huggingface/tokenizers';
 import { Template } from '@huggingface/jinja';
-import { ModelLoadError } from './errors.js';
+import { LoraplexError, ModelLoadError } from './errors.js';
 
 export interface ChatMessage {
   role: string;
@@ -32,6 +32,10 @@ export class TextTokenizer {
   readonly bosToken: string | null;
   readonly eosToken: string | null;
   readonly specialIds: Set<number>;
+  /** tokenizer_config.json as read ({} when absent): GET /tokenizer_info reports it. */
+  readonly config: Readonly<Record<string, unknown>>;
+  /** The chat template in use (the "default" of a named list), or null. */
+  readonly chatTemplate: string | null;
 
   constructor(readonly dir: string) {
     const tjPath = join(dir, 'tokenizer.json');
@@ -39,6 +43,7 @@ export class TextTokenizer {
     const tj = readJsonFile(tjPath);
     const cfgPath = join(dir, 'tokenizer_config.json');
     const cfg = existsSync(cfgPath) ? readJsonFile(cfgPath) : {};
+    this.config = cfg;
     try {
       this.tok = new Tokenizer(tj, cfg);
     } catch (e) {
@@ -54,7 +59,8 @@ export class TextTokenizer {
       const def = chatTemplate.find((t: { name?: string }) => t.name === 'default') ?? chatTemplate[0];
       chatTemplate = def?.template;
     }
-    this.template = typeof chatTemplate === 'string' ? new Template(chatTemplate) : null;
+    this.chatTemplate = typeof chatTemplate === 'string' ? chatTemplate : null;
+    this.template = this.chatTemplate !== null ? new Template(this.chatTemplate) : null;
     this.specialIds = new Set<number>();
     for (const [id, t] of this.tok.get_added_tokens_decoder()) if (t.special) this.specialIds.add(id);
   }
@@ -80,20 +86,37 @@ export class TextTokenizer {
     return this.tok.id_to_token(id);
   }
 
-  /** Renders the chat template as transformers' apply_chat_template(tokenize=False) does. */
-  applyChatTemplate(messages: ChatMessage[], addGenerationPrompt = true): string {
+  /**
+   * Renders the chat template as transformers' apply_chat_template(tokenize=False) does.
+   * `continueFinalMessage`: the text ends with the last message's content, open-ended (the
+   * template's end-of-turn after it is cut, as transformers cuts it); a 400 if the rendered text
+   * does not contain that content.
+   */
+  applyChatTemplate(messages: ChatMessage[], addGenerationPrompt = true, continueFinalMessage = false): string {
     if (!this.template) throw new ModelLoadError(`${this.dir}: the tokenizer has no chat_template`, 400, 'no_chat_template');
-    return this.template.render({
+    const text = this.template.render({
       messages,
       add_generation_prompt: addGenerationPrompt,
       bos_token: this.bosToken ?? '',
       eos_token: this.eosToken ?? '',
     });
+    if (!continueFinalMessage || messages.length === 0) return text;
+    const last = messages[messages.length - 1].content;
+    const at = text.lastIndexOf(last.trim());
+    if (last.trim() === '' || at < 0)
+      throw new LoraplexError('continue_final_message is set but the final message does not appear in the chat after applying the chat template',
+        400, 'invalid_request_error', 'continue_final_message', 'invalid_value');
+    // As transformers: the template kept the message's spacing (or it has none), or trimmed it.
+    const keep = text.slice(at, at + last.trimStart().length) === last ? last.trimStart().length : last.trim().length;
+    return text.slice(0, at + keep);
   }
 
-  /** Token ids of a chat, as apply_chat_template(tokenize=True): the template adds specials itself. */
-  encodeChat(messages: ChatMessage[], addGenerationPrompt = true): number[] {
-    return this.encode(this.applyChatTemplate(messages, addGenerationPrompt), false);
+  /**
+   * Token ids of a chat, as apply_chat_template(tokenize=True): the template adds specials itself
+   * (`addSpecialTokens` adds the tokenizer's own on top, as vLLM's /tokenize option does).
+   */
+  encodeChat(messages: ChatMessage[], addGenerationPrompt = true, opts: { continueFinalMessage?: boolean; addSpecialTokens?: boolean } = {}): number[] {
+    return this.encode(this.applyChatTemplate(messages, addGenerationPrompt, opts.continueFinalMessage ?? false), opts.addSpecialTokens ?? false);
   }
 }
 

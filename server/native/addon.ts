@@ -5,6 +5,7 @@ import { createRequire } from 'node:module';
 import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { applyOpenMpWaitDefault } from '../engine/cpu-threads.js';
 
 export interface NativeModelSpec {
   arch: 'llama' | 'mistral' | 'qwen2';
@@ -87,7 +88,11 @@ export interface NativeStepBatch {
   numLogprobs: Int32Array;
   suppressEos: Uint8Array;
   newSeqIds: Uint32Array; // [K] sequences to register with the sampler this step
-  newSeeds: Float64Array; // [K] -1 = unseeded
+  logitBiasStart: Int32Array; // [N+1] sample j's logit_bias pairs: [start[j], start[j+1])
+  logitBiasIds: Int32Array; // token ids
+  logitBiasValues: Float32Array; // biases in [-100, 100], added to the logits before processing
+  newSeeds: BigInt64Array; // [K] int64 seeds (newHasSeed 0: unseeded, the value is ignored)
+  newHasSeed: Uint8Array; // [K]
   newPromptStart: Int32Array; // [K+1]
   newPromptTokens: Int32Array;
   freeSeqIds: Uint32Array; // sampler states to drop
@@ -154,6 +159,10 @@ function findAddon(): string {
 }
 
 export function loadNative(): NativeModule {
-  if (!cached) cached = createRequire(import.meta.url)(findAddon()) as NativeModule;
+  if (!cached) {
+    // libgomp reads its environment once, when the addon loads it: set the wait policy first.
+    applyOpenMpWaitDefault();
+    cached = createRequire(import.meta.url)(findAddon()) as NativeModule;
+  }
   return cached;
 }

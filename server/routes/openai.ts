@@ -1,4 +1,4 @@
-// OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models. Thin: validation
+// OpenAI-compatible routes: /v1/completions, /v1/chat/completions (models.ts: /v1/models). Thin: validation
 // helpers and the generation service do the work; this file shapes responses and SSE.
 import { randomUUID } from 'node:crypto';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
@@ -10,6 +10,7 @@ import { ChatCompletionRequest, CompletionRequest } from '../schemas/openai.js';
 import { GenerationRun, type ChoiceEvent, type ChoiceInput } from '../services/generation.js';
 import { toOpenAIError } from '../openai-error.js';
 import { choiceCount, invalid, normalizePrompts, resolveAdapter, samplingParams, stopStrings } from '../services/request-params.js';
+import { choiceSeed } from '../engine/sampling-params.js';
 import type { Metrics } from '../metrics.js';
 
 export interface OpenAIRouteDeps {
@@ -58,7 +59,7 @@ function completionLogprobs(engine: Engine, tokens: TokenEvent[], offset0: numbe
 }
 
 /** The prompt's part of an echoed logprobs object: the first token has no logprob (null). */
-function promptCompletionLogprobs(engine: Engine, ids: number[], lps: Array<PromptLogprob | null>): CompletionLogprobs {
+function promptCompletionLogprobs(engine: Engine, ids: number[], lps: Array<PromptLogprob | null>, n: number): CompletionLogprobs {
   const out: CompletionLogprobs = { tokens: [], token_logprobs: [], top_logprobs: [], text_offset: [] };
   let off = 0;
   ids.forEach((id, i) => {
@@ -73,7 +74,7 @@ function promptCompletionLogprobs(engine: Engine, ids: number[], lps: Array<Prom
       return;
     }
     out.token_logprobs.push(lp.logprob);
-    const top = Object.fromEntries(lp.top.map(([t, l]) => [tokenStr(engine, t), l]));
+    const top = Object.fromEntries(lp.top.slice(0, n).map(([t, l]) => [tokenStr(engine, t), l]));
     top[s] ??= lp.logprob;
     out.top_logprobs.push(top);
   });
@@ -81,12 +82,12 @@ function promptCompletionLogprobs(engine: Engine, ids: number[], lps: Array<Prom
 }
 
 /** vLLM's `prompt_logprobs`: null for the first token, then {token_id: {logprob, rank, decoded_token}}. */
-function vllmPromptLogprobs(engine: Engine, ids: number[], lps: Array<PromptLogprob | null>) {
+function vllmPromptLogprobs(engine: Engine, ids: number[], lps: Array<PromptLogprob | null>, n: number) {
   return ids.map((id, i) => {
     const lp = i === 0 ? null : lps[i];
     if (!lp) return null;
     const entry: Record<string, { logprob: number; rank: number; decoded_token: string }> = {};
-    lp.top.forEach(([t, l], r) => (entry[String(t)] = { logprob: l, rank: r + 1, decoded_token: tokenStr(engine, t) }));
+    lp.top.slice(0, n).forEach(([t, l], r) => (entry[String(t)] = { logprob: l, rank: r + 1, decoded_token: tokenStr(engine, t) }));
     entry[String(id)] ??= { logprob: lp.logprob, rank: lp.rank, decoded_token: tokenStr(engine, id) };
     return entry;
   });
@@ -111,8 +112,8 @@ function chatLogprobs(engine: Engine, tokens: TokenEvent[]) {
 
 function sseHeaders(reply: FastifyReply): void {
   reply.hijack();
+  for (const [k, v] of Object.entries(reply.getHeaders())) if (v !== undefined) reply.raw.setHeader(k, v); // set by hooks (CORS)
   reply.raw.writeHead(200, {
-    ...reply.getHeaders(), // set by hooks (CORS)
     'content-type': 'text/event-stream; charset=utf-8',
     'cache-control': 'no-cache',
     connection: 'keep-alive',
@@ -122,6 +123,23 @@ function sseHeaders(reply: FastifyReply): void {
 
 function sse(reply: FastifyReply, data: unknown): void {
   reply.raw.write(`data: ${typeof data === 'string' ? data : JSON.stringify(data)}\n\n`);
+}
+
+/** vLLM's cache_salt: requests share cached prefix blocks only with requests of the same salt. */
+function cacheSaltOf(v: unknown): string | null {
+  if (v === undefined || v === null) return null;
+  if (typeof v !== 'string' || v.length === 0 || v.length > 1024) invalid('cache_salt', 'cache_salt must be a non-empty string of at most 1024 characters');
+  return v as string;
+}
+
+/** OpenAI's usage object; cached_tokens (prompt tokens served from the prefix cache) always. */
+function usageOf(run: GenerationRun) {
+  return {
+    prompt_tokens: run.promptTokens,
+    completion_tokens: run.completionTokens,
+    total_tokens: run.promptTokens + run.completionTokens,
+    prompt_tokens_details: { cached_tokens: run.cachedTokens },
+  };
 }
 
 /** Aborts a run's choices as soon as the client disconnects. */
@@ -221,14 +239,6 @@ async function collectRun(req: FastifyRequest, reply: FastifyReply, run: Generat
 export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps): Promise<void> {
   const { engine, metrics } = deps;
 
-  app.get('/v1/models', async () => {
-    const created = now();
-    // `root` names the model, never where it lives on the server.
-    const base = { id: engine.model.name, object: 'model', created, owned_by: 'loraplex', root: engine.model.name, parent: null, max_model_len: engine.maxModelLen };
-    const adapters = engine.adapters.listKnown().map((a) => ({ id: a.id, object: 'model', created, owned_by: 'loraplex', root: a.id, parent: engine.model.name }));
-    return { object: 'list', data: [base, ...adapters] };
-  });
-
   app.post<{ Body: CompletionRequest }>('/v1/completions', { schema: { body: CompletionRequest } }, async (req, reply) => {
     const body = req.body;
     const t0 = performance.now();
@@ -259,13 +269,13 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
     for (const p of prompts) {
       // max_tokens absent: 16, as OpenAI's and vLLM's completions default.
       const params = samplingParams(engine, body, body.max_tokens ?? Math.max(1, Math.min(16, engine.maxModelLen - p.ids.length)), 'max_tokens', p.ids.length, logprobs, promptLps);
-      for (let k = 0; k < n; k++) inputs.push({ promptIds: p.ids, params: { ...params, seed: params.seed === null ? null : params.seed + k }, stops });
+      for (let k = 0; k < n; k++) inputs.push({ promptIds: p.ids, params: { ...params, seed: choiceSeed(params.seed, k) }, stops });
     }
-    const run = new GenerationRun(engine, inputs, adapter);
+    const run = new GenerationRun(engine, inputs, adapter, cacheSaltOf(body.cache_salt));
     const id = `cmpl-${randomUUID().replace(/-/g, '')}`;
     const created = now();
     const echoText = (i: number) => (body.echo ? (prompts[Math.floor(i / n)].text ?? engine.tokenizer.decode(prompts[Math.floor(i / n)].ids, false)) : '');
-    const usage = () => ({ prompt_tokens: run.promptTokens, completion_tokens: run.completionTokens, total_tokens: run.promptTokens + run.completionTokens });
+    const usage = () => usageOf(run);
     req.loraplex = { model: body.model, adapter, run };
 
     if (body.stream) {
@@ -293,7 +303,7 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
       if (logprobs === null) return null;
       if (!echoLps) return completionLogprobs(engine, out.toks[i], echoText(i).length);
       const seq = run.streams[i].seq;
-      const head = promptCompletionLogprobs(engine, seq.promptIds, seq.promptLogprobs);
+      const head = promptCompletionLogprobs(engine, seq.promptIds, seq.promptLogprobs, logprobs);
       const end = head.text_offset.length ? head.text_offset[head.text_offset.length - 1] + head.tokens[head.tokens.length - 1].length : 0;
       return completionLogprobs(engine, out.toks[i], end, head);
     };
@@ -305,7 +315,7 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
         logprobs: choiceLogprobs(i),
         finish_reason: out.finish[i],
         stop_reason: null,
-        ...(vllmPromptLps !== null ? { prompt_logprobs: vllmPromptLogprobs(engine, run.streams[i].seq.promptIds, run.streams[i].seq.promptLogprobs) } : {}),
+        ...(vllmPromptLps !== null ? { prompt_logprobs: vllmPromptLogprobs(engine, run.streams[i].seq.promptIds, run.streams[i].seq.promptLogprobs, vllmPromptLps) } : {}),
       })),
       usage: usage(),
     };
@@ -346,11 +356,11 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
     const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? (genCap !== null ? Math.max(1, Math.min(genCap, engine.maxModelLen - ids.length)) : null);
     const params = samplingParams(engine, body, maxTokens, body.max_completion_tokens != null ? 'max_completion_tokens' : 'max_tokens', ids.length, logprobs);
     deps.admit(n, 'n');
-    const inputs: ChoiceInput[] = Array.from({ length: n }, (_, k) => ({ promptIds: ids, params: { ...params, seed: params.seed === null ? null : params.seed + k }, stops }));
-    const run = new GenerationRun(engine, inputs, adapter);
+    const inputs: ChoiceInput[] = Array.from({ length: n }, (_, k) => ({ promptIds: ids, params: { ...params, seed: choiceSeed(params.seed, k) }, stops }));
+    const run = new GenerationRun(engine, inputs, adapter, cacheSaltOf(body.cache_salt));
     const id = `chatcmpl-${randomUUID().replace(/-/g, '')}`;
     const created = now();
-    const usage = () => ({ prompt_tokens: run.promptTokens, completion_tokens: run.completionTokens, total_tokens: run.promptTokens + run.completionTokens });
+    const usage = () => usageOf(run);
     req.loraplex = { model: body.model, adapter, run };
 
     if (body.stream) {

@@ -27,6 +27,7 @@ const common = {
   ignore_eos: Type.Optional(Type.Boolean()),
   min_tokens: Type.Optional(Type.Integer()),
   stop_token_ids: Type.Optional(Type.Array(Type.Integer())),
+  cache_salt: Type.Optional(Type.Union([Type.String(), Type.Null()])),
 };
 
 export const CompletionRequest = Type.Object(
@@ -43,7 +44,7 @@ export const CompletionRequest = Type.Object(
     prompt_logprobs: Type.Optional(Type.Union([Type.Integer(), Type.Null()])),
     suffix: Type.Optional(Type.Union([Type.String(), Type.Null()])),
     best_of: Type.Optional(Type.Union([Type.Integer(), Type.Null()])),
-    logit_bias: Type.Optional(Type.Union([Type.Record(Type.String(), Type.Number()), Type.Null()])),
+    logit_bias: Type.Optional(Type.Union([Type.Record(Type.String(), Type.Unknown()), Type.Null()])), // values checked in request-params.ts
   },
   { additionalProperties: true },
 );
@@ -69,7 +70,7 @@ export const ChatCompletionRequest = Type.Object(
     response_format: Type.Optional(Type.Union([Type.Object({ type: Type.String() }, { additionalProperties: true }), Type.Null()])),
     tools: Type.Optional(Type.Union([Type.Array(Type.Unknown()), Type.Null()])),
     tool_choice: Type.Optional(Type.Unknown()),
-    logit_bias: Type.Optional(Type.Union([Type.Record(Type.String(), Type.Number()), Type.Null()])),
+    logit_bias: Type.Optional(Type.Union([Type.Record(Type.String(), Type.Unknown()), Type.Null()])), // values checked in request-params.ts
     add_generation_prompt: Type.Optional(Type.Boolean()),
   },
   { additionalProperties: true },

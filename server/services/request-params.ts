@@ -2,7 +2,8 @@
 // sampling parameters, each failure a 400/404 naming the parameter.
 import type { Engine } from '../engine/engine.js';
 import { LoraplexError } from '../engine/errors.js';
-import { makeSamplingParams, type SamplingParams } from '../engine/sampling-params.js';
+import { makeSamplingParams, MAX_LOGIT_BIAS, type SamplingParams } from '../engine/sampling-params.js';
+import { exactSeed } from '../json-body.js';
 
 export function invalid(param: string, message: string, code = 'invalid_value'): never {
   throw new LoraplexError(message, 400, 'invalid_request_error', param, code);
@@ -30,7 +31,7 @@ export interface CommonFields {
   ignore_eos?: boolean;
   min_tokens?: number;
   stop_token_ids?: number[];
-  logit_bias?: Record<string, number> | null;
+  logit_bias?: Record<string, unknown> | null;
   echo?: boolean | null;
 }
 
@@ -61,7 +62,7 @@ export function samplingParams(
   logprobs: number | null,
   promptLogprobs: number | null = null,
 ): SamplingParams {
-  if (body.logit_bias && Object.keys(body.logit_bias).length > 0) invalid('logit_bias', 'logit_bias is not supported');
+  const logitBias = logitBiasPairs(engine, body.logit_bias);
   const ctx = engine.maxModelLen;
   // 0 is valid only where the route allows it (completions with echo: the prompt alone).
   if (maxTokens != null && (!Number.isInteger(maxTokens) || maxTokens < 0 || (maxTokens === 0 && promptLogprobs === null && !body.echo)))
@@ -88,17 +89,41 @@ export function samplingParams(
       repetitionPenalty: body.repetition_penalty ?? 1,
       presencePenalty: body.presence_penalty ?? 0,
       frequencyPenalty: body.frequency_penalty ?? 0,
-      seed: body.seed ?? null,
+      seed: exactSeed(body) ?? body.seed ?? null, // exact past 2^53 (json-body.ts)
       logprobs,
       promptLogprobs,
       ignoreEos: body.ignore_eos ?? false,
       minTokens: body.min_tokens ?? 0,
       stopTokenIds: body.stop_token_ids ?? [],
+      logitBias,
     });
   } catch (e) {
     if (e instanceof LoraplexError && e.param === 'max_tokens') invalid(maxTokensParam, e.message.replace('max_tokens', maxTokensParam));
     throw e;
   }
+}
+
+/**
+ * OpenAI's logit_bias ({"token id": bias}) as [id, bias] pairs: keys must be token ids of the
+ * vocabulary, values numbers in [-100, 100] (vLLM clamps them; OpenAI refuses them), at most
+ * MAX_LOGIT_BIAS entries. Keys naming the same id ("5", "05"): the last wins, as in vLLM.
+ */
+export function logitBiasPairs(engine: Engine, bias: Record<string, unknown> | null | undefined): Array<[number, number]> {
+  if (bias == null) return [];
+  const keys = Object.keys(bias);
+  if (keys.length > MAX_LOGIT_BIAS) invalid('logit_bias', `logit_bias may hold at most ${MAX_LOGIT_BIAS} entries (got ${keys.length})`);
+  const V = engine.model.spec.vocabSize;
+  const byId = new Map<number, number>();
+  for (const k of keys) {
+    if (!/^\s*[+-]?\d+\s*$/.test(k)) invalid('logit_bias', `logit_bias keys must be token ids (integers), got ${JSON.stringify(k)}`);
+    const id = Number(k);
+    if (!(id >= 0 && id < V)) invalid('logit_bias', `token id ${k.trim()} in logit_bias is outside the vocabulary [0, ${V})`);
+    const v = bias[k];
+    if (typeof v !== 'number' || !(v >= -100 && v <= 100))
+      invalid('logit_bias', `logit_bias values must be numbers in [-100, 100], got ${JSON.stringify(v)} for token ${k.trim()}`);
+    byId.set(id, v);
+  }
+  return [...byId];
 }
 
 /** `prompt` of /v1/completions: a string, strings, token ids, or lists of token ids. */

@@ -101,6 +101,15 @@ describe('prompt logprobs', () => {
     }
   });
 
+  it('echo logprobs and prompt_logprobs of different sizes each keep their own size', async () => {
+    const res = await post(srv.url, '/v1/completions', { model: M, prompt: golden.cases[0].prompt_ids, max_tokens: 1, echo: true, logprobs: 5, prompt_logprobs: 2, temperature: 0 });
+    const j = (await res.json()) as { choices: Array<{ logprobs: { top_logprobs: Array<Record<string, number> | null> }; prompt_logprobs: Array<Record<string, unknown> | null> }> };
+    const ch = j.choices[0];
+    for (const e of ch.prompt_logprobs.slice(1)) expect(Object.keys(e!).length).toBeLessThanOrEqual(3);
+    // (byte tokens that decode to the same string share a key, so some positions show fewer)
+    expect(Math.max(...ch.logprobs.top_logprobs.slice(1).map((e) => Object.keys(e!).length))).toBeGreaterThanOrEqual(5);
+  });
+
   it('chunked prefill gives the same prompt logprobs as one chunk', async () => {
     const prompt = golden.cases.flatMap((c) => c.prompt_ids).slice(0, 40);
     const body = { model: ADAPTER, prompt, echo: true, logprobs: 2, max_tokens: 0 };
