@@ -6,7 +6,12 @@ Run from anywhere:
     python3 test/golden/make_golden.py
 
 Everything is written under test/golden/fixtures/ (the directory is wiped and
-rebuilt).  Nothing is downloaded: the tokenizer is trained here on an inline
+rebuilt).  With --prompt-logprobs-only it only (re)writes the teacher-forced
+fixtures/<name>.prompt-logprobs.json files, from the committed models, adapters
+and cases, and touches nothing else:
+
+    python3 test/golden/make_golden.py --prompt-logprobs-only
+  Nothing is downloaded: the tokenizer is trained here on an inline
 corpus and all models / adapters are random.  The output is deterministic: a
 re-run with the same library versions gives byte-identical files.
 
@@ -724,6 +729,119 @@ def run_cases(model, tok, prompts, adapter, n_real_vocab):
 
 
 # --------------------------------------------------------------------------
+# 5. Teacher-forced prompt logprobs (echo / prompt_logprobs)
+# --------------------------------------------------------------------------
+
+PL_DECIMALS = 6  # enough for a 1e-3 comparison, keeps the files small
+
+
+def r6(x):
+    return round(float(x), PL_DECIMALS)
+
+
+@torch.no_grad()
+def teacher_forced(model, ids):
+    """One forward pass over `ids`; for each position i >= 1 the fp32 log-softmax
+    of the logits at i - 1 (the distribution over token i given ids[:i]): the
+    logprob and rank of ids[i], the top 5 and the top-2 margin.  Position 0 has
+    no prediction (None)."""
+    logits = model(torch.tensor([ids], dtype=torch.long)).logits[0].float()  # [T, V]
+    lp = torch.log_softmax(logits, dim=-1)
+    out = [None]
+    for i in range(1, len(ids)):
+        row = lp[i - 1]
+        vals, idx = torch.topk(row, TOP_K)
+        tok = ids[i]
+        chosen = row[tok]
+        # vLLM's rank: 1 + the number of tokens with a strictly higher logprob.
+        rank = int((row > chosen).sum().item()) + 1
+        out.append(
+            {
+                "logprob": r6(chosen),
+                "rank": rank,
+                "top": [[int(t), r6(v)] for t, v in zip(idx.tolist(), vals.tolist())],
+                "margin": r6(vals[0].double() - vals[1].double()),
+            }
+        )
+    return out
+
+
+def write_prompt_logprobs_json(path, obj):
+    """JSON with one line per position (the generic indent=2 layout would be
+    ~4x larger): header keys, then each case's scalar keys and its positions."""
+    d = lambda v: json.dumps(v, ensure_ascii=False, separators=(", ", ": "))
+    lines = ["{"]
+    for k in sorted(k for k in obj if k != "cases"):
+        lines.append(f"  {d(k)}: {d(obj[k])},")
+    lines.append('  "cases": [')
+    for ci, c in enumerate(obj["cases"]):
+        lines.append("    {")
+        for k in ("adapter", "prompt", "n_prompt", "ids"):
+            lines.append(f"      {d(k)}: {d(c[k])},")
+        lines.append('      "positions": [')
+        for pi, p in enumerate(c["positions"]):
+            lines.append(f"        {d(p)}" + ("," if pi + 1 < len(c["positions"]) else ""))
+        lines.append("      ]")
+        lines.append("    }" + ("," if ci + 1 < len(obj["cases"]) else ""))
+    lines.append("  ]")
+    lines.append("}")
+    text = "\n".join(lines) + "\n"
+    assert json.loads(text) == json.loads(json.dumps(obj)), "prompt-logprobs serialisation"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def record_prompt_logprobs(name):
+    """Teacher-forced logprobs for every case of fixtures/<name>.json, over the
+    prompt ids followed by the case's 16 greedy ids, from the *saved* model and
+    adapter files (fresh fp32 eager base, PeftModel.from_pretrained per
+    adapter), written to fixtures/<name>.prompt-logprobs.json.  Reads the
+    committed fixtures only; changes none of them."""
+    with open(os.path.join(FIX, f"{name}.json"), encoding="utf-8") as f:
+        golden = json.load(f)
+    model_dir = os.path.join(FIX, golden["model"])
+    base = load_fp32(model_dir)
+    models = {None: base}
+    cases = []
+    worst_step = 0.0
+    for c in golden["cases"]:
+        a = c["adapter"]
+        if a not in models:
+            models[a] = PeftModel.from_pretrained(load_fp32(model_dir), os.path.join(FIX, a)).eval()
+        ids = c["prompt_ids"] + c["greedy_ids"]
+        pos = teacher_forced(models[a], ids)
+        n = len(c["prompt_ids"])
+        # Sanity: the teacher-forced continuation is the recorded greedy decoding
+        # (same chosen logprobs up to fp32 reduction order).
+        for k, step in enumerate(c["steps"]):
+            p = pos[n + k]
+            assert p["logprob"] is not None
+            diff = abs(p["logprob"] - step["top"][0][1])
+            worst_step = max(worst_step, diff)
+            assert diff < 1e-4, (name, a, c["prompt"], k, p["logprob"], step["top"][0])
+            if step["margin"] > 1e-3:
+                assert p["top"][0][0] == c["greedy_ids"][k] == step["top"][0][0], (name, a, k)
+        cases.append({"adapter": a, "prompt": c["prompt"], "n_prompt": n, "ids": ids, "positions": pos})
+    out = {
+        "model": golden["model"],
+        "weights_dtype": golden["weights_dtype"],
+        "decimals": PL_DECIMALS,
+        "semantics": (
+            "ids = prompt_ids + greedy_ids of the same case in <model>.json; positions[i] (i >= 1) is "
+            "the fp32 log_softmax of the logits at position i-1, i.e. the distribution of token i "
+            "given ids[:i]: logprob and rank (1 + tokens with a strictly higher logprob) of ids[i], "
+            "the top 5 [id, logprob] best first, margin = top1 - top2; positions[0] is null"
+        ),
+    }
+    out["cases"] = cases
+    path = os.path.join(FIX, f"{name}.prompt-logprobs.json")
+    write_prompt_logprobs_json(path, out)
+    n_pos = sum(len(c["ids"]) - 1 for c in cases)
+    print(f"{name}: prompt logprobs for {len(cases)} cases, {n_pos} positions, "
+          f"{os.path.getsize(path) / 1e3:.0f} kB (teacher-forced vs greedy steps: max |d| {worst_step:.2g})")
+
+
+# --------------------------------------------------------------------------
 
 
 def versions():
@@ -810,6 +928,7 @@ def main():
             cases.extend(acases)
         out["cases"] = cases
         write_json(os.path.join(FIX, f"{name}.json"), out)
+        record_prompt_logprobs(name)
 
         margins = [s["margin"] for c in cases for s in c["steps"]]
         summary[name] = {
@@ -834,5 +953,32 @@ def main():
     print(f"done in {time.time() - t0:.1f}s")
 
 
+def main_prompt_logprobs_only():
+    """Record only fixtures/<name>.prompt-logprobs.json from the committed
+    models, adapters and cases, leaving every other fixture file untouched (a
+    full regeneration on another CPU can move the last digits of the
+    committed logprobs, which the fixtures must not)."""
+    t0 = time.time()
+    vers = versions()
+    with open(os.path.join(FIX, "versions.json")) as f:
+        recorded = json.load(f)
+    if recorded != vers:
+        print("NOTE: library versions differ from fixtures/versions.json:", json.dumps(recorded))
+    print("versions:", json.dumps(vers))
+    names = sorted(
+        fn[: -len(".json")]
+        for fn in os.listdir(FIX)
+        if fn.endswith(".json") and fn != "versions.json" and not fn.endswith(".prompt-logprobs.json")
+    )
+    for name in names:
+        record_prompt_logprobs(name)
+    print(f"done in {time.time() - t0:.1f}s")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--prompt-logprobs-only"]:
+        main_prompt_logprobs_only()
+    elif sys.argv[1:]:
+        sys.exit(f"usage: {sys.argv[0]} [--prompt-logprobs-only]")
+    else:
+        main()
