@@ -21,11 +21,14 @@ export class Metrics {
       new Gauge({ name, help, labelNames: ['model_name'], registers: [r], collect() { this.set(labels, read()); } });
     gauge('vllm:num_requests_running', 'Requests running on the engine.', () => engine.scheduler.running.length);
     gauge('vllm:num_requests_waiting', 'Requests waiting to be scheduled.', () => engine.scheduler.waiting.length);
+    // Only pages that cannot be reclaimed count as used (KV of running sequences, cached blocks
+    // they reference, adapters they pin), as vLLM counts evictable cached blocks as free: an idle
+    // server with adapters and prefixes cached reads 0, not 94%.
     const kvUse = () => {
       const s = engine.paging.stats();
-      return s.totalPages ? (s.totalPages - s.freePages) / s.totalPages : 0;
+      return s.totalPages ? (s.totalPages - engine.reclaimablePages()) / s.totalPages : 0;
     };
-    gauge('vllm:kv_cache_usage_perc', 'Fraction of the unified pool in use (KV blocks and adapter pages).', kvUse);
+    gauge('vllm:kv_cache_usage_perc', 'Fraction of the unified pool that cannot be reclaimed (KV and cached blocks of running sequences, pinned adapters).', kvUse);
     gauge('vllm:gpu_cache_usage_perc', 'Alias of vllm:kv_cache_usage_perc for older dashboards.', kvUse);
     gauge('vllm:num_preemptions_total', 'Preemptions (recompute) so far.', () => engine.scheduler.numPreemptions);
     const maxLora = engine.adapters.opts.maxSlots;
@@ -49,15 +52,16 @@ export class Metrics {
     });
     new Gauge({
       name: 'loraplex_pool_pages',
-      help: 'Pages of the unified pool by use.',
-      labelNames: ['use'],
+      help: 'Pages of the unified pool by kind: KV of sequences, cached prefix blocks, adapter rows, free (and the total).',
+      labelNames: ['kind'],
       registers: [r],
       collect() {
         const s = engine.paging.stats();
-        this.set({ use: 'kv' }, s.kvPages);
-        this.set({ use: 'adapter' }, s.adapterPages);
-        this.set({ use: 'free' }, s.freePages);
-        this.set({ use: 'total' }, s.totalPages);
+        this.set({ kind: 'kv' }, s.kvPages);
+        this.set({ kind: 'prefix_cache' }, s.prefixPages);
+        this.set({ kind: 'adapter' }, s.adapterPages);
+        this.set({ kind: 'free' }, s.freePages);
+        this.set({ kind: 'total' }, s.totalPages);
       },
     });
     new Gauge({
@@ -92,6 +96,9 @@ export class Metrics {
     monotonic('loraplex_adapter_evictions_total', 'Adapters evicted from the pool.', () => engine.adapters.stats().evictions);
     monotonic('loraplex_preemptions_total', 'Sequences preempted (recompute).', () => engine.scheduler.numPreemptions);
     monotonic('loraplex_engine_steps_total', 'Engine steps run.', () => engine.stats().steps);
+    // vLLM's prefix-cache counters, in tokens (prometheus_client exposes them with _total).
+    monotonic('vllm:prefix_cache_queries_total', 'Prompt tokens looked up in the prefix cache.', () => engine.prefix.stats().queries);
+    monotonic('vllm:prefix_cache_hits_total', 'Prompt tokens found in the prefix cache.', () => engine.prefix.stats().hits);
     this.promptTokens = new Counter({ name: 'vllm:prompt_tokens_total', help: 'Prompt tokens processed.', labelNames: ['model_name'], registers: [r] });
     this.genTokens = new Counter({ name: 'vllm:generation_tokens_total', help: 'Generated tokens.', labelNames: ['model_name'], registers: [r] });
     this.success = new Counter({ name: 'vllm:request_success_total', help: 'Finished requests by finish reason.', labelNames: ['model_name', 'finished_reason'], registers: [r] });

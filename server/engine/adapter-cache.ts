@@ -2,7 +2,8 @@
 // validated, an LRU bounded in bytes) and the unified pool (packed into pages, addressable by a
 // slot). Running sequences pin their adapter; unpinned resident adapters are evicted LRU-first
 // when the pool or the slots run short.
-import { existsSync, readdirSync, statSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { createReadStream, existsSync, readdirSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import type { NativeAdapter, NativeEngine } from '../native/addon.js';
 import { AdapterError, planAdapter, toNativePlan, type AdapterPlan } from './adapter-config.js';
@@ -27,6 +28,8 @@ export interface AdapterEntry {
   slot: number; // 0 unless in the pool
   pages: number[];
   lastUsed: number;
+  /** sha256 of its files (computed at load): its identity in the prefix cache's keys. */
+  digest: string;
   refs: number; // requests in flight (waiting or running) that name it
   requestsServed: number;
   loads: number;
@@ -58,7 +61,6 @@ export class AdapterCache {
   /** --lora-roots: with --adapter-dir, the folders every adapter file must resolve into. */
   private extraRoots: string[] = [];
   private readonly slots: Array<AdapterEntry | null>;
-  private clock = 0;
   private loadsTotal = 0;
   private evictions = 0;
   private loadFailures = 0;
@@ -66,6 +68,8 @@ export class AdapterCache {
   private readonly hostCacheBytes: number;
   /** Slots used by running sequences (set by the engine): those adapters are pinned. */
   pinnedSlots: () => Set<number> = () => new Set();
+  /** Called when an adapter's content is gone or changed (forget, replaced on disk): its prefix-cache blocks go. */
+  onReplaced: (digest: string) => void = () => undefined;
   /** Called when an adapter fails to load, to fail the requests waiting for it. */
   onLoadFailed: (id: string, error: Error) => void = () => undefined;
 
@@ -100,7 +104,7 @@ export class AdapterCache {
     this.unloaded.delete(id);
     const e: AdapterEntry = {
       id, dir: resolve(dir), trusted: opts.trusted === true, tier: 'disk', plan: null, parsed: null, pagesNeeded: 0, slot: 0, pages: [],
-      lastUsed: 0, refs: 0, requestsServed: 0, loads: 0, lastError: null,
+      lastUsed: 0, digest: '', refs: 0, requestsServed: 0, loads: 0, lastError: null,
     };
     this.entries.set(id, e);
     return e;
@@ -155,6 +159,11 @@ export class AdapterCache {
     if (e && e.refs > 0) e.refs--;
   }
 
+  /** Content digest of a loaded adapter ('' for the base model or before its first load). */
+  digestOf(id: string | null): string {
+    return id === null ? '' : this.entries.get(id)?.digest ?? '';
+  }
+
   /** Pages the adapter takes in the pool, once known (0 before it is parsed). */
   pagesFor(id: string | null): number {
     return id === null ? 0 : this.entries.get(id)?.pagesNeeded ?? 0;
@@ -174,25 +183,42 @@ export class AdapterCache {
     if (e.tier === 'disk') void this.load(e);
     if (e.tier === 'host' && !this.install(e)) return false;
     if (e.tier !== 'pool') return false;
-    e.lastUsed = ++this.clock;
+    e.lastUsed = performance.now(); // one clock with the prefix cache: reclaim is LRU across both
     seq.adapterSlot = e.slot;
-    if (seq.numPreemptions === 0 && seq.numComputed === 0) e.requestsServed++;
+    if (!seq.servedCounted) (seq.servedCounted = true), e.requestsServed++;
     return true;
   }
 
-  /** Evicts unpinned pool adapters (least recently used first) until `pages` pages were freed. */
-  reclaim(pages: number, keep: string | null = null): number {
-    let freed = 0;
+  /** Pool adapters no running sequence uses (never `keep`), least recently used first. */
+  evictable(keep: string | null = null): AdapterEntry[] {
     const pinned = this.pinnedSlots();
-    const victims = [...this.entries.values()]
+    return [...this.entries.values()]
       .filter((e) => e.tier === 'pool' && !pinned.has(e.slot) && e.id !== keep)
       .sort((a, b) => a.lastUsed - b.lastUsed);
-    for (const v of victims) {
+  }
+
+  /** Pages held by pool adapters that could be evicted now. */
+  evictablePages(): number {
+    return this.evictable().reduce((n, e) => n + e.pages.length, 0);
+  }
+
+  /**
+   * Frees `pages` pages of the pool. The engine installs its own policy here (LRU across unpinned
+   * adapters and reclaimable prefix-cache blocks); alone, it evicts adapters LRU-first.
+   */
+  reclaim: (pages: number, keep: string | null) => number = (pages, keep) => {
+    let freed = 0;
+    for (const v of this.evictable(keep)) {
       if (freed >= pages) break;
       freed += v.pages.length;
-      this.evict(v);
+      this.evictEntry(v);
     }
     return freed;
+  };
+
+  /** Evicts one pool adapter (the engine's reclaim policy calls it). */
+  evictEntry(e: AdapterEntry): void {
+    this.evict(e);
   }
 
   /** Resolves when an adapter load finishes (or soon, so the engine loop re-checks). */
@@ -259,6 +285,7 @@ export class AdapterCache {
     if (e.tier === 'pool') this.evict(e);
     e.parsed = null;
     this.entries.delete(id);
+    if (e.digest) this.onReplaced(e.digest);
   }
 
   private async load(e: AdapterEntry): Promise<void> {
@@ -274,9 +301,12 @@ export class AdapterCache {
           if (pickle) throw new AdapterError(`${pickle}: pickle adapters are never loaded; convert to ${name}`, 415, name, 'unsupported_format');
         }
         const file = confinedFile(e.dir, name, roots);
+        const cfgFile = confinedFile(e.dir, 'adapter_config.json', roots);
         let parsed: NativeAdapter;
+        let digest: string;
         try {
-          parsed = await this.native.parseAdapter(file, toNativePlan(plan), this.opts.maxLoraRank);
+          // The content digest streams the files while the native parser reads them.
+          [parsed, digest] = await Promise.all([this.native.parseAdapter(file, toNativePlan(plan), this.opts.maxLoraRank), contentDigest([cfgFile, file])]);
         } catch (err) {
           // The native message names the file by its path: say its name, never where it lives.
           throw new AdapterError(`adapter ${e.id}: ${(err as Error).message.split(file).join(name)}`);
@@ -287,6 +317,8 @@ export class AdapterCache {
         e.plan = plan;
         e.parsed = parsed;
         e.pagesNeeded = pages;
+        if (e.digest && e.digest !== digest) this.onReplaced(e.digest);
+        e.digest = digest;
       }
       e.tier = 'host';
       e.lastError = null;
@@ -319,7 +351,7 @@ export class AdapterCache {
       slot = victim.slot;
       this.evict(victim);
     }
-    if (!this.paging.canAllocate(e.pagesNeeded)) this.reclaim(e.pagesNeeded - this.paging.freePages);
+    if (!this.paging.canAllocate(e.pagesNeeded)) this.reclaim(e.pagesNeeded - this.paging.freePages, e.id);
     if (!this.paging.canAllocate(e.pagesNeeded)) return false;
     const parsed = e.parsed;
     if (!parsed) return false;
@@ -383,4 +415,14 @@ export class AdapterCache {
       e.tier = 'disk';
     }
   }
+}
+
+/** sha256 over files, streamed (chunks hashed between event-loop turns, never one long block). */
+async function contentDigest(files: string[]): Promise<string> {
+  const h = createHash('sha256');
+  for (const f of files) {
+    for await (const chunk of createReadStream(f, { highWaterMark: 1 << 20 })) h.update(chunk as Buffer);
+    h.update('\0');
+  }
+  return h.digest('hex');
 }

@@ -3,9 +3,11 @@
 import { totalmem } from 'node:os';
 import { loadNative, type ComputeDtype, type DtypeOption, type KvCacheDtype, type LoraDtype, type NativeEngine, type NativeLoraPlan, type NativePoolInfo, type NativeStepBatch, type NativeStepResult } from '../native/addon.js';
 import { AdapterCache, type AdapterCacheStats } from './adapter-cache.js';
+import { defaultThreadCount } from './cpu-threads.js';
 import { LoraplexError } from './errors.js';
 import { readModelDir, type ModelInfo } from './model-config.js';
 import { PagingManager, type PoolStats } from './paging-manager.js';
+import { PrefixCache, type PrefixCacheStats } from './prefix-cache.js';
 import { makeSamplingParams, type SamplingParams } from './sampling-params.js';
 import { Scheduler, type ScheduledSeq } from './scheduler.js';
 import { Sequence, SeqState, type SeqOutput, type TokenEvent } from './sequence.js';
@@ -29,6 +31,8 @@ export interface EngineOptions {
   loraDtype?: DtypeOption;
   computeDtype?: DtypeOption;
   kvCacheDtype?: DtypeOption;
+  /** Automatic prefix caching (default on, as vLLM's --enable-prefix-caching). */
+  enablePrefixCaching?: boolean;
 }
 
 export interface EngineStats extends PoolStats {
@@ -39,10 +43,13 @@ export interface EngineStats extends PoolStats {
   preemptions: number;
   steps: number;
   adapters: AdapterCacheStats;
+  prefixCache: PrefixCacheStats;
 }
 
 export interface GenerateOptions {
   adapter?: string | null;
+  /** Requests share prefix-cache blocks only with requests of the same salt. */
+  cacheSalt?: string | null;
   signal?: AbortSignal;
 }
 
@@ -66,6 +73,7 @@ export class Engine {
   readonly paging: PagingManager;
   readonly scheduler: Scheduler;
   readonly adapters: AdapterCache;
+  readonly prefix: PrefixCache;
   readonly maxModelLen: number;
   readonly backend: string;
   /** Adapter rows in the pool (--lora-dtype). */
@@ -106,15 +114,25 @@ export class Engine {
       maxLoraRank: opts.maxLoraRank ?? 64,
       maxSlots: opts.maxLoras ?? 32,
     });
+    // Everything that changes a KV block's bytes besides its tokens and adapter.
+    const kvIdentity = [model.name, model.spec.numLayers, model.spec.numKvHeads, model.spec.headDim, pool.kvCacheDtype, pool.computeDtype, pool.loraDtype, pool.blockSize, pool.backend].join('|');
+    this.prefix = new PrefixCache(this.paging, kvIdentity, opts.enablePrefixCaching ?? true);
+    this.adapters.reclaim = (pages, keep) => this.reclaimPool(pages, keep);
+    this.adapters.onReplaced = (digest) => this.prefix.dropAdapter(digest);
     this.scheduler = new Scheduler(
       this.paging,
       { maxNumSeqs: opts.maxNumSeqs ?? 64, maxBatchTokens: opts.maxBatchTokens ?? 2048, maxLorasPerBatch: opts.maxLorasPerBatch ?? 0 },
       (seq) => this.adapters.admit(seq),
-      (pages, keep) => this.adapters.reclaim(pages, keep?.adapterId ?? null),
+      (pages, keep) => this.reclaimPool(pages, keep?.adapterId ?? null),
       (seq) =>
         this.finishSeq(seq, 'error', new LoraplexError(
           `the request needs ${this.paging.blocksFor(seq.numTokens)} KV pages plus its adapter's; the pool cannot hold them`,
           400, 'invalid_request_error', 'max_tokens', 'context_length_exceeded')),
+      (seq) => {
+        const hit = this.prefix.match(seq, this.adapters.digestOf(seq.adapterId));
+        if (seq.numPreemptions === 0) seq.cachedTokens = hit;
+      },
+      (seq) => this.prefix.release(seq),
     );
     this.adapters.pinnedSlots = () => new Set(this.scheduler.running.map((q) => q.adapterSlot).filter((x) => x > 0));
     this.adapters.onLoadFailed = (id, err) => {
@@ -142,7 +160,7 @@ export class Engine {
         poolBytes: budget,
         maxSlots,
         eosIds: Int32Array.from(model.eosTokenIds),
-        threads: opts.threads,
+        threads: opts.threads ?? defaultThreadCount(),
         device: opts.device,
         loraDtype: opts.loraDtype,
         computeDtype: opts.computeDtype,
@@ -186,6 +204,8 @@ export class Engine {
     for (const id of promptIds)
       if (!Number.isInteger(id) || id < 0 || id >= V)
         throw new LoraplexError(`token id ${id} is outside the vocabulary [0, ${V})`, 400, 'invalid_request_error', 'prompt', 'invalid_value');
+    for (const [id] of params.logitBias)
+      if (id >= V) throw new LoraplexError(`token id ${id} in logit_bias is outside the vocabulary [0, ${V})`, 400, 'invalid_request_error', 'logit_bias', 'invalid_value');
     const total = promptIds.length + params.maxTokens;
     if (total > this.maxModelLen)
       throw new LoraplexError(
@@ -201,6 +221,7 @@ export class Engine {
         400, 'invalid_request_error', 'max_tokens', 'context_length_exceeded');
     }
     const seq = new Sequence(this.nextSeqId++, promptIds.slice(), params, adapterId, slot);
+    seq.cacheSalt = opts.cacheSalt ?? null;
     if (opts.signal) {
       if (opts.signal.aborted) {
         if (adapterId !== null) this.adapters.releaseRef(adapterId);
@@ -231,6 +252,7 @@ export class Engine {
       preemptions: this.scheduler.numPreemptions,
       steps: this.steps,
       adapters: this.adapters.stats(),
+      prefixCache: this.prefix.stats(),
     };
   }
 
@@ -306,17 +328,48 @@ export class Engine {
     if (this.checking) this.checkInvariants();
   }
 
-  /** Pool, adapter residency and KV ownership agree; throws on the first disagreement. */
+  /**
+   * Frees `pages` pages for KV or an adapter: one least-recently-used order across reclaimable
+   * prefix-cache blocks and adapters no running sequence uses (never `keep`). Returns pages freed.
+   */
+  private reclaimPool(pages: number, keep: string | null): number {
+    let freed = 0;
+    const ads = this.adapters.evictable(keep);
+    let a = 0;
+    const cached = this.prefix.reclaimable();
+    let c = cached.next();
+    while (freed < pages && (a < ads.length || !c.done)) {
+      if (!c.done && (a >= ads.length || c.value.lastUsed <= ads[a].lastUsed)) {
+        this.prefix.evict(c.value.page);
+        freed++;
+        c = cached.next();
+      } else {
+        freed += ads[a].pages.length;
+        this.adapters.evictEntry(ads[a++]);
+      }
+    }
+    return freed;
+  }
+
+  /** Pages nobody needs now: free, reclaimable prefix blocks, adapters no running sequence uses. */
+  reclaimablePages(): number {
+    return this.paging.freePages + this.prefix.reclaimableCount + this.adapters.evictablePages();
+  }
+
+  /** Pool, adapter residency, prefix cache and KV ownership agree; throws on the first disagreement. */
   checkInvariants(): void {
     this.paging.checkInvariants();
     this.adapters.checkInvariants();
+    const seqs = [...this.scheduler.running, ...this.scheduler.waiting];
+    this.prefix.checkInvariants(seqs);
     let kv = 0;
-    for (const q of [...this.scheduler.running, ...this.scheduler.waiting]) {
+    for (const q of seqs) {
       for (const p of q.blocks) {
         const o = this.paging.ownerOf(p);
+        if (o?.kind === 'prefix') continue; // counted by the prefix cache's own check
         if (!o || o.kind !== 'kv' || o.seqId !== q.id) throw new Error(`invariant: page ${p} of sequence ${q.id} is owned by ${JSON.stringify(o)}`);
+        kv++;
       }
-      kv += q.blocks.length;
     }
     if (kv !== this.paging.stats().kvPages) throw new Error(`invariant: sequences hold ${kv} KV pages, the pool counts ${this.paging.stats().kvPages}`);
   }
@@ -348,7 +401,8 @@ export class Engine {
       temperature: new Float32Array(N), topP: new Float32Array(N), minP: new Float32Array(N),
       repetitionPenalty: new Float32Array(N), presencePenalty: new Float32Array(N), frequencyPenalty: new Float32Array(N),
       topK: new Int32Array(N), numLogprobs: new Int32Array(N), suppressEos: new Uint8Array(N),
-      newSeqIds: new Uint32Array(0), newSeeds: new Float64Array(0), newPromptStart: new Int32Array(1), newPromptTokens: new Int32Array(0),
+      logitBiasStart: new Int32Array(N + 1), logitBiasIds: new Int32Array(0), logitBiasValues: new Float32Array(0),
+      newSeqIds: new Uint32Array(0), newSeeds: new BigInt64Array(0), newHasSeed: new Uint8Array(0), newPromptStart: new Int32Array(1), newPromptTokens: new Int32Array(0),
       freeSeqIds: Uint32Array.from(this.freeSeqIds),
       promptLpOwners: [],
     };
@@ -381,6 +435,10 @@ export class Engine {
       blockTables.set(seq.blocks, i * maxBlocks);
       seqIds[i] = seq.id;
       if (p.sample && !seq.registeredWithSampler) fresh.push(seq);
+      if (!seq.lookupCounted && seq.numPreemptions === 0) {
+        seq.lookupCounted = true;
+        this.prefix.count(seq.promptIds.length, seq.cachedTokens);
+      }
     });
     queryStart[S] = T;
     if (lpRows.length) {
@@ -401,9 +459,27 @@ export class Engine {
       b.numLogprobs[j] = sp.logprobs ?? -1; // -1: skip the vocabulary-wide log-sum-exp
       b.suppressEos[j] = !sp.ignoreEos && seq.outputIds.length < sp.minTokens ? 1 : 0;
     });
+    // logit_bias: sample j's (id, bias) pairs are [logitBiasStart[j], logitBiasStart[j + 1]).
+    let nBias = 0;
+    for (const si of samples) nBias += plan[si].seq.params.logitBias.length;
+    if (nBias > 0) {
+      b.logitBiasIds = new Int32Array(nBias);
+      b.logitBiasValues = new Float32Array(nBias);
+      let off = 0;
+      samples.forEach((si, j) => {
+        b.logitBiasStart[j] = off;
+        for (const [id, v] of plan[si].seq.params.logitBias) {
+          b.logitBiasIds[off] = id;
+          b.logitBiasValues[off++] = v;
+        }
+      });
+      b.logitBiasStart[N] = off;
+    }
     if (fresh.length) {
       b.newSeqIds = Uint32Array.from(fresh.map((s) => s.id));
-      b.newSeeds = Float64Array.from(fresh.map((s) => s.params.seed ?? -1));
+      // Any int64 seeds the native mt19937_64 (as its uint64 bits); the flag tells "no seed" apart.
+      b.newSeeds = BigInt64Array.from(fresh.map((s) => (s.params.seed === null ? 0n : BigInt.asIntN(64, BigInt(s.params.seed)))));
+      b.newHasSeed = Uint8Array.from(fresh.map((s) => (s.params.seed === null ? 0 : 1)));
       b.newPromptStart = new Int32Array(fresh.length + 1);
       let n = 0;
       fresh.forEach((s, i) => {
@@ -433,6 +509,7 @@ export class Engine {
       if (!p.sample) {
         if (seq.isFinished) continue;
         seq.numComputed += p.numNew;
+        this.prefix.promote(seq, this.adapters.digestOf(seq.adapterId));
         // max_tokens 0 (prompt scoring only): done once the whole prompt went through.
         if (seq.params.maxTokens === 0 && seq.numComputed === seq.numTokens) this.finishSeq(seq, 'length');
         continue;
@@ -440,6 +517,7 @@ export class Engine {
       const k = j++;
       if (seq.isFinished) continue; // aborted while the step ran
       seq.numComputed += p.numNew;
+      this.prefix.promote(seq, this.adapters.digestOf(seq.adapterId));
       const id = tokens[k];
       if (id < 0) {
         // Defence in depth behind adapter validation: never sample from NaN/inf logits.

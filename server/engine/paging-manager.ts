@@ -1,13 +1,16 @@
-// All page accounting of the unified pool, in one place: which page belongs to which KV sequence
-// or adapter, the free list, and the invariants (a page is never owned twice, frees are exact).
-// The C++ pool only holds bytes; it never decides.
+// All page accounting of the unified pool, in one place: which page is free, KV of one sequence,
+// a cached prefix block (shared by the sequences that reference it; prefix-cache.ts keeps the
+// index and reference counts) or adapter rows, the free list, and the invariants (a page is never
+// owned twice, frees are exact). The C++ pool only holds bytes; it never decides.
 
-export type PageOwner = { kind: 'kv'; seqId: number } | { kind: 'adapter'; slot: number };
+export type PageOwner = { kind: 'kv'; seqId: number } | { kind: 'prefix' } | { kind: 'adapter'; slot: number };
 
 export interface PoolStats {
   totalPages: number;
   freePages: number;
   kvPages: number;
+  /** Cached prefix blocks, in use by a sequence or reclaimable. */
+  prefixPages: number;
   adapterPages: number;
 }
 
@@ -15,6 +18,7 @@ export class PagingManager {
   private readonly free: number[] = [];
   private readonly owner: Array<PageOwner | null>;
   private kvPages = 0;
+  private prefixPages = 0;
   private adapterPages = 0;
 
   constructor(
@@ -47,17 +51,30 @@ export class PagingManager {
       if (this.owner[p] !== null) throw new Error(`invariant: page ${p} handed out twice`);
       this.owner[p] = owner;
     }
-    if (owner.kind === 'kv') this.kvPages += n;
-    else this.adapterPages += n;
+    this.count(owner, n);
     return pages;
+  }
+
+  private count(owner: PageOwner, n: number): void {
+    if (owner.kind === 'kv') this.kvPages += n;
+    else if (owner.kind === 'prefix') this.prefixPages += n;
+    else this.adapterPages += n;
+  }
+
+  /** Hands an owned page to a new owner (a sequence's full KV block becomes a cached prefix block). */
+  transfer(page: number, owner: PageOwner): void {
+    const o = this.owner[page];
+    if (o === null || o === undefined) throw new Error(`invariant: page ${page} transferred while free`);
+    this.count(o, -1);
+    this.count(owner, 1);
+    this.owner[page] = owner;
   }
 
   release(pages: number[]): void {
     for (const p of pages) {
       const o = this.owner[p];
       if (o === null || o === undefined) throw new Error(`invariant: page ${p} freed twice or never allocated`);
-      if (o.kind === 'kv') this.kvPages--;
-      else this.adapterPages--;
+      this.count(o, -1);
       this.owner[p] = null;
       this.free.push(p);
     }
@@ -68,23 +85,25 @@ export class PagingManager {
   }
 
   stats(): PoolStats {
-    return { totalPages: this.totalPages, freePages: this.free.length, kvPages: this.kvPages, adapterPages: this.adapterPages };
+    return { totalPages: this.totalPages, freePages: this.free.length, kvPages: this.kvPages, prefixPages: this.prefixPages, adapterPages: this.adapterPages };
   }
 
   /** Cross-checks the counters against the owner table (tests call this after every step). */
   checkInvariants(): void {
     let kv = 0;
+    let pre = 0;
     let ad = 0;
     let none = 0;
     for (const o of this.owner) {
       if (o === null) none++;
       else if (o.kind === 'kv') kv++;
+      else if (o.kind === 'prefix') pre++;
       else ad++;
     }
     const uniqueFree = new Set(this.free);
     if (uniqueFree.size !== this.free.length) throw new Error('invariant: duplicate page in the free list');
-    if (none !== this.free.length || kv !== this.kvPages || ad !== this.adapterPages)
-      throw new Error(`invariant: counters disagree (free ${this.free.length}/${none}, kv ${this.kvPages}/${kv}, adapter ${this.adapterPages}/${ad})`);
+    if (none !== this.free.length || kv !== this.kvPages || pre !== this.prefixPages || ad !== this.adapterPages)
+      throw new Error(`invariant: counters disagree (free ${this.free.length}/${none}, kv ${this.kvPages}/${kv}, prefix ${this.prefixPages}/${pre}, adapter ${this.adapterPages}/${ad})`);
     for (const p of this.free) if (this.owner[p] !== null) throw new Error(`invariant: free page ${p} has an owner`);
   }
 }

@@ -32,6 +32,13 @@ export class Scheduler {
     private readonly reclaim: (pagesNeeded: number, keep?: Sequence) => number = () => 0,
     /** A waiting sequence that cannot fit even in an otherwise empty pool. */
     private readonly onUnfittable: (seq: Sequence) => void = () => undefined,
+    /** Prefix cache: give an admitted sequence its cached leading blocks (sets blocks, numComputed). */
+    private readonly matchPrefix: (seq: Sequence) => void = () => undefined,
+    /** Lets go of a sequence's pages (cached blocks stay cached); the default frees them. */
+    private readonly releaseBlocks: (seq: Sequence) => void = (seq) => {
+      if (seq.blocks.length) this.paging.release(seq.blocks);
+      seq.blocks = [];
+    },
   ) {}
 
   add(seq: Sequence): void {
@@ -71,24 +78,28 @@ export class Scheduler {
       budget -= numNew;
     }
 
-    // 2. Admit waiting sequences in arrival order while the pool holds their whole prompt.
+    // 2. Admit waiting sequences in arrival order while the pool holds their whole prompt (less
+    //    what the prefix cache already holds).
     while (this.waiting.length > 0 && budget > 0 && this.running.length < this.limits.maxNumSeqs) {
       const seq = this.waiting[0];
-      const needAll = this.paging.blocksFor(seq.numTokens) - seq.blocks.length;
-      if (!this.paging.canAllocate(needAll)) this.reclaim(needAll - this.paging.freePages, seq);
-      if (!this.paging.canAllocate(needAll)) {
+      if (this.overLoraCap(seq)) break; // FCFS: wait until a running adapter's sequences finish
+      if (!this.canAdmit(seq)) break; // its adapter is still loading, or no room for it yet
+      // Cached leading blocks are referenced (so no reclaim can take them), not allocated; the
+      // rest must fit.
+      this.matchPrefix(seq);
+      const need = this.paging.blocksFor(seq.numTokens) - seq.blocks.length;
+      if (!this.paging.canAllocate(need)) this.reclaim(need - this.paging.freePages, seq);
+      if (!this.paging.canAllocate(need)) {
+        this.freeBlocks(seq);
+        seq.numComputed = 0;
         if (this.running.length === 0 && plan.length === 0) {
           // Nothing else holds pages that could come back: this request can never fit.
           this.waiting.shift();
           this.onUnfittable(seq);
           continue;
         }
-        break; // FCFS: nobody overtakes the head
+        break; // FCFS: nobody overtakes the head; KV comes back as others finish
       }
-      if (this.overLoraCap(seq)) break; // FCFS: wait until a running adapter's sequences finish
-      if (!this.canAdmit(seq)) break; // its adapter is still loading, or no room for it yet
-      // Installing the adapter may have taken the room; KV comes back as others finish.
-      if (!this.paging.canAllocate(needAll)) break;
       const numNew = Math.min(seq.numTokens - seq.numComputed, budget);
       this.waiting.shift();
       seq.state = SeqState.Running;
@@ -146,7 +157,6 @@ export class Scheduler {
   }
 
   private freeBlocks(seq: Sequence): void {
-    if (seq.blocks.length) this.paging.release(seq.blocks);
-    seq.blocks = [];
+    this.releaseBlocks(seq);
   }
 }

@@ -40,6 +40,22 @@ export class Sequence {
   finishReason: FinishReason | null = null;
   error: Error | undefined;
   numPreemptions = 0;
+  /** Prefix cache: keys of this sequence's full blocks (computed once), and how many of its
+   *  leading blocks are cached pages or were offered to the cache. */
+  readonly blockKeys: string[] = [];
+  promotedBlocks = 0;
+  /** The prefix-cache metrics already count its lookup. */
+  lookupCounted = false;
+  /** Its adapter's requests_served already counts it. */
+  servedCounted = false;
+  /** Prompt tokens found in the prefix cache at its first admission (usage.cached_tokens). */
+  cachedTokens = 0;
+  /** Requests share cached blocks only when their salts are equal (cache_salt). */
+  cacheSalt: string | null = null;
+  /** Prompt logprobs need every prompt position computed: never skip cached blocks. */
+  get noPrefixMatch(): boolean {
+    return this.params.promptLogprobs !== null;
+  }
   /** Prompt logprobs by position (params.promptLogprobs set): [0] stays null, filled as prefill runs. */
   readonly promptLogprobs: Array<PromptLogprob | null> = [];
   readonly arrival = performance.now();

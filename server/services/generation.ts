@@ -24,12 +24,13 @@ export class GenerationRun {
 
   constructor(
     private readonly engine: Engine,
-    inputs: ChoiceInput[],
+    private readonly inputs: ChoiceInput[],
     adapter: string | null,
+    cacheSalt: string | null = null,
   ) {
     try {
       for (const c of inputs) {
-        const seq = engine.submit(c.promptIds, c.params, { adapter });
+        const seq = engine.submit(c.promptIds, c.params, { adapter, cacheSalt });
         this.streams.push(new TextStream(engine, seq, c.stops));
       }
     } catch (e) {
@@ -41,6 +42,17 @@ export class GenerationRun {
     let p = 0;
     for (const c of inputs) if (!seen.has(c.promptIds)) (seen.add(c.promptIds), (p += c.promptIds.length));
     this.promptTokens = p;
+  }
+
+  /** Prompt tokens served from the prefix cache, counted once per prompt as promptTokens is. */
+  get cachedTokens(): number {
+    const seen = new Set<number[]>();
+    let n = 0;
+    this.streams.forEach((s, i) => {
+      const p = this.inputs[i].promptIds;
+      if (!seen.has(p)) (seen.add(p), (n += s.seq.cachedTokens));
+    });
+    return n;
   }
 
   get completionTokens(): number {

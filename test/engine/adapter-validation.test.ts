@@ -333,7 +333,8 @@ describe('bad adapters fail only their own requests', () => {
     engine.paging.checkInvariants();
     const s = engine.paging.stats();
     expect(s.kvPages).toBe(0);
-    expect(s.freePages + s.adapterPages).toBe(s.totalPages);
+    expect(s.freePages + s.prefixPages + s.adapterPages).toBe(s.totalPages);
+    expect(engine.prefix.stats().reclaimablePages).toBe(s.prefixPages);
     expect(engine.stats().waiting).toBe(0);
     expect(engine.stats().running).toBe(0);
     // Nothing still counts as using a bad adapter.

@@ -45,7 +45,9 @@ describe('preemption by recompute', () => {
     expect(tight.stats().preemptions).toBeGreaterThan(0);
     expect(got).toEqual(expected);
     expect(tight.paging.stats().kvPages).toBe(0);
-    expect(tight.paging.stats().freePages).toBe(10);
+    // Idle: every page is free or a cached prefix block nobody references (reclaimable).
+    expect(tight.paging.stats().freePages + tight.prefix.stats().reclaimablePages).toBe(10);
+    expect(tight.prefix.stats().reclaimablePages).toBe(tight.paging.stats().prefixPages);
     await tight.close();
   });
 
@@ -150,7 +152,8 @@ describe('randomised simulation', () => {
     const st = engine.stats();
     expect(st.kvPages).toBe(0);
     expect(st.waiting + st.running).toBe(0);
-    expect(st.freePages + st.adapterPages).toBe(st.totalPages);
+    expect(st.freePages + st.prefixPages + st.adapterPages).toBe(st.totalPages);
+    expect(st.prefixCache.reclaimablePages).toBe(st.prefixPages);
     await engine.close();
   });
 });

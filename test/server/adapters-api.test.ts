@@ -697,7 +697,7 @@ describe('restart and delete', () => {
   it('delete while a long generation runs: new requests 404 at once, the running one finishes, then files and pages are freed', async () => {
     const id = 'r8-all';
     // After the restart r8-all is the only adapter that has run, so it is the only one in the pool.
-    expect(await metricValue('loraplex_pool_pages', 'use="adapter"')).toBeGreaterThan(0);
+    expect(await metricValue('loraplex_pool_pages', 'kind="adapter"')).toBeGreaterThan(0);
     const ctrl = new AbortController();
     const res = await fetch(`${srv.url}/v1/completions`, {
       method: 'POST',
@@ -761,7 +761,7 @@ describe('restart and delete', () => {
       // Afterwards: the folder is gone (no trash left behind), no adapter pages in the pool.
       expect(existsSync(join(adapterDir, id))).toBe(false);
       expect(dirEntries().filter((e) => e.startsWith('.'))).toEqual([]);
-      expect(await metricValue('loraplex_pool_pages', 'use="adapter"')).toBe(0);
+      expect(await metricValue('loraplex_pool_pages', 'kind="adapter"')).toBe(0);
       await expectOpenAIError(await complete(id, [592, 1, 2]), 404);
       await expectOpenAIError(await fetch(`${srv.url}/v1/adapters/${id}`, { method: 'DELETE' }), 404);
       await expectBaseServes();
