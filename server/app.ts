@@ -10,9 +10,14 @@ import { ensureDemoModel } from './demo/demo-model.js';
 import { Engine } from './engine/engine.js';
 import { LoraplexError } from './engine/errors.js';
 import { Metrics } from './metrics.js';
+import { registerCors } from './cors.js';
+import { installJsonBodyParser } from './json-body.js';
 import { adapterRoutes } from './routes/adapters.js';
+import { modelRoutes } from './routes/models.js';
 import { openaiRoutes } from './routes/openai.js';
 import { opsRoutes } from './routes/ops.js';
+import { tokenizerRoutes } from './routes/tokenizer.js';
+import { readyHints, uiDir, uiOpenPaths, uiRoutes } from './routes/ui.js';
 import { fastifyHttpErrorOptions, installHttpErrorHandling } from './http-errors.js';
 import { errorBody, toOpenAIError } from './openai-error.js';
 import { createAdapterStore } from './stores/adapter-store.js';
@@ -46,14 +51,19 @@ export async function buildApp(engine: Engine, cfg: ServeConfig, opts: BuildOpti
   installHttpErrorHandling(app);
   // JSON everywhere (multipart only for uploads): a text/plain body is a 415, not a schema error.
   app.removeContentTypeParser('text/plain');
+  installJsonBodyParser(app); // Fastify's JSON parser, plus exact 64-bit seeds
   const metrics = new Metrics(engine);
   const store = await createAdapterStore(engine, cfg, app.log);
   app.addHook('onClose', async () => store.close());
 
+  // Before the key check: preflights never need the key, and 401s carry the CORS headers too.
+  await registerCors(app, cfg);
   const wantKey = cfg.apiKey ? keyDigest(cfg.apiKey) : null;
+  const ui = cfg.ui ? uiDir() : null;
+  const uiPaths = uiOpenPaths(ui); // the playground's page and assets need no key; its API calls do
   app.addHook('onRequest', async (req, reply) => {
     const path = req.url.split('?')[0];
-    if (wantKey && !OPEN_ROUTES.has(path)) {
+    if (wantKey && !OPEN_ROUTES.has(path) && !uiPaths.has(path)) {
       const h = req.headers.authorization ?? '';
       const m = /^Bearer\s+(.+)$/i.exec(h);
       if (!m || !timingSafeEqual(keyDigest(m[1].trim()), wantKey)) {
@@ -102,8 +112,12 @@ export async function buildApp(engine: Engine, cfg: ServeConfig, opts: BuildOpti
       throw new LoraplexError('too many requests in flight; retry later', 429, 'rate_limit_error', null, 'queue_full');
   };
   await app.register(openaiRoutes, { engine, metrics, maxN: cfg.maxN, admit });
+  await app.register(modelRoutes, { engine });
+  await app.register(tokenizerRoutes, { engine, tokenizerInfo: cfg.tokenizerInfoEndpoint });
   await app.register(opsRoutes, { engine, metrics, isDraining: () => state.draining, stallSeconds: 120 });
   await app.register(adapterRoutes, { engine, store, cfg });
+  if (ui) await app.register(uiRoutes, { dir: ui });
+  else if (cfg.ui) app.log.warn('server/ui/ not found: the playground is off');
   return app as unknown as FastifyInstance;
 }
 
@@ -147,6 +161,7 @@ export async function startServer(cfg: ServeConfig): Promise<void> {
     loraDtype: cfg.loraDtype,
     computeDtype: cfg.computeDtype,
     kvCacheDtype: cfg.kvCacheDtype,
+    enablePrefixCaching: cfg.enablePrefixCaching,
   });
   const pool = engine.paging.stats();
   log.info(
@@ -158,6 +173,7 @@ export async function startServer(cfg: ServeConfig): Promise<void> {
   await app.listen({ host: cfg.host, port: cfg.port });
   const addr = app.server.address();
   log.info({ address: typeof addr === 'object' && addr ? `http://${cfg.host}:${addr.port}` : addr }, 'listening');
+  for (const line of readyHints({ host: cfg.host, port: typeof addr === 'object' && addr ? addr.port : cfg.port, model: engine.model.name, ui: cfg.ui, apiKey: cfg.apiKey !== null })) log.info(line);
 
   let stopping = false;
   const shutdown = async (signal: string) => {

@@ -31,6 +31,17 @@ export interface ServeConfig {
   shutdownTimeout: number; // seconds
   logLevel: string;
   loraRoots: string[];
+  /** CORS (vLLM's flags): JSON lists, each ["*"] by default. */
+  allowedOrigins: string[];
+  allowedMethods: string[];
+  allowedHeaders: string[];
+  allowCredentials: boolean;
+  /** GET /tokenizer_info (on unless --disable-tokenizer-info-endpoint). */
+  tokenizerInfoEndpoint: boolean;
+  /** The playground at GET / and /ui/ (on unless --no-ui). */
+  ui: boolean;
+  /** Automatic prefix caching (--enable-prefix-caching / --no-enable-prefix-caching; default on). */
+  enablePrefixCaching: boolean;
 }
 
 export class ConfigError extends Error {}
@@ -46,6 +57,10 @@ const SERVE_FLAGS = {
   'max-loras': 'string', 'max-loras-per-batch': 'string', 'max-model-len': 'string', 'block-size': 'string', threads: 'string', 'api-key': 'string',
   'redis-url': 'string', device: 'string', 'lora-dtype': 'string', 'compute-dtype': 'string', 'kv-cache-dtype': 'string', 'max-body-bytes': 'string', 'max-adapter-bytes': 'string',
   'max-queue': 'string', 'max-n': 'string', 'shutdown-timeout': 'string', 'log-level': 'string', 'lora-roots': 'string',
+  'allowed-origins': 'string', 'allowed-methods': 'string', 'allowed-headers': 'string', 'allow-credentials': 'boolean',
+  'disable-tokenizer-info-endpoint': 'boolean',
+  'no-ui': 'boolean',
+  'enable-prefix-caching': 'boolean', 'no-enable-prefix-caching': 'boolean',
 } as const;
 
 export const SERVE_FLAG_NAMES = Object.keys(SERVE_FLAGS);
@@ -69,6 +84,19 @@ function positiveInt(v: string, flag: string): number {
   const n = Number(v);
   if (!Number.isInteger(n) || n < 1) throw new ConfigError(`--${flag} must be a positive integer (got ${JSON.stringify(v)})`);
   return n;
+}
+
+/** A JSON list of strings, as vLLM's `--allowed-origins '["https://a.example"]'` takes it. */
+export function parseJsonList(v: string, flag: string): string[] {
+  let list: unknown;
+  try {
+    list = JSON.parse(v);
+  } catch {
+    list = undefined;
+  }
+  if (!Array.isArray(list) || !list.every((x) => typeof x === 'string'))
+    throw new ConfigError(`--${flag} must be a JSON list of strings, e.g. '["*"]' (got ${JSON.stringify(v)})`);
+  return list;
 }
 
 type Specs = Record<string, 'string' | 'boolean'>;
@@ -136,5 +164,13 @@ export function serveConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
     shutdownTimeout: Number(s('shutdown-timeout') ?? 30),
     logLevel: s('log-level') ?? 'info',
     loraRoots: (s('lora-roots') ?? '').split(',').filter(Boolean),
+    allowedOrigins: parseJsonList(s('allowed-origins') ?? '["*"]', 'allowed-origins'),
+    allowedMethods: parseJsonList(s('allowed-methods') ?? '["*"]', 'allowed-methods'),
+    allowedHeaders: parseJsonList(s('allowed-headers') ?? '["*"]', 'allowed-headers'),
+    allowCredentials: v['allow-credentials'] === true,
+    tokenizerInfoEndpoint: v['disable-tokenizer-info-endpoint'] !== true,
+    ui: v['no-ui'] !== true,
+    // vLLM's pair: on by default; --no-enable-prefix-caching (or LORAPLEX_ENABLE_PREFIX_CACHING=false) turns it off.
+    enablePrefixCaching: v['no-enable-prefix-caching'] === true ? false : v['enable-prefix-caching'] !== false,
   };
 }
