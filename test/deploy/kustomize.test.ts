@@ -108,7 +108,7 @@ describe(`deploy/ renders with ${renderers.map((r) => r.name).join(' and ')}${ku
     for (const c of kustomizations().filter((k) => k.kind === 'Component')) expect(used, relative(ROOT, c.dir)).toContain(relative(DEPLOY, c.dir));
   });
 
-  it('every file under deploy/ is a kustomization input, a Job, Helm values or documentation', () => {
+  it('every file under deploy/ is a kustomization input, a Job, Helm values, a Grafana dashboard or documentation', () => {
     const referenced = new Set([
       ...kustomizations().flatMap((k) => [join(k.dir, 'kustomization.yaml'), ...references(k)]),
       ...standaloneManifests(),
@@ -116,6 +116,8 @@ describe(`deploy/ renders with ${renderers.map((r) => r.name).join(' and ')}${ku
     ]);
     for (const f of deployFiles()) {
       if (f.endsWith('.md')) continue;
+      // Grafana dashboards are imported into Grafana, not applied (test/deploy/grafana.test.ts checks them).
+      if (f.startsWith(join(DEPLOY, 'grafana') + '/') && f.endsWith('.json')) continue;
       expect(referenced.has(f) || [...referenced].some((r) => f.startsWith(r + '/')), relative(ROOT, f)).toBe(true);
     }
     for (const r of referenced) expect(deployFiles().some((f) => f === r || f.startsWith(r + '/')), `${relative(ROOT, r)} exists`).toBe(true);
