@@ -72,7 +72,9 @@ size_t kv_page_bytes(const ModelSpec& s, int block_size, size_t elem_bytes = siz
 struct CpuOptions {
   bool lora_bf16 = false, compute_bf16 = false, kv_bf16 = false;
 };
+// Reports the "pool" and "pack" phases of the load to `progress` (addon/load_progress.h).
 std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<Model> model, int block_size, int num_pages,
-                                          int max_slots, const CpuOptions& options = {});
+                                          int max_slots, const CpuOptions& options = {},
+                                          const LoadProgress& progress = {});
 
 }  // namespace loraplex

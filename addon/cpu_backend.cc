@@ -61,7 +61,8 @@ struct InstalledAdapter {
 
 class CpuBackend final : public Backend {
  public:
-  CpuBackend(std::shared_ptr<Model> model, int block_size, int num_pages, int max_slots, const CpuOptions& o)
+  CpuBackend(std::shared_ptr<Model> model, int block_size, int num_pages, int max_slots, const CpuOptions& o,
+             const LoadProgress& progress)
       : model_(std::move(model)), max_slots_(max_slots), lora_bf16_(o.lora_bf16), compute_bf16_(o.compute_bf16) {
     if (compute_bf16_ && !cpu::has_bf16_dot())
       throw std::runtime_error("--compute-dtype bfloat16 needs a CPU with AVX512-BF16 (vdpbf16ps); this one has none");
@@ -76,23 +77,41 @@ class CpuBackend final : public Backend {
     // first-touch page faults for KV blocks or adapter rows it is given later.
     constexpr size_t kHuge = size_t(2) << 20;
     const size_t alloc = (total + kHuge - 1) / kHuge * kHuge;
+    if (progress) progress("pool", 0, alloc);
     pool_ = static_cast<uint8_t*>(std::aligned_alloc(kHuge, alloc));
     if (!pool_) throw std::runtime_error("cannot allocate the memory pool (" + std::to_string(total) + " bytes)");
 #ifdef MADV_HUGEPAGE
     madvise(pool_, alloc, MADV_HUGEPAGE);  // advisory: ignored where THP is off
 #endif
     const long n_chunks = long(alloc / kHuge);
+    // In up to 64 slices, so that a large budget reports progress (from this thread only).
+    const long slice = std::max(1L, (n_chunks + 63) / 64);
+    for (long c0 = 0; c0 < n_chunks; c0 += slice) {
+      const long c1 = std::min(n_chunks, c0 + slice);
 #pragma omp parallel for schedule(static)
-    for (long c = 0; c < n_chunks; c++) std::memset(pool_ + size_t(c) * kHuge, 0, kHuge);
+      for (long c = c0; c < c1; c++) std::memset(pool_ + size_t(c) * kHuge, 0, kHuge);
+      if (progress) progress("pool", uint64_t(c1) * kHuge, alloc);
+    }
     refs_.assign(size_t(s.n_layers) * kNumProj * max_slots_, cpu::LoraRef{});
     installed_.resize(max_slots_);
     // Every projection and the lm_head packed once for the GEMM kernel (same dtype and bytes as
     // the file; the mmap stays for the embedding gather and for other backends). With
     // --compute-dtype bfloat16, BF16 weights are packed in column pairs for the dot-product kernel.
+    // Progress in bytes of the file's weights; packing is where their pages are first read.
+    const auto file_bytes = [](const Weight& w) { return uint64_t(w.rows) * uint64_t(w.cols) * cpu::wtype_size(w.type); };
+    uint64_t pack_total = file_bytes(model_->lm_head), pack_done = 0;
+    for (const Layer& L : model_->layers)
+      for (const Weight& w : L.proj) pack_total += file_bytes(w);
+    if (progress) progress("pack", 0, pack_total);
     packed_.resize(size_t(s.n_layers) * kNumProj);
     for (int l = 0; l < s.n_layers; l++)
-      for (int p = 0; p < kNumProj; p++) packed_[size_t(l) * kNumProj + p] = pack(model_->layers[l].proj[p]);
+      for (int p = 0; p < kNumProj; p++) {
+        packed_[size_t(l) * kNumProj + p] = pack(model_->layers[l].proj[p]);
+        pack_done += file_bytes(model_->layers[l].proj[p]);
+        if (progress) progress("pack", pack_done, pack_total);
+      }
     packed_lm_head_ = pack(model_->lm_head);
+    if (progress) progress("pack", pack_total, pack_total);
   }
   ~CpuBackend() override { std::free(pool_); }
 
@@ -324,8 +343,8 @@ void CpuBackend::forward(const StepBatch& b, float* logits, const RowLogits* ext
 }  // namespace
 
 std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<Model> model, int block_size, int num_pages,
-                                          int max_slots, const CpuOptions& options) {
-  return std::make_unique<CpuBackend>(std::move(model), block_size, num_pages, max_slots, options);
+                                          int max_slots, const CpuOptions& options, const LoadProgress& progress) {
+  return std::make_unique<CpuBackend>(std::move(model), block_size, num_pages, max_slots, options, progress);
 }
 
 }  // namespace loraplex

@@ -175,7 +175,7 @@ bool is_device_pointer(const void* p) {
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(std::shared_ptr<Model> model, int block_size, int num_pages, int max_slots);
+  CudaBackend(std::shared_ptr<Model> model, int block_size, int num_pages, int max_slots, const LoadProgress& progress);
   ~CudaBackend() override;
 
   std::string name() const override { return "cuda"; }
@@ -186,7 +186,7 @@ class CudaBackend final : public Backend {
   void forward(const StepBatch& b, float* logits, const RowLogits* extra) override;
 
  private:
-  void init(int block_size, int num_pages);
+  void init(int block_size, int num_pages, const LoadProgress& progress);
   void release() noexcept;
   const void* upload(const void* host, size_t bytes, const char* what);
   const float* upload(const std::vector<float>& v, const char* what) {
@@ -209,6 +209,9 @@ class CudaBackend final : public Backend {
   cudaEvent_t compute_mark_ = nullptr;
 
   std::vector<void*> owned_;  // device allocations of weights
+  // The "upload" phase of the load: bytes of the model's Weights copied so far / in all (init only).
+  const LoadProgress* progress_ = nullptr;
+  uint64_t upload_done_ = 0, upload_total_ = 0;
   DevWeight embed_, lm_head_;
   const float* final_norm_ = nullptr;
   const float* inv_freq_ = nullptr;
@@ -245,20 +248,25 @@ DevWeight CudaBackend::upload(const Weight& w, const char* what) {
   d.cols = w.cols;
   const size_t bytes = size_t(w.rows) * size_t(w.cols) * cpu::wtype_size(w.type);
   d.data = is_device_pointer(w.data) ? w.data : upload(w.data, bytes, what);
+  upload_done_ += bytes;
+  if (progress_ && *progress_) (*progress_)("upload", upload_done_, upload_total_);
   return d;
 }
 
-CudaBackend::CudaBackend(std::shared_ptr<Model> model, int block_size, int num_pages, int max_slots)
+CudaBackend::CudaBackend(std::shared_ptr<Model> model, int block_size, int num_pages, int max_slots,
+                         const LoadProgress& progress)
     : model_(std::move(model)), max_slots_(max_slots) {
   try {
-    init(block_size, num_pages);
+    init(block_size, num_pages, progress);
   } catch (...) {
+    progress_ = nullptr;
     release();  // a failed load (say, out of device memory) must not keep what it allocated
     throw;
   }
+  progress_ = nullptr;
 }
 
-void CudaBackend::init(int block_size, int num_pages) {
+void CudaBackend::init(int block_size, int num_pages, const LoadProgress& progress) {
   const int max_slots = max_slots_;
   std::string why;
   if (!cuda_device_available(&why)) throw std::runtime_error("CUDA backend unavailable: " + why);
@@ -279,6 +287,7 @@ void CudaBackend::init(int block_size, int num_pages) {
 
   // The unified pool: one device allocation for KV pages and adapter rows.
   const size_t total = pool_info_.page_bytes * size_t(num_pages);
+  if (progress) progress("pool", 0, total);
   const cudaError_t e = cudaMalloc(reinterpret_cast<void**>(&pool_), total);
   if (e != cudaSuccess) {
     size_t free_b = 0, total_b = 0;
@@ -288,9 +297,16 @@ void CudaBackend::init(int block_size, int num_pages) {
                              std::to_string(free_b) + " free): " + cudaGetErrorString(e));
   }
   check_cuda(cudaMemset(pool_, 0, total), "cudaMemset (pool)");
+  if (progress) progress("pool", total, total);
 
-  // Weights, in their stored dtype.
+  // Weights, in their stored dtype. Progress counts the Weights (the norms and biases are noise).
   const Model& m = *model_;
+  const auto weight_bytes = [](const Weight& w) { return uint64_t(w.rows) * uint64_t(w.cols) * cpu::wtype_size(w.type); };
+  upload_total_ = weight_bytes(m.embed) + (m.lm_head.data == m.embed.data ? 0 : weight_bytes(m.lm_head));
+  for (const Layer& L : m.layers)
+    for (const Weight& w : L.proj) upload_total_ += weight_bytes(w);
+  progress_ = &progress;
+  if (progress) progress("upload", 0, upload_total_);
   embed_ = upload(m.embed, "model.embed_tokens.weight");
   lm_head_ = m.lm_head.data == m.embed.data ? embed_ : upload(m.lm_head, "lm_head.weight");
   final_norm_ = upload(m.final_norm, "model.norm.weight");
@@ -676,8 +692,9 @@ void cuda_memory_info(size_t* free_bytes, size_t* total_bytes) {
   }
 }
 
-std::unique_ptr<Backend> make_cuda_backend(std::shared_ptr<Model> model, int block_size, int num_pages, int max_slots) {
-  return std::make_unique<CudaBackend>(std::move(model), block_size, num_pages, max_slots);
+std::unique_ptr<Backend> make_cuda_backend(std::shared_ptr<Model> model, int block_size, int num_pages, int max_slots,
+                                           const LoadProgress& progress) {
+  return std::make_unique<CudaBackend>(std::move(model), block_size, num_pages, max_slots, progress);
 }
 
 }  // namespace loraplex

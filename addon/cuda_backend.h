@@ -25,9 +25,10 @@
 namespace loraplex {
 
 // Throws std::runtime_error (with the CUDA error) when no usable device exists, memory runs out,
-// or the model has a shape the kernels do not support.
+// or the model has a shape the kernels do not support. Reports the "pool" and "upload" phases of
+// the load to `progress` (addon/load_progress.h).
 std::unique_ptr<Backend> make_cuda_backend(std::shared_ptr<Model> model, int block_size, int num_pages,
-                                           int max_slots);
+                                           int max_slots, const LoadProgress& progress = {});
 
 // True when a CUDA device of compute capability >= 8.0 is present (the kernels are built for
 // sm_80 and sm_90, plus PTX). The overload says why not.

@@ -132,7 +132,8 @@ struct StepOutput {
 
 Napi::Function Engine::Init(Napi::Env env) {
   return DefineClass(env, "Engine",
-                     {InstanceMethod("load", &Engine::Load), InstanceMethod("step", &Engine::Step),
+                     {InstanceMethod("load", &Engine::Load), InstanceMethod("loadProgress", &Engine::LoadProgressInfo),
+                      InstanceMethod("step", &Engine::Step),
                       InstanceMethod("parseAdapter", &Engine::ParseAdapter),
                       InstanceMethod("adapterPages", &Engine::AdapterPages),
                       InstanceMethod("installAdapter", &Engine::InstallAdapter),
@@ -222,6 +223,39 @@ void settle_job(Napi::Env env, Napi::Function, std::nullptr_t*, void* data) {
 }
 }  // namespace
 
+void Engine::ReportLoad(const char* phase, uint64_t done, uint64_t total) {
+  const double now = ms_since(load_t0_);
+  std::lock_guard<std::mutex> lk(load_mu_);
+  if (load_phases_.empty() || load_phases_.back().name != phase) {
+    if (!load_phases_.empty() && load_phases_.back().end_ms < 0) load_phases_.back().end_ms = now;
+    load_phases_.push_back(LoadPhase{phase, 0, 0, now, -1});
+  }
+  LoadPhase& p = load_phases_.back();
+  p.done = done;
+  p.total = total;
+  if (done >= total) p.end_ms = now;
+}
+
+// loadProgress() -> [{phase, done, total, ms, finished}]: the load's phases so far, in order.
+// Synchronous and cheap: JS polls it while load() runs (a progress bar) and once after.
+Napi::Value Engine::LoadProgressInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const double now = ms_since(load_t0_);
+  std::lock_guard<std::mutex> lk(load_mu_);
+  Napi::Array out = Napi::Array::New(env, load_phases_.size());
+  for (size_t i = 0; i < load_phases_.size(); i++) {
+    const LoadPhase& p = load_phases_[i];
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("phase", p.name);
+    o.Set("done", double(p.done));
+    o.Set("total", double(p.total));
+    o.Set("ms", (p.end_ms < 0 ? now : p.end_ms) - p.start_ms);
+    o.Set("finished", p.end_ms >= 0);
+    out.Set(uint32_t(i), o);
+  }
+  return out;
+}
+
 void Engine::RequireLoaded(Napi::Env env) const {
   if (!model_) throw Napi::Error::New(env, "no model loaded");
 }
@@ -258,11 +292,17 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
   if (max_slots < 1) type_error(env, "maxSlots must be positive");
   auto result = std::make_shared<PoolInfo>();
   auto backend_name = std::make_shared<std::string>();
+  {
+    std::lock_guard<std::mutex> lk(load_mu_);
+    load_phases_.clear();
+    load_t0_ = Clock::now();
+  }
   return Submit(
       env,
       [this, spec, block_size, pool_bytes, max_slots, threads, eos, device, lora_dtype, compute_dtype, kv_dtype, result, backend_name] {
         if (threads > 0) omp_set_num_threads(threads);
-        auto model = load_model(spec);
+        const LoadProgress progress = [this](const char* phase, uint64_t done, uint64_t total) { ReportLoad(phase, done, total); };
+        auto model = load_model(spec, progress);
         // lora: adapter rows (PEFT saves fp32) in the pool; bfloat16 halves the bytes a step streams
         // per distinct adapter. compute: bfloat16 rounds the activations of BF16-weight matmuls to
         // BF16 and runs them on the AVX512-BF16 dot product (about twice the fp32 FMA rate), as
@@ -293,14 +333,16 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
             throw std::runtime_error("--compute-dtype bfloat16 is not supported on --device cuda (it is a CPU kernel path)");
           if (kv_dtype == "bfloat16")
             throw std::runtime_error("--kv-cache-dtype bfloat16 is not supported on --device cuda (the KV cache is fp32 there)");
-          backend_ = make_cuda_backend(model, block_size, pages_for(sizeof(float)), max_slots + 1);
+          backend_ = make_cuda_backend(model, block_size, pages_for(sizeof(float)), max_slots + 1, progress);
         } else {
-          backend_ = make_cpu_backend(model, block_size, pages_for(cpu_opts.kv_bf16 ? 2 : sizeof(float)), max_slots + 1, cpu_opts);
+          backend_ = make_cpu_backend(model, block_size, pages_for(cpu_opts.kv_bf16 ? 2 : sizeof(float)), max_slots + 1, cpu_opts,
+                                      progress);
         }
 #else
         if (device == "cuda")
           throw std::runtime_error("--device cuda: this build has no CUDA backend (build with --CDLORAPLEX_CUDA=ON)");
-        backend_ = make_cpu_backend(model, block_size, pages_for(cpu_opts.kv_bf16 ? 2 : sizeof(float)), max_slots + 1, cpu_opts);
+        backend_ = make_cpu_backend(model, block_size, pages_for(cpu_opts.kv_bf16 ? 2 : sizeof(float)), max_slots + 1, cpu_opts,
+                                    progress);
 #endif
         *backend_name = backend_->name();
         sampler_ = std::make_unique<Sampler>(spec.vocab, eos);

@@ -7,6 +7,7 @@
 #pragma once
 #include <napi.h>
 
+#include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <functional>
@@ -29,6 +30,7 @@ class Engine : public Napi::ObjectWrap<Engine> {
 
  private:
   Napi::Value Load(const Napi::CallbackInfo& info);
+  Napi::Value LoadProgressInfo(const Napi::CallbackInfo& info);
   Napi::Value Step(const Napi::CallbackInfo& info);
   Napi::Value ParseAdapter(const Napi::CallbackInfo& info);
   Napi::Value AdapterPages(const Napi::CallbackInfo& info);
@@ -58,6 +60,18 @@ class Engine : public Napi::ObjectWrap<Engine> {
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<Sampler> sampler_;
   std::vector<float> logits_;
+
+  // The model load's phases as reported by load_model and the backend (addon/load_progress.h):
+  // written on the engine thread, read by loadProgress() on the JS thread, both under load_mu_.
+  struct LoadPhase {
+    std::string name;
+    uint64_t done = 0, total = 0;
+    double start_ms = 0, end_ms = -1;  // since the load began; end_ms < 0 while running
+  };
+  std::mutex load_mu_;
+  std::vector<LoadPhase> load_phases_;
+  std::chrono::steady_clock::time_point load_t0_;
+  void ReportLoad(const char* phase, uint64_t done, uint64_t total);
 };
 
 }  // namespace loraplex

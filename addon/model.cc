@@ -1,5 +1,7 @@
 #include "addon/model.h"
 
+#include <sys/stat.h>
+
 #include <cmath>
 #include <stdexcept>
 
@@ -130,11 +132,24 @@ void compute_inv_freq(Model& m) {
 
 }  // namespace
 
-std::shared_ptr<Model> load_model(const ModelSpec& spec) {
+std::shared_ptr<Model> load_model(const ModelSpec& spec, const LoadProgress& progress) {
   check_spec(spec);
   auto m = std::make_shared<Model>();
   m->spec = spec;
-  for (auto& path : spec.files) m->files.push_back(SafetensorsFile::open(path));
+  // Sizes first, so that the phase has its total; open() checks the file itself.
+  uint64_t total = 0, done = 0;
+  std::vector<uint64_t> sizes;
+  for (auto& path : spec.files) {
+    struct stat st{};
+    sizes.push_back(::stat(path.c_str(), &st) == 0 ? uint64_t(st.st_size) : 0);
+    total += sizes.back();
+  }
+  if (progress) progress("read", 0, total);
+  for (size_t i = 0; i < spec.files.size(); i++) {
+    m->files.push_back(SafetensorsFile::open(spec.files[i]));
+    done += sizes[i];
+    if (progress) progress("read", done, total);
+  }
   TensorIndex idx(m->files);
   const int64_t H = spec.hidden, I = spec.intermediate, V = spec.vocab;
   const int64_t QD = m->q_dim(), KD = m->kv_dim();

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "addon/load_progress.h"
 #include "addon/safetensors.h"
 #include "kernels/cpu/kernels.h"
 
@@ -61,7 +62,8 @@ struct Model {
 };
 
 // Validates the spec, opens every shard strictly, checks every needed tensor's presence, dtype and
-// shape. Throws std::runtime_error naming the file and tensor on any problem.
-std::shared_ptr<Model> load_model(const ModelSpec& spec);
+// shape. Throws std::runtime_error naming the file and tensor on any problem. Reports the "read"
+// phase (bytes of the files opened) to `progress`.
+std::shared_ptr<Model> load_model(const ModelSpec& spec, const LoadProgress& progress = {});
 
 }  // namespace loraplex

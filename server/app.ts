@@ -5,7 +5,7 @@ import { mkdirSync } from 'node:fs';
 import { resolve } from 'node:path';
 import Fastify, { LogController, type FastifyInstance, type FastifyReply } from 'fastify';
 import pino from 'pino';
-import type { ServeConfig } from './config.js';
+import { engineOptions, type ServeConfig } from './config.js';
 import { ensureDemoModel } from './demo/demo-model.js';
 import { Engine } from './engine/engine.js';
 import { LoraplexError } from './engine/errors.js';
@@ -21,6 +21,7 @@ import { readyHints, uiDir, uiOpenPaths, uiRoutes } from './routes/ui.js';
 import { fastifyHttpErrorOptions, installHttpErrorHandling } from './http-errors.js';
 import { errorBody, toOpenAIError } from './openai-error.js';
 import { createAdapterStore } from './stores/adapter-store.js';
+import { loadReporter } from './load-progress.js';
 
 export interface AppState {
   draining: boolean;
@@ -144,35 +145,30 @@ export async function startServer(cfg: ServeConfig): Promise<void> {
   adapterDir = resolve(adapterDir ?? './adapters');
   mkdirSync(adapterDir, { recursive: true });
   const t0 = performance.now();
-  const engine = await Engine.create({
-    model: modelDir,
-    servedModelName: servedName ?? undefined,
-    adapterDir,
-    memoryBudget: cfg.memoryBudget ?? undefined,
-    blockSize: cfg.blockSize,
-    maxNumSeqs: cfg.maxNumSeqs,
-    maxBatchTokens: cfg.maxBatchTokens,
-    maxLoraRank: cfg.maxLoraRank,
-    maxLoras: cfg.maxLoras,
-    maxLorasPerBatch: cfg.maxLorasPerBatch,
-    maxModelLen: cfg.maxModelLen ?? undefined,
-    threads: cfg.threads ?? undefined,
-    device: cfg.device ?? undefined,
-    loraDtype: cfg.loraDtype,
-    computeDtype: cfg.computeDtype,
-    kvCacheDtype: cfg.kvCacheDtype,
-    enablePrefixCaching: cfg.enablePrefixCaching,
-  });
+  // A progress bar on a terminal; one JSON line per load phase otherwise (server/load-progress.ts).
+  const progress = loadReporter({ tty: process.stderr.isTTY === true, stream: process.stderr, log });
+  let engine: Engine;
+  try {
+    engine = await Engine.create({
+      ...engineOptions(cfg, modelDir),
+      servedModelName: servedName ?? undefined,
+      adapterDir,
+      onLoadProgress: (p) => progress.update(p),
+    });
+  } finally {
+    progress.end();
+  }
   const pool = engine.paging.stats();
   log.info(
     { model: engine.model.name, backend: engine.backend, loraDtype: engine.loraDtype, computeDtype: engine.computeDtype, kvCacheDtype: engine.kvCacheDtype, pages: pool.totalPages, pageBytes: engine.paging.pageBytes, loadMs: Math.round(performance.now() - t0) },
     'model loaded',
   );
+  log.info({ phase: 'adapters', adapterDir, adapters: engine.adapters.listKnown().length }, 'load: adapters found (each loads into the pool on first use)');
   const state: AppState = { draining: false };
   const app = await buildApp(engine, { ...cfg, adapterDir }, { logger: log, state });
   await app.listen({ host: cfg.host, port: cfg.port });
   const addr = app.server.address();
-  log.info({ address: typeof addr === 'object' && addr ? `http://${cfg.host}:${addr.port}` : addr }, 'listening');
+  log.info({ phase: 'listening', address: typeof addr === 'object' && addr ? `http://${cfg.host}:${addr.port}` : addr, startMs: Math.round(performance.now() - t0) }, 'listening');
   for (const line of readyHints({ host: cfg.host, port: typeof addr === 'object' && addr ? addr.port : cfg.port, model: engine.model.name, ui: cfg.ui, apiKey: cfg.apiKey !== null })) log.info(line);
 
   let stopping = false;

@@ -1,7 +1,9 @@
 // The engine: owns the native engine, the paging manager, the scheduler and the adapter cache, and
 // runs the loop `schedule -> step -> postprocess` while there is work.
+import { statSync } from 'node:fs';
 import { totalmem } from 'node:os';
-import { loadNative, type ComputeDtype, type DtypeOption, type KvCacheDtype, type LoraDtype, type NativeEngine, type NativeLoraPlan, type NativePoolInfo, type NativeStepBatch, type NativeStepResult } from '../native/addon.js';
+import { join } from 'node:path';
+import { loadNative, type ComputeDtype, type DtypeOption, type KvCacheDtype, type LoraDtype, type NativeEngine, type NativeLoadPhase, type NativeLoraPlan, type NativePoolInfo, type NativeStepBatch, type NativeStepResult } from '../native/addon.js';
 import { AdapterCache, type AdapterCacheStats } from './adapter-cache.js';
 import { defaultThreadCount } from './cpu-threads.js';
 import { LoraplexError } from './errors.js';
@@ -33,6 +35,33 @@ export interface EngineOptions {
   kvCacheDtype?: DtypeOption;
   /** Automatic prefix caching (default on, as vLLM's --enable-prefix-caching). */
   enablePrefixCaching?: boolean;
+  /**
+   * Load progress: called with every phase so far (config first, then the native phases) about
+   * ten times a second while the model loads, and once more when the load ends (ok or not).
+   */
+  onLoadProgress?: (phases: readonly LoadPhase[]) => void;
+}
+
+/** A phase of Engine.create: `config` (config.json, tokenizer) or a native one (NativeLoadPhase). */
+export interface LoadPhase {
+  phase: 'config' | NativeLoadPhase['phase'];
+  done: number; // bytes
+  total: number; // bytes
+  ms: number;
+  finished: boolean;
+}
+
+/** Bytes of the small files read before the weights (config, tokenizer, chat template). */
+function configBytes(dir: string): number {
+  let n = 0;
+  for (const f of ['config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json']) {
+    try {
+      n += statSync(join(dir, f)).size;
+    } catch {
+      // optional file
+    }
+  }
+  return n;
 }
 
 export interface EngineStats extends PoolStats {
@@ -141,10 +170,16 @@ export class Engine {
   }
 
   static async create(opts: EngineOptions): Promise<Engine> {
+    const t0 = performance.now();
     const model = readModelDir(opts.model, opts.servedModelName);
     const tokenizer = new TextTokenizer(model.dir);
+    const cfgBytes = configBytes(model.dir);
+    const configPhase: LoadPhase = { phase: 'config', done: cfgBytes, total: cfgBytes, ms: performance.now() - t0, finished: true };
     const { Engine: NativeEngineCtor } = loadNative();
     const native = new NativeEngineCtor();
+    const report = opts.onLoadProgress;
+    const progress = () => report?.([configPhase, ...native.loadProgress()]);
+    report?.([configPhase]);
     const blockSize = opts.blockSize ?? 16;
     const maxNumSeqs = opts.maxNumSeqs ?? 64;
     const s = model.spec;
@@ -154,6 +189,7 @@ export class Engine {
     const budget = opts.memoryBudget ?? defaultMemoryBudget(fp32PageBytes, blockSize, maxNumSeqs);
     const maxSlots = opts.maxLoras ?? 32;
     let pool: NativePoolInfo;
+    const timer = report ? setInterval(progress, 100) : null;
     try {
       pool = await native.load(s, {
         blockSize,
@@ -167,11 +203,15 @@ export class Engine {
         kvCacheDtype: opts.kvCacheDtype,
       });
     } catch (e) {
+      if (timer) clearInterval(timer);
+      progress();
       await native.close().catch(() => undefined);
       const msg = (e as Error).message;
       if (msg.startsWith('--memory-budget')) throw new LoraplexError(msg, 400, 'invalid_request_error', 'memory_budget');
       throw new LoraplexError(msg, 400, 'invalid_request_error', null, 'invalid_model');
     }
+    if (timer) clearInterval(timer);
+    progress();
     return new Engine(model, tokenizer, native, pool, opts);
   }
 

@@ -131,8 +131,23 @@ export interface NativeLoraPlan {
   scales: Float32Array;
 }
 
+/**
+ * One phase of the native model load (addon/load_progress.h): read (open and validate the
+ * safetensors files), pool (commit the unified pool), pack (CPU: weights into the GEMM layout,
+ * where their pages are first read from disk), upload (CUDA: weights to device memory).
+ */
+export interface NativeLoadPhase {
+  phase: 'read' | 'pool' | 'pack' | 'upload';
+  done: number; // bytes
+  total: number; // bytes
+  ms: number; // in this phase so far
+  finished: boolean;
+}
+
 export interface NativeEngine {
   load(spec: NativeModelSpec, options: NativeLoadOptions): Promise<NativePoolInfo>;
+  /** The current (or last) load's phases so far; synchronous, for polling while load() runs. */
+  loadProgress(): NativeLoadPhase[];
   step(batch: NativeStepBatch): Promise<NativeStepResult>;
   parseAdapter(path: string, plan: NativeLoraPlan, maxRank: number): Promise<NativeAdapter>;
   adapterPages(adapter: NativeAdapter): number;

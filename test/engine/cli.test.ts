@@ -24,6 +24,17 @@ describe('loraplex generate', () => {
     expect(again.stdout).toBe(base.stdout); // greedy by default: deterministic
   });
 
+  it('takes the engine flags serve takes: the exact fp32 path equals the default on the fp32 demo model', () => {
+    const base = cli(['generate', '--prompt', 'The', '--max-tokens', '10']);
+    const fp32 = cli(['generate', '--prompt', 'The', '--max-tokens', '10', '--compute-dtype', 'float32', '--kv-cache-dtype', 'float32', '--lora-dtype', 'float32',
+      '--device', 'cpu', '--threads', '1', '--max-lora-rank', '8', '--max-loras', '2', '--block-size', '8', '--memory-budget', '64MiB', '--no-enable-prefix-caching']);
+    expect(fp32.status, fp32.stderr).toBe(0);
+    expect(fp32.stdout).toBe(base.stdout);
+    const bf16kv = cli(['generate', '--prompt', 'The', '--max-tokens', '4', '--kv-cache-dtype', 'bfloat16']);
+    expect(bf16kv.status, bf16kv.stderr).toBe(0);
+    expect(bf16kv.stderr).toBe(''); // off a terminal: no progress output, stderr is for errors
+  });
+
   it('fails with a one-line error and exit code 1 on a bad adapter', () => {
     const r = cli(['generate', '--prompt', 'x', '--adapter', join(ROOT, 'test', 'golden', 'fixtures', 'adapters', 'llama-gqa', 'r8-all')]);
     expect(r.status).toBe(1);
