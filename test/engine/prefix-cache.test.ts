@@ -115,6 +115,28 @@ describe('keys', () => {
   });
 });
 
+describe('chunked prefill', () => {
+  it('a hit followed by a prefill cut into 5-token chunks gives the uncached output', async () => {
+    const opts = { model: modelDir(M), adapterDir: adapterRoot(M), memoryBudget: 8 << 20, maxBatchTokens: 5 };
+    const on = await Engine.create({ ...opts, enablePrefixCaching: true });
+    const off = await Engine.create({ ...opts, enablePrefixCaching: false });
+    try {
+      for (const adapter of [null, 'r8-all']) {
+        const long = [...PROMPT, ...PROMPT.slice(0, 13)];
+        const want = await finish(off.submit(long, { ...greedy, maxTokens: 8 }, { adapter }));
+        await finish(on.submit(PROMPT, greedy, { adapter })); // caches the first 32 tokens
+        const s = on.submit(long, { ...greedy, maxTokens: 8 }, { adapter });
+        expect(await finish(s)).toEqual(want);
+        expect(s.cachedTokens).toBe(32);
+        on.checkInvariants();
+      }
+    } finally {
+      await on.close();
+      await off.close();
+    }
+  });
+});
+
 describe('one memory policy with adapters', () => {
   it('cached blocks are reclaimed LRU with unpinned adapters when KV needs room, and requests still fit', async () => {
     // 24 pages: one 40-token sequence needs 3 KV pages.
