@@ -301,6 +301,9 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
       env,
       [this, spec, block_size, pool_bytes, max_slots, threads, eos, device, lora_dtype, compute_dtype, kv_dtype, result, backend_name] {
         if (threads > 0) omp_set_num_threads(threads);
+        // The engine thread's own OpenMP setting: omp_set_num_threads is per thread, so reading it
+        // back on the JS thread would report that thread's default instead.
+        omp_threads_ = omp_get_max_threads();
         const LoadProgress progress = [this](const char* phase, uint64_t done, uint64_t total) { ReportLoad(phase, done, total); };
         auto model = load_model(spec, progress);
         // lora: adapter rows (PEFT saves fp32) in the pool; bfloat16 halves the bytes a step streams
@@ -362,7 +365,7 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
         o.Set("numPages", result->num_pages);
         o.Set("blockSize", result->block_size);
         o.Set("backend", *backend_name);
-        o.Set("threads", omp_get_max_threads());
+        o.Set("threads", omp_threads_);
         return o;
       });
 }

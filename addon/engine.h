@@ -55,6 +55,7 @@ class Engine : public Napi::ObjectWrap<Engine> {
   std::shared_ptr<Model> model_;
   size_t page_bytes_ = 0;
   size_t lora_elem_bytes_ = sizeof(float);  // the backend's adapter row element size
+  int omp_threads_ = 0;                      // OpenMP threads of the engine thread (set by Load)
   std::string compute_dtype_ = "float32";     // the backend's matmul activations (--compute-dtype)
   std::string kv_cache_dtype_ = "float32";    // the backend's KV cache elements (--kv-cache-dtype)
   std::unique_ptr<Backend> backend_;

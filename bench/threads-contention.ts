@@ -3,11 +3,11 @@
 // OpenMP-wait-policy configuration. libgomp reads its environment once, when the addon loads it,
 // so every (configuration, case) runs in a fresh child process.
 //
-//   node --import tsx bench/threads-contention.ts [--configs before,after,passive,spin10000]
+//   node --import tsx bench/threads-contention.ts [--configs before,after,passive,spin1000]
 //        [--cases 1x0,16x0,1x2] [--seconds 4] [--rounds 1] [--max-other C] [--model DIR] [--out FILE]
 //
 // A configuration is a preset, optionally with `@T` to force T threads (e.g. `passive@1`):
-//   before   today's behaviour before the cgroup/wait-policy defaults: threads = all host cores,
+//   before   the behaviour before cpu-threads.ts: threads = all host cores,
 //            no wait-policy variable (libgomp's default: ~300k spins at each barrier, then sleep)
 //   after    the engine's defaults: threads = defaultThreadCount(), applyOpenMpWaitDefault()
 //   passive  OMP_WAIT_POLICY=passive (no spinning), default thread count

@@ -130,13 +130,13 @@ export function defaultThreadCount(options: ThreadCountOptions = {}): number {
  * The OpenMP wait policy the engine runs with unless the user chose one: spin 1000 iterations
  * (~20 us: one iteration is a PAUSE, ~21 ns on the Sapphire Rapids we measured) at a barrier, then
  * sleep. libgomp's default spins 300k (~6 ms here) before sleeping: when another process holds the
- * core a peer thread needs, a decode step with hundreds of barriers waits out nearly all of them
- * (0.1-15 tok/s instead of 70). Passive (no spin) is the most robust when the cores are shared but
- * pays a futex wake, in a VM a vCPU wake-up, at every region: 15-40 % slower on idle cores. 1000
- * keeps the idle-core speed and most of the passive policy's robustness; 300 was slower at 16
- * streams on idle cores, 3000 half as fast as 1000 while other processes shared the cores
- * (bench/threads-contention.ts, 2 cores: with 2 busy processes, 1 stream ran 13-15 tok/s with
- * libgomp's default, 27-33 with 1000, 22-40 passive; on idle cores 1000 kept 96-100 %).
+ * core a peer thread needs, a decode step waits out most of its hundreds of barriers. Measured
+ * with bench/threads-contention.ts on 2 cores, one stream: with 2 busy processes 13-15 tok/s
+ * (libgomp's default), 28-34 (1000), 18-40 (passive); on idle cores ~71 for both the default and
+ * 1000 but 51-63 passive, which pays a futex wake (in a VM a vCPU wake-up) per region (16
+ * streams: 220-276 with 1000, 244-282 default, 147-212 passive). 300 was slower at 16 streams on idle cores; 3000 was half as fast as
+ * 1000 while another process held a core, where passive is best (1.3-1.6x 1000): set
+ * OMP_WAIT_POLICY=passive where the CPU is always shared.
  */
 export const DEFAULT_OMP_WAIT_ENV: Readonly<Record<string, string>> = { GOMP_SPINCOUNT: '1000' };
 
