@@ -9,6 +9,7 @@ import type { ChatMessage as TplMessage } from '../engine/tokenizer.js';
 import { ChatCompletionRequest, CompletionRequest } from '../schemas/openai.js';
 import { GenerationRun, type ChoiceEvent, type ChoiceInput } from '../services/generation.js';
 import { toOpenAIError } from '../openai-error.js';
+import { templateMessages } from '../services/chat-messages.js';
 import { choiceCount, invalid, normalizePrompts, resolveAdapter, samplingParams, stopStrings } from '../services/request-params.js';
 import { choiceSeed } from '../engine/sampling-params.js';
 import type { Metrics } from '../metrics.js';
@@ -328,21 +329,7 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
     if (body.response_format && body.response_format.type !== 'text')
       invalid('response_format', `response_format ${JSON.stringify(body.response_format.type)} is not supported yet`);
     if (body.tools && body.tools.length > 0) invalid('tools', 'tools are not supported');
-    if (body.messages.length === 0) invalid('messages', 'messages must not be empty');
-    const messages: TplMessage[] = body.messages.map((m, i) => {
-      if (!['system', 'user', 'assistant', 'developer'].includes(m.role))
-        invalid(`messages[${i}].role`, `unknown role ${JSON.stringify(m.role)} (system, user, assistant)`);
-      let content = '';
-      if (typeof m.content === 'string') content = m.content;
-      else if (Array.isArray(m.content)) {
-        for (const [j, part] of m.content.entries()) {
-          if (part.type !== 'text' || typeof part.text !== 'string')
-            invalid(`messages[${i}].content[${j}]`, `content part type ${JSON.stringify(part.type)} is not supported (text only)`);
-          content += part.text;
-        }
-      } else if (m.role !== 'assistant') invalid(`messages[${i}].content`, 'content is required');
-      return { role: m.role === 'developer' ? 'system' : m.role, content };
-    });
+    const messages: TplMessage[] = templateMessages(body.messages);
     const n = choiceCount(body.n, deps.maxN);
     const topLogprobs = body.top_logprobs ?? null;
     if (topLogprobs !== null && (topLogprobs < 0 || topLogprobs > 20)) invalid('top_logprobs', 'top_logprobs must be an integer in [0, 20]');
