@@ -81,13 +81,13 @@ export class Metrics {
     new Gauge({ name: 'loraplex_resident_adapters', help: 'Adapters in the unified pool.', registers: [r], collect() { this.set(engine.adapters.stats().resident); } });
     new Gauge({ name: 'loraplex_host_cached_adapters', help: 'Adapters parsed in host memory.', registers: [r], collect() { this.set(engine.adapters.stats().hostCached); } });
     // Counters mirrored from engine totals at scrape time.
-    const monotonic = (name: string, help: string, read: () => number) => {
+    const monotonic = (name: string, help: string, read: () => number, withModel = false) => {
       let last = 0;
       new Counter({
-        name, help, registers: [r],
+        name, help, registers: [r], labelNames: withModel ? ['model_name'] : [],
         collect() {
           const v = read();
-          if (v > last) this.inc(v - last);
+          if (v > last) (withModel ? this.inc(labels, v - last) : this.inc(v - last));
           last = Math.max(last, v);
         },
       });
@@ -97,8 +97,8 @@ export class Metrics {
     monotonic('loraplex_preemptions_total', 'Sequences preempted (recompute).', () => engine.scheduler.numPreemptions);
     monotonic('loraplex_engine_steps_total', 'Engine steps run.', () => engine.stats().steps);
     // vLLM's prefix-cache counters, in tokens (prometheus_client exposes them with _total).
-    monotonic('vllm:prefix_cache_queries_total', 'Prompt tokens looked up in the prefix cache.', () => engine.prefix.stats().queries);
-    monotonic('vllm:prefix_cache_hits_total', 'Prompt tokens found in the prefix cache.', () => engine.prefix.stats().hits);
+    monotonic('vllm:prefix_cache_queries_total', 'Prompt tokens looked up in the prefix cache.', () => engine.prefix.stats().queries, true);
+    monotonic('vllm:prefix_cache_hits_total', 'Prompt tokens found in the prefix cache.', () => engine.prefix.stats().hits, true);
     this.promptTokens = new Counter({ name: 'vllm:prompt_tokens_total', help: 'Prompt tokens processed.', labelNames: ['model_name'], registers: [r] });
     this.genTokens = new Counter({ name: 'vllm:generation_tokens_total', help: 'Generated tokens.', labelNames: ['model_name'], registers: [r] });
     this.success = new Counter({ name: 'vllm:request_success_total', help: 'Finished requests by finish reason.', labelNames: ['model_name', 'finished_reason'], registers: [r] });
