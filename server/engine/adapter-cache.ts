@@ -203,23 +203,11 @@ export class AdapterCache {
   }
 
   /**
-   * Frees `pages` pages of the pool. The engine installs its own policy here (LRU across unpinned
-   * adapters and reclaimable prefix-cache blocks); alone, it evicts adapters LRU-first.
+   * Frees `pages` pages of the pool for an install (never `keep`'s adapter). Set by the engine: its
+   * policy (Engine.reclaimPool) is one LRU order across unpinned adapters and reclaimable
+   * prefix-cache blocks.
    */
-  reclaim: (pages: number, keep: string | null) => number = (pages, keep) => {
-    let freed = 0;
-    for (const v of this.evictable(keep)) {
-      if (freed >= pages) break;
-      freed += v.pages.length;
-      this.evictEntry(v);
-    }
-    return freed;
-  };
-
-  /** Evicts one pool adapter (the engine's reclaim policy calls it). */
-  evictEntry(e: AdapterEntry): void {
-    this.evict(e);
-  }
+  reclaim: (pages: number, keep: string | null) => number = () => 0;
 
   /** Resolves when an adapter load finishes (or soon, so the engine loop re-checks). */
   waitForProgress(): Promise<void> {
@@ -368,7 +356,8 @@ export class AdapterCache {
     return true;
   }
 
-  private evict(e: AdapterEntry): void {
+  /** Takes an adapter out of the pool (its host copy stays if it has one). */
+  evict(e: AdapterEntry): void {
     if (e.tier !== 'pool') return;
     void this.native.removeAdapter(e.slot).catch(() => undefined);
     this.paging.release(e.pages);

@@ -385,7 +385,7 @@ export class Engine {
         c = cached.next();
       } else {
         freed += ads[a].pages.length;
-        this.adapters.evictEntry(ads[a++]);
+        this.adapters.evict(ads[a++]);
       }
     }
     return freed;
