@@ -124,26 +124,26 @@ class CpuBackend final : public Backend {
 
   void install_adapter(int slot, const ParsedAdapter& a, const std::vector<int32_t>& pages) override {
     if (slot <= 0 || slot >= max_slots_) throw std::runtime_error("adapter slot " + std::to_string(slot) + " out of range");
-    auto placement = place_rows(a, pool_info_.page_bytes, lora_elem_bytes());
-    const int need = placement.empty() ? 0 : placement.back().page_index + 1;
-    if (int(pages.size()) != need)
-      throw std::runtime_error("adapter needs " + std::to_string(need) + " pages, got " + std::to_string(pages.size()));
+    if (a.page_bytes != pool_info_.page_bytes || a.elem_bytes != lora_elem_bytes())
+      throw std::runtime_error("adapter image was laid out for another pool");
+    if (int(pages.size()) != a.num_pages())
+      throw std::runtime_error("adapter needs " + std::to_string(a.num_pages()) + " pages, got " + std::to_string(pages.size()));
     for (int32_t p : pages)
       if (p < 0 || p >= pool_info_.num_pages) throw std::runtime_error("page id " + std::to_string(p) + " out of range");
     remove_adapter(slot);
+    // The host image is laid out page by page as the pool holds it: one copy per page.
+    for (int i = 0; i < a.num_pages(); i++)
+      std::memcpy(pool_ + size_t(pages[i]) * pool_info_.page_bytes, a.page(i), a.page_used[i]);
     InstalledAdapter& ia = installed_[slot];
-    ia.rows.resize(placement.size());
-    size_t r = 0;
+    ia.rows.resize(a.rows.size());
+    for (size_t r = 0; r < a.rows.size(); r++)
+      ia.rows[r] = int64_t(pages[a.rows[r].page_index]) * int64_t(pool_info_.page_bytes) + int64_t(a.rows[r].offset);
     for (const auto& m : a.modules) {
-      const size_t in = m.a.size() / m.rank, out = m.bt.size() / m.rank;
-      const size_t first = r;
-      for (int j = 0; j < m.rank; j++, r++) copy_row(ia.rows[r], placement[r], pages, m.a.data() + j * in, in);
-      for (int j = 0; j < m.rank; j++, r++) copy_row(ia.rows[r], placement[r], pages, m.bt.data() + j * out, out);
       cpu::LoraRef& ref = ref_at(m.layer, m.proj, slot);
       ref.rank = m.rank;
       ref.scale = m.scale;
-      ref.a_rows = ia.rows.data() + first;
-      ref.b_rows = ia.rows.data() + first + m.rank;
+      ref.a_rows = ia.rows.data() + m.first_row;
+      ref.b_rows = ia.rows.data() + m.first_row + m.rank;
       ref.bf16 = lora_bf16_;
     }
   }
@@ -160,15 +160,6 @@ class CpuBackend final : public Backend {
  private:
   cpu::LoraRef& ref_at(int layer, int proj, int slot) {
     return refs_[(size_t(layer) * kNumProj + proj) * max_slots_ + slot];
-  }
-  void copy_row(int64_t& off, const RowPlacement& pl, const std::vector<int32_t>& pages, const float* src, size_t n) {
-    off = int64_t(pages[pl.page_index]) * int64_t(pool_info_.page_bytes) + int64_t(pl.offset);
-    if (!lora_bf16_) {
-      std::memcpy(pool_ + off, src, n * sizeof(float));
-      return;
-    }
-    uint16_t* dst = reinterpret_cast<uint16_t*>(pool_ + off);
-    for (size_t i = 0; i < n; i++) dst[i] = cpu::f32_to_bf16(src[i]);  // the parser checked: finite
   }
   bool pairs(const Weight& w) const { return compute_bf16_ && w.type == cpu::WType::BF16; }
   std::vector<uint8_t> pack(const Weight& w) const {

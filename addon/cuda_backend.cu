@@ -379,10 +379,10 @@ void CudaBackend::clear_slot(int slot) {
 
 void CudaBackend::install_adapter(int slot, const ParsedAdapter& a, const std::vector<int32_t>& pages) {
   if (slot <= 0 || slot >= max_slots_) throw std::runtime_error("adapter slot " + std::to_string(slot) + " out of range");
-  const auto placement = place_rows(a, pool_info_.page_bytes, sizeof(float));
-  const int need = placement.empty() ? 0 : placement.back().page_index + 1;
-  if (int(pages.size()) != need)
-    throw std::runtime_error("adapter needs " + std::to_string(need) + " pages, got " + std::to_string(pages.size()));
+  if (a.page_bytes != pool_info_.page_bytes || a.elem_bytes != sizeof(float))
+    throw std::runtime_error("adapter image was laid out for another pool");
+  if (int(pages.size()) != a.num_pages())
+    throw std::runtime_error("adapter needs " + std::to_string(a.num_pages()) + " pages, got " + std::to_string(pages.size()));
   for (int32_t p : pages)
     if (p < 0 || p >= pool_info_.num_pages) throw std::runtime_error("page id " + std::to_string(p) + " out of range");
   for (const auto& mod : a.modules)
@@ -399,22 +399,18 @@ void CudaBackend::install_adapter(int slot, const ParsedAdapter& a, const std::v
   check_cuda(cudaStreamWaitEvent(copy_, compute_mark_, 0), "cudaStreamWaitEvent");
 
   // Row offsets, exactly as CpuBackend::install_adapter computes them.
-  sl.rows.resize(placement.size());
-  for (size_t r = 0; r < placement.size(); r++)
-    sl.rows[r] = int64_t(pages[placement[r].page_index]) * int64_t(pool_info_.page_bytes) + int64_t(placement[r].offset);
+  sl.rows.resize(a.rows.size());
+  for (size_t r = 0; r < a.rows.size(); r++)
+    sl.rows[r] = int64_t(pages[a.rows[r].page_index]) * int64_t(pool_info_.page_bytes) + int64_t(a.rows[r].offset);
   // Growing the slot's table frees the old one; cudaFree synchronises the device, so no pending
   // copy into it and no kernel reading it is left (and no step runs between install calls).
   sl.d_rows.ensure(std::max<size_t>(sl.rows.size(), 1) * sizeof(int64_t), "cudaMalloc (adapter row table)");
 
-  // Rows into the pool, module by module: A rows, then B^T rows (place_rows order).
-  size_t r = 0;
+  // The host image holds the pages as the pool does: one copy per page.
+  for (int i = 0; i < a.num_pages(); i++)
+    ring_.stage(copy_, pool_ + int64_t(pages[i]) * int64_t(pool_info_.page_bytes), a.page(i), a.page_used[i]);
   for (const auto& mod : a.modules) {
-    const size_t in = mod.a.size() / mod.rank, out = mod.bt.size() / mod.rank;
-    const size_t first = r;
-    for (int j = 0; j < mod.rank; j++, r++)
-      ring_.stage(copy_, pool_ + sl.rows[r], mod.a.data() + j * in, in * sizeof(float));
-    for (int j = 0; j < mod.rank; j++, r++)
-      ring_.stage(copy_, pool_ + sl.rows[r], mod.bt.data() + j * out, out * sizeof(float));
+    const size_t first = mod.first_row;
     const int idx = mod.layer * kNumProj + mod.proj;
     cuda::LoraRef& ref = h_refs_[size_t(slot) * ref_stride_ + idx];
     ref.rank = mod.rank;

@@ -136,6 +136,8 @@ Napi::Function Engine::Init(Napi::Env env) {
                       InstanceMethod("step", &Engine::Step),
                       InstanceMethod("parseAdapter", &Engine::ParseAdapter),
                       InstanceMethod("adapterPages", &Engine::AdapterPages),
+                     InstanceMethod("freeAdapter", &Engine::FreeAdapter),
+                     InstanceMethod("adapterImageStats", &Engine::AdapterImageStatsJs),
                       InstanceMethod("installAdapter", &Engine::InstallAdapter),
                       InstanceMethod("removeAdapter", &Engine::RemoveAdapter), InstanceMethod("close", &Engine::Close)});
 }
@@ -558,13 +560,16 @@ struct AdapterHolder {
 class ParseWorker : public Napi::AsyncWorker {
  public:
   ParseWorker(Napi::Env env, std::shared_ptr<Model> model, std::string path, std::vector<LoraPlanEntry> plan,
-              int max_rank)
+              int max_rank, size_t page_bytes, size_t elem_bytes)
       : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), model_(std::move(model)),
-        path_(std::move(path)), plan_(std::move(plan)), max_rank_(max_rank) {}
+        path_(std::move(path)), plan_(std::move(plan)), max_rank_(max_rank), page_bytes_(page_bytes),
+        elem_bytes_(elem_bytes) {}
   Napi::Promise Promise() { return deferred_.Promise(); }
   void Execute() override {
     try {
-      result_ = parse_adapter(path_, plan_, *model_, max_rank_);
+      const auto t0 = std::chrono::steady_clock::now();
+      result_ = parse_adapter(path_, plan_, *model_, max_rank_, page_bytes_, elem_bytes_);
+      ms_ = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     } catch (const std::exception& e) {
       SetError(e.what());
     }
@@ -577,6 +582,13 @@ class ParseWorker : public Napi::AsyncWorker {
     o.Set("bytes", double(result_->bytes));
     o.Set("maxRank", result_->max_rank);
     o.Set("numModules", double(result_->modules.size()));
+    o.Set("pages", result_->num_pages());
+    o.Set("parseMs", ms_);
+    // What identifies the file read (its digest for the prefix cache; see adapter-cache.ts).
+    const FileIdentity& id = result_->file;
+    o.Set("file", Napi::String::New(env, std::to_string(id.dev) + ":" + std::to_string(id.ino) + ":" +
+                                             std::to_string(id.size) + ":" + std::to_string(id.mtime_ns) + ":" +
+                                             std::to_string(id.ctime_ns)));
     deferred_.Resolve(o);
   }
   void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
@@ -587,6 +599,8 @@ class ParseWorker : public Napi::AsyncWorker {
   std::string path_;
   std::vector<LoraPlanEntry> plan_;
   int max_rank_;
+  size_t page_bytes_, elem_bytes_;
+  double ms_ = 0;
   std::shared_ptr<ParsedAdapter> result_;
 };
 
@@ -594,7 +608,9 @@ std::shared_ptr<ParsedAdapter> adapter_of(Napi::Env env, Napi::Value v) {
   if (!v.IsObject()) type_error(env, "expected an adapter object from parseAdapter()");
   Napi::Value h = v.As<Napi::Object>().Get("handle");
   if (!h.IsExternal()) type_error(env, "expected an adapter object from parseAdapter()");
-  return h.As<Napi::External<AdapterHolder>>().Data()->adapter;
+  auto a = h.As<Napi::External<AdapterHolder>>().Data()->adapter;
+  if (!a) type_error(env, "the adapter was freed");
+  return a;
 }
 
 }  // namespace
@@ -613,7 +629,7 @@ Napi::Value Engine::ParseAdapter(const Napi::CallbackInfo& info) {
   std::vector<LoraPlanEntry> plan(n);
   for (long i = 0; i < n; i++) plan[i] = {layers[i], projs[i], ranks[i], scales[i]};
   auto* w = new ParseWorker(env, model_, info[0].As<Napi::String>().Utf8Value(), std::move(plan),
-                            info[2].As<Napi::Number>().Int32Value());
+                            info[2].As<Napi::Number>().Int32Value(), page_bytes_, lora_elem_bytes_);
   Napi::Promise promise = w->Promise();
   w->Queue();
   return promise;
@@ -623,11 +639,28 @@ Napi::Value Engine::AdapterPages(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   RequireLoaded(env);
   auto a = adapter_of(env, info[0]);
-  try {
-    return Napi::Number::New(env, pages_needed(*a, page_bytes_, lora_elem_bytes_));
-  } catch (const std::exception& e) {
-    throw Napi::Error::New(env, e.what());
-  }
+  return Napi::Number::New(env, a->num_pages());
+}
+
+// freeAdapter(adapter): drops the host copy now (an install already queued keeps its own
+// reference until it has run), instead of whenever the garbage collector gets to the handle.
+Napi::Value Engine::FreeAdapter(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsObject()) type_error(env, "freeAdapter(adapter)");
+  Napi::Value h = info[0].As<Napi::Object>().Get("handle");
+  if (!h.IsExternal()) type_error(env, "expected an adapter object from parseAdapter()");
+  h.As<Napi::External<AdapterHolder>>().Data()->adapter.reset();
+  return env.Undefined();
+}
+
+// adapterImageStats(): host memory in adapter images (live) and kept for reuse (cached).
+Napi::Value Engine::AdapterImageStatsJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const auto st = adapter_image_stats();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("liveBytes", double(st.live_bytes));
+  o.Set("cachedBytes", double(st.cached_bytes));
+  return o;
 }
 
 Napi::Value Engine::InstallAdapter(const Napi::CallbackInfo& info) {

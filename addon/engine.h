@@ -34,6 +34,8 @@ class Engine : public Napi::ObjectWrap<Engine> {
   Napi::Value Step(const Napi::CallbackInfo& info);
   Napi::Value ParseAdapter(const Napi::CallbackInfo& info);
   Napi::Value AdapterPages(const Napi::CallbackInfo& info);
+  Napi::Value FreeAdapter(const Napi::CallbackInfo& info);
+  Napi::Value AdapterImageStatsJs(const Napi::CallbackInfo& info);
   Napi::Value InstallAdapter(const Napi::CallbackInfo& info);
   Napi::Value RemoveAdapter(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);

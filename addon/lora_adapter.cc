@@ -1,9 +1,22 @@
 #include "addon/lora_adapter.h"
 
+#include <sys/mman.h>
+
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <functional>
 #include <limits>
+#include <map>
+#include <mutex>
+#include <thread>
 #include <set>
 #include <stdexcept>
+
+#include "kernels/cpu/kernels.h"
 
 namespace loraplex {
 
@@ -37,23 +50,272 @@ const TensorView* find_lora(const SafetensorsFile& f, const std::string& prefix,
   return hit;
 }
 
-void to_f32(const TensorView& t, float* out) {
-  const size_t n = size_t(t.numel());
+// --- host images -------------------------------------------------------------------------------
+// Adapter images are a few MB to a few hundred MB. Fresh anonymous memory costs a page fault and a
+// zeroing per 4 KiB page on first touch, as much as the conversion itself: images are 2 MiB aligned
+// with transparent huge pages requested, and freed images of the same size are kept (bounded) for
+// the next load, which in steady state (host tier full, one adapter out for one in) is all of them.
+constexpr size_t kImageAlign = size_t(2) << 20;
+constexpr size_t kImageCacheBytes = size_t(256) << 20;
+
+struct ImageAllocator {
+  std::mutex mu;
+  std::multimap<size_t, void*> free_;  // size -> block
+  size_t cached = 0, live = 0;
+
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      auto it = free_.find(bytes);
+      if (it != free_.end()) {
+        void* p = it->second;
+        free_.erase(it);
+        cached -= bytes;
+        live += bytes;
+        return p;
+      }
+    }
+    const size_t rounded = (bytes + kImageAlign - 1) / kImageAlign * kImageAlign;
+    void* p = std::aligned_alloc(kImageAlign, rounded);
+    if (!p) throw std::runtime_error("out of host memory for an adapter image of " + std::to_string(bytes) + " bytes");
+#ifdef MADV_HUGEPAGE
+    madvise(p, rounded, MADV_HUGEPAGE);
+#endif
+    std::lock_guard<std::mutex> lock(mu);
+    live += bytes;
+    return p;
+  }
+  void give(void* p, size_t bytes) {
+    std::unique_lock<std::mutex> lock(mu);
+    live -= bytes;
+    if (bytes <= kImageCacheBytes) {
+      // Oldest blocks go first when the cache is over its bound.
+      while (cached + bytes > kImageCacheBytes && !free_.empty()) {
+        auto it = free_.begin();
+        cached -= it->first;
+        std::free(it->second);
+        free_.erase(it);
+      }
+      free_.emplace(bytes, p);
+      cached += bytes;
+      return;
+    }
+    lock.unlock();
+    std::free(p);
+  }
+};
+
+ImageAllocator& images() {
+  static ImageAllocator* a = new ImageAllocator();  // never destroyed: images may outlive statics
+  return *a;
+}
+
+std::shared_ptr<uint8_t> new_image(size_t bytes) {
+  if (bytes == 0) return std::shared_ptr<uint8_t>();
+  auto* p = static_cast<uint8_t*>(images().take(bytes));
+  return std::shared_ptr<uint8_t>(p, [bytes](uint8_t* q) { images().give(q, bytes); });
+}
+
+// --- conversion ----------------------------------------------------------------------------------
+// A tensor's bytes as fp32 or BF16 values (F16 is widened to fp32 first).
+struct Source {
+  const void* p = nullptr;
+  cpu::WType type = cpu::WType::F32;
+};
+
+Source read_tensor(const SafetensorsFile& f, const TensorView& t, std::vector<uint8_t>& raw, std::vector<float>& wide) {
+  if (raw.size() < t.nbytes) raw.resize(t.nbytes);
+  f.read(t, 0, t.nbytes, raw.data());
   switch (t.dtype) {
-    case DType::F32: cpu::convert_row(t.data, cpu::WType::F32, 0, int(n), out); break;
-    case DType::BF16: cpu::convert_row(t.data, cpu::WType::BF16, 0, int(n), out); break;
-    case DType::F16: cpu::convert_row(t.data, cpu::WType::F16, 0, int(n), out); break;
+    case DType::F32: return {raw.data(), cpu::WType::F32};
+    case DType::BF16: return {raw.data(), cpu::WType::BF16};
+    case DType::F16: {
+      const size_t n = size_t(t.numel());
+      if (wide.size() < n) wide.resize(n);
+      cpu::convert_row(raw.data(), cpu::WType::F16, 0, int(n), wide.data());
+      return {wide.data(), cpu::WType::F32};
+    }
     default: throw std::runtime_error("unsupported dtype");
   }
+}
+
+// A rows as they are; B [out, rank] transposed into rank rows of `out`.
+void fill_module(const ParsedAdapter& out, const LoraModule& m, const Source& a, const Source& b, cpu::RowScan& sa,
+                 cpu::RowScan& sb) {
+  const bool bf16 = out.elem_bytes == 2;
+  const size_t esz = a.type == cpu::WType::BF16 ? 2 : 4;
+  auto row = [&](size_t r) { return const_cast<uint8_t*>(out.row(r)); };
+  for (int j = 0; j < m.rank; j++)
+    cpu::lora_pack_rows(static_cast<const uint8_t*>(a.p) + size_t(j) * m.in * esz, a.type, size_t(m.in),
+                        row(m.first_row + j), bf16, sa);
+  void* rows[1024];
+  std::vector<void*> many;
+  void** dst = rows;
+  if (m.rank > 1024) many.resize(m.rank), dst = many.data();
+  for (int j = 0; j < m.rank; j++) dst[j] = row(m.first_row + m.rank + j);
+  cpu::lora_pack_transposed(b.p, b.type, m.out, m.rank, dst, bf16, sb);
+}
+
+}  // namespace
+
+std::vector<RowPlacement> place_rows(std::vector<LoraModule>& modules, size_t page_bytes, size_t elem_bytes,
+                                     std::vector<size_t>* page_used) {
+  std::vector<RowPlacement> rows;
+  int page = 0;
+  size_t used = 0;
+  if (page_used) page_used->clear();
+  auto place = [&](size_t bytes) {
+    if (bytes > page_bytes)
+      throw std::runtime_error("adapter row of " + std::to_string(bytes) + " bytes exceeds the page size " +
+                               std::to_string(page_bytes));
+    size_t start = (used + 63) & ~size_t(63);  // 64-byte aligned rows for SIMD loads
+    if (rows.empty()) {
+      start = 0;
+    } else if (start + bytes > page_bytes) {
+      if (page_used) page_used->push_back(used);
+      page++;
+      start = 0;
+    }
+    rows.push_back({page, start});
+    used = start + bytes;
+  };
+  for (auto& m : modules) {
+    m.first_row = rows.size();
+    for (int j = 0; j < m.rank; j++) place(size_t(m.in) * elem_bytes);
+    for (int j = 0; j < m.rank; j++) place(size_t(m.out) * elem_bytes);
+  }
+  if (page_used && !rows.empty()) page_used->push_back(used);
+  return rows;
+}
+
+namespace {
+
+std::shared_ptr<ParsedAdapter> layout(std::vector<LoraModule> modules, size_t page_bytes, size_t elem_bytes) {
+  if (elem_bytes != 2 && elem_bytes != 4) throw std::runtime_error("adapter rows are fp32 or BF16");
+  auto out = std::make_shared<ParsedAdapter>();
+  out->page_bytes = page_bytes;
+  out->elem_bytes = elem_bytes;
+  out->rows = place_rows(modules, page_bytes, elem_bytes, &out->page_used);
+  for (const auto& m : modules) out->max_rank = std::max(out->max_rank, m.rank);
+  out->modules = std::move(modules);
+  out->bytes = size_t(out->num_pages()) * page_bytes;
+  out->image = new_image(out->bytes);
+  return out;
+}
+
+}  // namespace
+
+namespace {
+
+// Per-thread read buffers, kept between loads (a fresh buffer costs page faults every time).
+struct Scratch {
+  std::vector<uint8_t> raw_a, raw_b;
+  std::vector<float> wide_a, wide_b;
+};
+Scratch& scratch() {
+  thread_local Scratch s;
+  return s;
+}
+
+// Reads one module's A and B, converts them into its rows and checks them.
+void check_module(const std::string& path, const ParsedAdapter& out, const LoraModule& m, const SafetensorsFile& f,
+                  const std::pair<const TensorView*, const TensorView*>& t, Scratch& sc) {
+  const Source a = read_tensor(f, *t.first, sc.raw_a, sc.wide_a);
+  const Source b = read_tensor(f, *t.second, sc.raw_b, sc.wide_b);
+  cpu::RowScan sa, sb;
+  fill_module(out, m, a, b, sa, sb);
+  const std::string prefix = module_prefix(m.layer, m.proj);
+  if (sa.nonfinite || sb.nonfinite) throw std::runtime_error(path + ": non-finite value in '" + prefix + "' LoRA weights");
+  // Worst case of one output of the delta, |s| * sum_j |B[o,j]| * sum_k |A[j,k]| |x_k|, for
+  // activations up to kActivationHeadroom: it must stay finite in fp32, or the adapter would
+  // turn finite inputs into inf/NaN logits. Real adapters sit ~30 orders of magnitude below.
+  constexpr double kActivationHeadroom = 1e4;
+  const double worst =
+      std::fabs(double(m.scale)) * m.rank * double(sb.amax) * double(m.in) * double(sa.amax) * kActivationHeadroom;
+  if (!(worst <= double(std::numeric_limits<float>::max())))
+    throw std::runtime_error(path + ": the LoRA weights of '" + prefix + "' are too large (max |A| " +
+                             std::to_string(sa.amax) + ", max |B| " + std::to_string(sb.amax) + ", scale " +
+                             std::to_string(m.scale) + "): the update would overflow float32");
+}
+
+// Helper threads that share one load's modules with the thread that parses it (a libuv worker),
+// so a single cold load runs at the speed of several cores. Persistent: their scratch buffers
+// stay warm. Loads running at once share the helpers.
+class LoaderPool {
+ public:
+  LoaderPool() {
+    const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
+    const int helpers = int(std::min(3u, hw - 1));
+    for (int i = 0; i < helpers; i++) threads_.emplace_back([this] { work(); });
+  }
+  int size() const { return int(threads_.size()); }
+  // Runs fn(0..n-1): 0 on the caller, the rest on helpers (or the caller when none is free).
+  void run(int n, const std::function<void(int)>& fn) {
+    struct Latch {
+      std::mutex mu;
+      std::condition_variable cv;
+      int left;
+    } latch;
+    latch.left = n - 1;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (int c = 1; c < n; c++)
+        jobs_.push_back([&fn, &latch, c] {
+          fn(c);
+          std::lock_guard<std::mutex> l(latch.mu);
+          if (--latch.left == 0) latch.cv.notify_all();
+        });
+    }
+    cv_.notify_all();
+    fn(0);
+    // Help with queued jobs (this load's or another's) rather than wait idle.
+    while (true) {
+      std::function<void()> job;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (jobs_.empty()) break;
+        job = std::move(jobs_.front());
+        jobs_.pop_front();
+      }
+      job();
+    }
+    std::unique_lock<std::mutex> l(latch.mu);
+    latch.cv.wait(l, [&] { return latch.left == 0; });
+  }
+
+ private:
+  void work() {
+    while (true) {
+      std::function<void()> job;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return !jobs_.empty(); });
+        job = std::move(jobs_.front());
+        jobs_.pop_front();
+      }
+      job();
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> jobs_;
+  std::vector<std::thread> threads_;
+};
+
+LoaderPool& loader_pool() {
+  static LoaderPool* p = new LoaderPool();  // never destroyed: its threads run until exit
+  return *p;
 }
 
 }  // namespace
 
 std::shared_ptr<ParsedAdapter> parse_adapter(const std::string& path, const std::vector<LoraPlanEntry>& plan,
-                                             const Model& model, int max_rank) {
-  auto f = SafetensorsFile::open(path);
-  auto out = std::make_shared<ParsedAdapter>();
+                                             const Model& model, int max_rank, size_t page_bytes, size_t elem_bytes) {
+  auto f = SafetensorsFile::open_for_read(path);
   std::set<std::string> used;
+  std::vector<LoraModule> modules;
+  std::vector<std::pair<const TensorView*, const TensorView*>> tensors;
+  // Every check that needs no tensor byte first: a bad adapter costs no conversion.
   for (const auto& e : plan) {
     if (e.layer < 0 || e.layer >= model.spec.n_layers || e.proj < 0 || e.proj >= kNumProj)
       throw std::runtime_error(path + ": plan names layer " + std::to_string(e.layer) + " outside the model");
@@ -77,69 +339,76 @@ std::shared_ptr<ParsedAdapter> parse_adapter(const std::string& path, const std:
     if (b->shape != want_b)
       throw std::runtime_error(path + ": tensor '" + b->name + "' has shape " + b->shape_str() + ", expected [" +
                                std::to_string(outw) + ", " + std::to_string(e.rank) + "] (output width x rank)");
-    LoraModule m{e.layer, e.proj, e.rank, e.scale, std::vector<float>(size_t(e.rank) * in),
-                 std::vector<float>(size_t(e.rank) * outw)};
-    to_f32(*a, m.a.data());
-    std::vector<float> bw(size_t(outw) * e.rank);
-    to_f32(*b, bw.data());
-    for (int o = 0; o < outw; o++)
-      for (int j = 0; j < e.rank; j++) m.bt[size_t(j) * outw + o] = bw[size_t(o) * e.rank + j];
     if (!std::isfinite(e.scale))
       throw std::runtime_error(path + ": the scale of '" + prefix + "' is not finite in float32");
-    double amax[2] = {0.0, 0.0};
-    for (int k = 0; k < 2; k++)
-      for (float x : k == 0 ? m.a : bw) {
-        if (!std::isfinite(x)) throw std::runtime_error(path + ": non-finite value in '" + prefix + "' LoRA weights");
-        amax[k] = std::max(amax[k], double(std::fabs(x)));
-      }
-    // Worst case of one output of the delta, |s| * sum_j |B[o,j]| * sum_k |A[j,k]| |x_k|, for
-    // activations up to kActivationHeadroom: it must stay finite in fp32, or the adapter would
-    // turn finite inputs into inf/NaN logits. Real adapters sit ~30 orders of magnitude below.
-    constexpr double kActivationHeadroom = 1e4;
-    const double worst = std::fabs(double(e.scale)) * e.rank * amax[1] * double(in) * amax[0] * kActivationHeadroom;
-    if (!(worst <= double(std::numeric_limits<float>::max())))
-      throw std::runtime_error(path + ": the LoRA weights of '" + prefix + "' are too large (max |A| " +
-                               std::to_string(amax[0]) + ", max |B| " + std::to_string(amax[1]) + ", scale " +
-                               std::to_string(e.scale) + "): the update would overflow float32");
-    out->bytes += (m.a.size() + m.bt.size()) * sizeof(float);
-    out->max_rank = std::max(out->max_rank, e.rank);
-    out->modules.push_back(std::move(m));
+    modules.push_back({e.layer, e.proj, e.rank, e.scale, in, outw, 0});
+    tensors.emplace_back(a, b);
   }
   for (const auto& [name, t] : f->tensors()) {
     if (!used.count(name))
       throw std::runtime_error(path + ": tensor '" + name +
                                "' is not a LoRA A/B weight of a module targeted by adapter_config.json");
   }
+  auto out = layout(std::move(modules), page_bytes, elem_bytes);
+  out->file = f->identity();
+  // Modules in contiguous chunks of about equal bytes, one per helper thread plus this one.
+  const size_t n = out->modules.size();
+  const int chunks = int(std::min<size_t>(n, size_t(loader_pool().size() + 1)));
+  std::vector<size_t> bounds{0};
+  {
+    size_t total = 0, acc = 0;
+    for (const auto& m : out->modules) total += size_t(m.rank) * size_t(m.in + m.out);
+    for (size_t i = 0; i < n && int(bounds.size()) < chunks; i++) {
+      acc += size_t(out->modules[i].rank) * size_t(out->modules[i].in + out->modules[i].out);
+      if (acc * size_t(chunks) >= total * bounds.size()) bounds.push_back(i + 1);
+    }
+    bounds.resize(size_t(chunks));
+    bounds.push_back(n);
+  }
+  std::vector<std::string> errors(static_cast<size_t>(chunks));
+  auto run_chunk = [&](int c) {
+    try {
+      Scratch& sc = scratch();
+      for (size_t i = bounds[c]; i < bounds[c + 1]; i++) check_module(path, *out, out->modules[i], *f, tensors[i], sc);
+    } catch (const std::exception& e) {
+      errors[c] = e.what();
+    }
+  };
+  loader_pool().run(chunks, run_chunk);
+  for (const auto& e : errors)  // the first failing module, in file order
+    if (!e.empty()) throw std::runtime_error(e);
+  // The bytes read are the bytes of the file that was opened: a file rewritten in place while it
+  // was read could have mixed two versions.
+  if (!(f->identity_now() == out->file))
+    throw std::runtime_error(path + ": the file changed while it was being read");
   return out;
 }
 
-std::vector<RowPlacement> place_rows(const ParsedAdapter& a, size_t page_bytes, size_t elem_bytes) {
-  std::vector<RowPlacement> rows;
-  int page = 0;
-  size_t used = 0;
-  auto place = [&](size_t bytes) {
-    if (bytes > page_bytes)
-      throw std::runtime_error("adapter row of " + std::to_string(bytes) + " bytes exceeds the page size " +
-                               std::to_string(page_bytes));
-    size_t start = (used + 63) & ~size_t(63);  // 64-byte aligned rows for SIMD loads
-    if (start + bytes > page_bytes) {
-      page++;
-      start = 0;
-    }
-    rows.push_back({page, start});
-    used = start + bytes;
-  };
-  for (const auto& m : a.modules) {
-    const size_t in = m.a.size() / m.rank, out = m.bt.size() / m.rank;
-    for (int j = 0; j < m.rank; j++) place(in * elem_bytes);
-    for (int j = 0; j < m.rank; j++) place(out * elem_bytes);
+std::shared_ptr<ParsedAdapter> pack_adapter(const std::vector<LoraModuleF32>& mods, size_t page_bytes,
+                                            size_t elem_bytes) {
+  std::vector<LoraModule> modules;
+  for (const auto& m : mods) {
+    if (m.rank < 1 || m.a.size() % size_t(m.rank) || m.bt.size() % size_t(m.rank))
+      throw std::runtime_error("pack_adapter: module rows do not match its rank");
+    modules.push_back({m.layer, m.proj, m.rank, m.scale, int(m.a.size() / size_t(m.rank)),
+                       int(m.bt.size() / size_t(m.rank)), 0});
   }
-  return rows;
+  auto out = layout(std::move(modules), page_bytes, elem_bytes);
+  for (size_t i = 0; i < mods.size(); i++) {
+    const LoraModule& m = out->modules[i];
+    cpu::RowScan sc;
+    for (int j = 0; j < 2 * m.rank; j++) {
+      const float* src = j < m.rank ? mods[i].a.data() + size_t(j) * m.in : mods[i].bt.data() + size_t(j - m.rank) * m.out;
+      const size_t n = size_t(j < m.rank ? m.in : m.out);
+      cpu::lora_pack_rows(src, cpu::WType::F32, n, const_cast<uint8_t*>(out->row(m.first_row + j)), elem_bytes == 2, sc);
+    }
+  }
+  return out;
 }
 
-int pages_needed(const ParsedAdapter& a, size_t page_bytes, size_t elem_bytes) {
-  auto rows = place_rows(a, page_bytes, elem_bytes);
-  return rows.empty() ? 0 : rows.back().page_index + 1;
+AdapterImageStats adapter_image_stats() {
+  std::lock_guard<std::mutex> lock(images().mu);
+  return {images().live, images().cached};
 }
 
 }  // namespace loraplex

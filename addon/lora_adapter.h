@@ -1,15 +1,21 @@
-// A PEFT LoRA adapter parsed into host memory (the host tier), and its packing into pool pages.
+// A PEFT LoRA adapter parsed into host memory (the host tier), already in the pool's row format.
 // TypeScript resolves adapter_config.json semantics (targets, layers_to_transform, rank/alpha
-// patterns, rsLoRA) into a plan of (layer, projection, rank, scale); this file reads and checks the
-// tensors against that plan and the base model.
+// patterns, rsLoRA) into a plan of (layer, projection, rank, scale); parse_adapter() reads the
+// tensors with pread (never through JS, never an intermediate fp32 copy of the whole adapter),
+// checks them against that plan and the base model, and converts them in one pass per tensor
+// (dtype -> the pool's row dtype, B transposed, the non-finite / overflow scan) straight into a
+// host image of the adapter's pool pages. Installing it is then one copy per page.
 // Thread safety: parse_adapter() runs on a libuv worker thread; a ParsedAdapter is immutable after
 // that and may be read from any thread.
 #pragma once
+#include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "addon/model.h"
+#include "addon/safetensors.h"
 
 namespace loraplex {
 
@@ -18,32 +24,61 @@ struct LoraPlanEntry {
   float scale;
 };
 
+// One targeted module: its rows are [first_row, first_row + rank) (A rows, `in` wide) then
+// [first_row + rank, first_row + 2 rank) (B^T rows, `out` wide).
 struct LoraModule {
   int layer, proj, rank;
   float scale;
-  std::vector<float> a;   // [rank, in]
-  std::vector<float> bt;  // [rank, out] (B transposed: rows of the output width)
+  int in, out;
+  size_t first_row;
 };
-
-struct ParsedAdapter {
-  std::vector<LoraModule> modules;
-  size_t bytes = 0;  // fp32 bytes of all rows
-  int max_rank = 0;
-};
-
-// Throws std::runtime_error naming the file and tensor on a missing/extra/misshapen tensor,
-// a non-float dtype, or a non-finite value.
-std::shared_ptr<ParsedAdapter> parse_adapter(const std::string& path, const std::vector<LoraPlanEntry>& plan,
-                                             const Model& model, int max_rank);
 
 // Where each row goes: rows are packed in module order, A rows then B^T rows; a row never
 // straddles a page, so waste is below one row (+64-byte alignment) per page.
 struct RowPlacement {
-  int page_index;     // index into the adapter's page list
-  size_t offset;      // byte offset inside that page
+  int page_index;  // index into the adapter's page list
+  size_t offset;   // byte offset inside that page
 };
-// elem_bytes: 4 for fp32 rows, 2 for BF16 rows (the backend's Backend::lora_elem_bytes()).
-int pages_needed(const ParsedAdapter& a, size_t page_bytes, size_t elem_bytes);
-std::vector<RowPlacement> place_rows(const ParsedAdapter& a, size_t page_bytes, size_t elem_bytes);
+
+struct ParsedAdapter {
+  std::vector<LoraModule> modules;
+  std::vector<RowPlacement> rows;
+  std::vector<size_t> page_used;  // bytes used in each page (what an install copies)
+  size_t page_bytes = 0;
+  size_t elem_bytes = 4;  // 4: fp32 rows, 2: BF16 rows (the backend's Backend::lora_elem_bytes())
+  int max_rank = 0;
+  size_t bytes = 0;               // host memory held: num_pages() * page_bytes
+  std::shared_ptr<uint8_t> image;  // num_pages() pages of page_bytes, as they go into the pool
+  FileIdentity file;               // the safetensors file it was read from (parse_adapter)
+
+  int num_pages() const { return int(page_used.size()); }
+  const uint8_t* page(int i) const { return image.get() + size_t(i) * page_bytes; }
+  const uint8_t* row(size_t r) const { return page(rows[r].page_index) + rows[r].offset; }
+};
+
+// Throws std::runtime_error naming the file and tensor on a missing/extra/misshapen tensor,
+// a non-float dtype, a non-finite value, weights whose update would overflow float32, or a file
+// that changed (or came up short) while it was read.
+std::shared_ptr<ParsedAdapter> parse_adapter(const std::string& path, const std::vector<LoraPlanEntry>& plan,
+                                             const Model& model, int max_rank, size_t page_bytes, size_t elem_bytes);
+
+// An adapter from fp32 A [rank, in] and B^T [rank, out] rows (tests and benchmarks).
+struct LoraModuleF32 {
+  int layer, proj, rank;
+  float scale;
+  std::vector<float> a, bt;
+};
+std::shared_ptr<ParsedAdapter> pack_adapter(const std::vector<LoraModuleF32>& modules, size_t page_bytes,
+                                            size_t elem_bytes);
+
+// Row placement for modules (in, out, rank set); fills first_row. Throws if a row exceeds a page.
+std::vector<RowPlacement> place_rows(std::vector<LoraModule>& modules, size_t page_bytes, size_t elem_bytes,
+                                     std::vector<size_t>* page_used);
+
+// Host memory held by parsed adapters' images, and what the image allocator keeps for reuse.
+struct AdapterImageStats {
+  size_t live_bytes, cached_bytes;
+};
+AdapterImageStats adapter_image_stats();
 
 }  // namespace loraplex

@@ -3,7 +3,9 @@
 //   lora     decode step at batch 32 with 0 / 1 shared / 8 / 32 distinct adapters, prefill
 //            8 x 256 tokens with 1 vs 8 adapters, against the memory-bandwidth bound  (batched LoRA)
 //   paging   adapter cold-load latency, throughput with 1 / 100 / 1000 distinct adapters, pool use
-// Usage: npx tsx bench/engine-bench.ts [--model DIR] [--sections decode,lora,paging] [--out FILE]
+//   cold     512 requests each on a never-seen adapter against 512 on one resident adapter
+//            (16 streams, 64 tokens), then the three many-adapter targets side by side
+// Usage: npx tsx bench/engine-bench.ts [--model DIR] [--sections decode,lora,paging,cold] [--out FILE]
 //        [--compute-dtype bfloat16] [--kv-cache-dtype bfloat16] [--lora-dtype bfloat16] (engine options)
 import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
@@ -22,7 +24,7 @@ const { values: args } = parseArgs({
   },
 });
 const modelDir = resolve(args.model ?? join(HERE, 'models', 'smol-bf16'));
-const sections = new Set((args.sections ?? 'decode,lora,paging').split(','));
+const sections = new Set((args.sections ?? 'decode,lora,paging,cold').split(','));
 const GiB = 1024 ** 3;
 // The engine's numeric options, as given (the engine validates them).
 const dtypes = {
@@ -123,15 +125,21 @@ async function loraSection(bw: number): Promise<void> {
   await e.close();
 }
 
-async function pagingSection(): Promise<void> {
+async function ensureManyAdapters(): Promise<void> {
   const many = join(modelDir, 'many-adapters');
   if (!existsSync(join(many, 'a999'))) {
     rmSync(many, { recursive: true, force: true });
     mkdirSync(many, { recursive: true });
-    // 1000 adapter ids over the 32 generated weight sets: distinct to the server (each is parsed,
-    // validated and paged in on its own), without 19 GB of random files on disk.
+    // 1000 adapter ids over the 32 generated weight sets: distinct to the server (each is read,
+    // validated, converted and paged in on its own, as a distinct file would be: 32 x 19.6 MB is
+    // already far beyond the caches, so every load streams from memory), without 19 GB of random
+    // files on disk.
     for (let i = 0; i < 1000; i++) symlinkSync(join(modelDir, 'adapters', `a${i % 32}`), join(many, `a${i}`));
   }
+}
+
+async function pagingSection(): Promise<void> {
+  const many = join(modelDir, 'many-adapters');
   const out: Record<string, unknown> = {};
   // Cold load: disk -> host (parse/validate/convert) -> pool (install) -> first token.
   {
@@ -140,12 +148,14 @@ async function pagingSection(): Promise<void> {
     await runBatch(e, [p], 1, () => null);
     const cold: number[] = [];
     const parse: number[] = [];
+    const native: number[] = [];
     const warm: number[] = [];
-    for (let k = 0; k < 5; k++) {
+    for (let k = 0; k < 9; k++) {
       const id = `a${100 + k}`;
       let t0 = performance.now();
-      await e.adapters.loadNow(id);
+      const entry = await e.adapters.loadNow(id);
       parse.push(performance.now() - t0);
+      native.push(entry.parsed!.parseMs);
       e.adapters.forget(id);
       t0 = performance.now();
       await runBatch(e, [p], 1, () => id);
@@ -154,8 +164,12 @@ async function pagingSection(): Promise<void> {
       await runBatch(e, [p], 1, () => id);
       warm.push(performance.now() - t0);
     }
-    out.cold_load = { adapter_file_mb: dirBytes(join(modelDir, 'adapters', 'a0')) / 1e6, parse_ms: med(parse), cold_first_token_ms: med(cold), warm_first_token_ms: med(warm), cold_load_ms: med(cold) - med(warm) };
-    console.log(`cold load (rank 16, 7 modules, ${(dirBytes(join(modelDir, 'adapters', 'a0')) / 1e6).toFixed(1)} MB): parse ${med(parse).toFixed(1)} ms; first token cold ${med(cold).toFixed(1)} ms vs resident ${med(warm).toFixed(1)} ms`);
+    const fileMb = statSync(join(modelDir, 'adapters', 'a0', 'adapter_model.safetensors')).size / 1e6;
+    out.cold_load = {
+      adapter_file_mb: fileMb, load_ms: med(parse), native_ms: med(native), native_gb_per_s: fileMb / med(native), load_gb_per_s: fileMb / med(parse),
+      cold_first_token_ms: med(cold), warm_first_token_ms: med(warm), cold_load_ms: med(cold) - med(warm), cold_over_resident: med(cold) / med(warm),
+    };
+    console.log(`cold load (rank 16, 7 modules, ${fileMb.toFixed(1)} MB from the page cache): ${med(parse).toFixed(1)} ms (${(fileMb / med(parse)).toFixed(2)} GB/s; read+convert+checks ${med(native).toFixed(1)} ms, ${(fileMb / med(native)).toFixed(2)} GB/s); first token cold ${med(cold).toFixed(1)} ms vs resident ${med(warm).toFixed(1)} ms (x${(med(cold) / med(warm)).toFixed(2)})`);
     await e.close();
   }
   const R = 1000;
@@ -188,13 +202,61 @@ async function pagingSection(): Promise<void> {
   results.paging = out;
 }
 
+/** Runs `prompts` with at most `streams` in flight (a client that keeps 16 requests open). */
+async function runStreams(e: Engine, prompts: number[][], maxTokens: number, streams: number, adapter: (i: number) => string | null) {
+  let next = 0;
+  let tokens = 0;
+  const t0 = performance.now();
+  await Promise.all(Array.from({ length: streams }, async () => {
+    while (next < prompts.length) {
+      const i = next++;
+      for await (const _ of e.generate(prompts[i], { maxTokens, temperature: 0, ignoreEos: true }, { adapter: adapter(i) })) tokens++;
+    }
+  }));
+  return tokens / ((performance.now() - t0) / 1000);
+}
+
+async function coldSection(): Promise<void> {
+  const many = join(modelDir, 'many-adapters');
+  const R = 512;
+  const prompts = makePrompts({ requests: R, concurrency: 16, promptTokens: 32, maxTokens: 64, adapters: 0, vocab: 49152, seed: 21 });
+  const opts = { model: modelDir, adapterDir: many, memoryBudget: 2 * GiB, maxLoras: 32, maxNumSeqs: 32, maxBatchTokens: 2048 };
+  // Warm-up run on another engine (page cache, code paths), then one resident adapter, then 512
+  // never-seen ones: every request on a fresh engine's adapter a<i> is a cold load.
+  {
+    const e = await Engine.create(opts);
+    await runStreams(e, prompts.slice(0, 32), 8, 16, (i) => `a${600 + i}`);
+    await e.close();
+  }
+  const one = await (async () => {
+    const e = await Engine.create(opts);
+    await runStreams(e, prompts.slice(0, 1), 1, 1, () => 'a999'); // resident before the clock starts
+    const tps = await runStreams(e, prompts, 64, 16, () => 'a999');
+    await e.close();
+    return tps;
+  })();
+  const e = await Engine.create(opts);
+  const cold = await runStreams(e, prompts, 64, 16, (i) => `a${i}`);
+  const st = e.stats().adapters;
+  await e.close();
+  const paging = results.paging as { cold_load?: { cold_over_resident: number; native_gb_per_s: number }; throughput?: Record<string, { ratio_to_1: number }> } | undefined;
+  results.cold = { requests: R, streams: 16, max_tokens: 64, one_resident_tokens_per_s: one, all_cold_tokens_per_s: cold, ratio: cold / one, disk_loads: st.tierLoads.disk, lookups: st.lookups };
+  console.log(`512 requests, 16 streams, 64 tokens: one resident adapter ${one.toFixed(1)} tok/s; each on a never-seen adapter ${cold.toFixed(1)} tok/s (x${(cold / one).toFixed(2)}); ${st.tierLoads.disk} disk loads, lookups ${JSON.stringify(st.lookups)}`);
+  console.log('targets (same run):');
+  console.log(`  512 cold adapters vs one resident:      x${(cold / one).toFixed(2)} (>= 0.8)`);
+  if (paging?.throughput?.adapters_1000) console.log(`  1000 adapters vs 1 (paging workload):   x${paging.throughput.adapters_1000.ratio_to_1.toFixed(2)} (>= 0.8)`);
+  if (paging?.cold_load) console.log(`  first token cold vs resident:           x${paging.cold_load.cold_over_resident.toFixed(2)} (<= 1.5); cold load ${paging.cold_load.native_gb_per_s.toFixed(2)} GB/s (>= 2)`);
+}
+
 await ensureModel();
 const bw = readBandwidth();
 results.read_bandwidth_gb_s = bw;
 console.log(`read bandwidth: ${bw.toFixed(1)} GB/s (build/membw)`);
 if (sections.has('decode')) await decodeSection();
 if (sections.has('lora')) await loraSection(bw);
+if (sections.has('paging') || sections.has('cold')) await ensureManyAdapters();
 if (sections.has('paging')) await pagingSection();
+if (sections.has('cold')) await coldSection();
 const outFile = args.out ?? join(HERE, 'out', 'engine-bench.json');
 mkdirSync(dirname(outFile), { recursive: true });
 writeFileSync(outFile, JSON.stringify(results, null, 2));

@@ -18,6 +18,9 @@ export interface ServeConfig {
   maxLoraRank: number;
   maxLoras: number;
   maxLorasPerBatch: number;
+  maxCpuLoras: number | null;
+  maxCpuLoraBytes: number;
+  loraSkipAheadMs: number;
   maxModelLen: number | null;
   blockSize: number;
   threads: number | null;
@@ -50,6 +53,7 @@ export interface ServeConfig {
 /** The engine flags, which serve and generate share. */
 export type EngineConfig = Pick<ServeConfig,
   'model' | 'memoryBudget' | 'maxNumSeqs' | 'maxBatchTokens' | 'maxLoraRank' | 'maxLoras' | 'maxLorasPerBatch' | 'maxModelLen' |
+  'maxCpuLoras' | 'maxCpuLoraBytes' | 'loraSkipAheadMs' |
   'blockSize' | 'threads' | 'device' | 'loraDtype' | 'computeDtype' | 'kvCacheDtype' | 'enablePrefixCaching'>;
 
 export interface GenerateConfig extends EngineConfig {
@@ -75,6 +79,9 @@ function engineConfig(v: Values): EngineConfig {
     maxLoraRank: v['max-lora-rank'] as number,
     maxLoras: v['max-loras'] as number,
     maxLorasPerBatch: (v['max-loras-per-batch'] as number | null) ?? 0, // 0: no cap
+    maxCpuLoras: v['max-cpu-loras'] as number | null,
+    maxCpuLoraBytes: v['max-cpu-lora-bytes'] as number,
+    loraSkipAheadMs: v['lora-skip-ahead-ms'] as number,
     maxModelLen: v['max-model-len'] as number | null,
     blockSize: v['block-size'] as number,
     threads: v.threads as number | null,
@@ -158,6 +165,9 @@ export function engineOptions(cfg: EngineConfig, model: string): EngineOptions {
     maxLoraRank: cfg.maxLoraRank,
     maxLoras: cfg.maxLoras,
     maxLorasPerBatch: cfg.maxLorasPerBatch,
+    maxCpuLoras: cfg.maxCpuLoras ?? undefined,
+    maxCpuLoraBytes: cfg.maxCpuLoraBytes,
+    loraSkipAheadMs: cfg.loraSkipAheadMs,
     maxModelLen: cfg.maxModelLen ?? undefined,
     threads: cfg.threads ?? undefined,
     device: cfg.device ?? undefined,

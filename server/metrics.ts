@@ -92,7 +92,37 @@ export class Metrics {
         },
       });
     };
-    monotonic('loraplex_adapter_loads_total', 'Adapter loads from disk into host memory.', () => engine.adapters.stats().loads);
+    // Adapter tiers: loads by the tier they came from (disk -> host: read, checked, converted;
+    // host -> pool: copied), where admitted requests found their adapter, and load times.
+    const tierLast: Record<string, number> = {};
+    new Counter({
+      name: 'loraplex_adapter_loads_total', help: 'Adapter loads by source tier: disk (read into host memory), host (copied into the pool).', labelNames: ['tier'], registers: [r],
+      collect() {
+        for (const [tier, v] of Object.entries(engine.adapters.stats().tierLoads)) {
+          if (v > (tierLast[tier] ?? 0)) this.inc({ tier }, v - (tierLast[tier] ?? 0));
+          else if (tierLast[tier] === undefined) this.inc({ tier }, 0);
+          tierLast[tier] = Math.max(tierLast[tier] ?? 0, v);
+        }
+      },
+    });
+    const lookupLast: Record<string, number> = {};
+    new Counter({
+      name: 'loraplex_adapter_lookups_total', help: 'Adapter requests at admission by where their adapter was: pool_hit, host_hit, miss (on disk).', labelNames: ['result'], registers: [r],
+      collect() {
+        for (const [result, v] of Object.entries(engine.adapters.stats().lookups)) {
+          if (v > (lookupLast[result] ?? 0)) this.inc({ result }, v - (lookupLast[result] ?? 0));
+          else if (lookupLast[result] === undefined) this.inc({ result }, 0);
+          lookupLast[result] = Math.max(lookupLast[result] ?? 0, v);
+        }
+      },
+    });
+    const loadSeconds = new Histogram({
+      name: 'loraplex_adapter_load_seconds', help: 'Adapter load time by source tier (disk: config, read, checks, conversion; host: the copy into the pool).',
+      labelNames: ['tier'], buckets: [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10], registers: [r],
+    });
+    engine.adapters.onLoadTimed = (tier, seconds) => loadSeconds.observe({ tier }, seconds);
+    new Gauge({ name: 'loraplex_host_adapter_bytes', help: 'Host memory held by parsed adapters (the host tier).', registers: [r], collect() { this.set(engine.adapters.stats().hostBytes); } });
+    monotonic('loraplex_adapter_host_evictions_total', 'Adapters dropped from host memory (LRU over --max-cpu-loras / --max-cpu-lora-bytes).', () => engine.adapters.stats().hostEvictions);
     monotonic('loraplex_adapter_evictions_total', 'Adapters evicted from the pool.', () => engine.adapters.stats().evictions);
     monotonic('loraplex_preemptions_total', 'Sequences preempted (recompute).', () => engine.scheduler.numPreemptions);
     monotonic('loraplex_engine_steps_total', 'Engine steps run.', () => engine.stats().steps);

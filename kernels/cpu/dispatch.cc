@@ -99,6 +99,12 @@ void lora_bgmv(const uint8_t* pool, const LoraTarget* targets, int n_targets, co
                const float* x, int in, float* z) {
   LP_DISPATCH(lora_bgmv, pool, targets, n_targets, token_slot, T, x, in, z)
 }
+void lora_pack_rows(const void* src, WType st, size_t n, void* dst, bool bf16, RowScan& sc) {
+  LP_DISPATCH(lora_pack_rows, src, st, n, dst, bf16, sc)
+}
+void lora_pack_transposed(const void* src, WType st, int out, int rank, void* const* dst, bool bf16, RowScan& sc) {
+  LP_DISPATCH(lora_pack_transposed, src, st, out, rank, dst, bf16, sc)
+}
 
 // rope() = table + apply, for callers that rotate one tensor (the backend shares one table per step).
 void rope(float* x, int T, int n_heads, int head_dim, const int32_t* positions, const float* inv_freq, float attn_scale) {

@@ -23,6 +23,8 @@
                  const float* x, int in, float* z);                                                                  \
   void lora_bgmv(const uint8_t* pool, const LoraTarget* targets, int n_targets, const int32_t* token_slot, int T,   \
                  const float* x, int in, float* z);                                                                  \
+  void lora_pack_rows(const void* src, WType st, size_t n, void* dst, bool bf16, RowScan& sc);                      \
+  void lora_pack_transposed(const void* src, WType st, int out, int rank, void* const* dst, bool bf16, RowScan& sc); \
   }
 
 LP_DECLARE_ISA_KERNELS(LP_ISA_NS)

@@ -124,6 +124,16 @@ struct LoraTarget {
 // z: scratch of at least n_targets * T * (the largest rank) floats.
 void lora_sgmv(const uint8_t* pool, const LoraTarget* targets, int n_targets, const LoraSegment* segs, int n_segs,
                const float* x, int in, float* z);
+// Adapter rows into the pool's format, for the loader: src values (F32 or BF16) -> fp32 or BF16
+// (bf16) rows, rounding to nearest even; the same pass records max |x| and non-finite values.
+struct RowScan {
+  float amax = 0.f;
+  uint32_t nonfinite = 0;
+};
+// n contiguous values -> one row.
+void lora_pack_rows(const void* src, WType st, size_t n, void* dst, bool bf16, RowScan& sc);
+// src [out, rank] row-major -> rank rows of `out` (dst[j][o] = src[o][j]).
+void lora_pack_transposed(const void* src, WType st, int out, int rank, void* const* dst, bool bf16, RowScan& sc);
 // BGMV-style: per-token gather of the adapter (token_slot[t] indexes refs), for decode batches.
 void lora_bgmv(const uint8_t* pool, const LoraTarget* targets, int n_targets, const int32_t* token_slot, int T,
                const float* x, int in, float* z);

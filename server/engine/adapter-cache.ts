@@ -1,11 +1,12 @@
-// Adapter residency across the three tiers: disk (an adapter directory), host memory (parsed and
-// validated, an LRU bounded in bytes) and the unified pool (packed into pages, addressable by a
-// slot). Running sequences pin their adapter; unpinned resident adapters are evicted LRU-first
-// when the pool or the slots run short.
+// Adapter residency across the three tiers: disk (an adapter directory), host memory (parsed,
+// validated and already laid out as its pool pages: an LRU bounded in bytes and in count) and the
+// unified pool (pages addressable by a slot). Running sequences pin their adapter; unpinned
+// resident adapters are evicted LRU-first when the pool or the slots run short. Loads start ahead
+// of admission (prefetch, in arrival order, bounded) so an admitted request rarely waits for one.
 import { createHash } from 'node:crypto';
-import { createReadStream, existsSync, readdirSync, statSync } from 'node:fs';
+import { existsSync, readdirSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import type { NativeAdapter, NativeEngine } from '../native/addon.js';
+import type { NativeAdapter, NativeEngine, NativeLoraPlan } from '../native/addon.js';
 import { AdapterError, planAdapter, toNativePlan, type AdapterPlan } from './adapter-config.js';
 import { confinedDir, confinedFile, resolveRoots } from './adapter-files.js';
 import type { ModelInfo } from './model-config.js';
@@ -28,7 +29,12 @@ export interface AdapterEntry {
   slot: number; // 0 unless in the pool
   pages: number[];
   lastUsed: number;
-  /** sha256 of its files (computed at load): its identity in the prefix cache's keys. */
+  /**
+   * Its identity in the prefix cache's keys (set at load): sha256 of the weights file's path and
+   * identity (device, inode, size, mtime, ctime: any rewrite changes it) and the resolved plan
+   * (ranks and scales from adapter_config.json). Hashing the file's bytes instead would cost more
+   * than loading them.
+   */
   digest: string;
   refs: number; // requests in flight (waiting or running) that name it
   requestsServed: number;
@@ -40,16 +46,35 @@ export interface AdapterCacheOptions {
   adapterDir: string | null;
   maxLoraRank: number;
   maxSlots: number;
+  /** Host tier bound in bytes (default 1 GiB). */
   hostCacheBytes?: number;
+  /** Host tier bound in adapters (--max-cpu-loras; default: the byte bound alone). */
+  maxCpuLoras?: number;
+  /** Loads from disk in flight at once (default 2). */
+  maxConcurrentLoads?: number;
 }
+
+/** Where a request found its adapter when it was admitted. */
+export type AdapterLookup = 'pool_hit' | 'host_hit' | 'miss';
+/** The tier a load came from: disk -> host (read, checked, converted), host -> pool (copied). */
+export type LoadTier = 'disk' | 'host';
 
 export interface AdapterCacheStats {
   known: number;
   resident: number;
   hostCached: number;
+  /** Host memory held by parsed adapters. */
+  hostBytes: number;
   loading: number;
+  /** Loads from disk into host memory. */
   loads: number;
+  /** Loads by the tier they came from. */
+  tierLoads: Record<LoadTier, number>;
+  /** Admitted adapter requests by where their adapter was. */
+  lookups: Record<AdapterLookup, number>;
   evictions: number;
+  /** Adapters dropped from host memory (LRU, over the host bounds). */
+  hostEvictions: number;
   loadFailures: number;
 }
 
@@ -63,9 +88,17 @@ export class AdapterCache {
   private readonly slots: Array<AdapterEntry | null>;
   private loadsTotal = 0;
   private evictions = 0;
+  private hostEvictions = 0;
   private loadFailures = 0;
+  private inFlight = 0;
+  private readonly tierLoads: Record<LoadTier, number> = { disk: 0, host: 0 };
+  private readonly lookups: Record<AdapterLookup, number> = { pool_hit: 0, host_hit: 0, miss: 0 };
   private progressWaiters: Array<() => void> = [];
   private readonly hostCacheBytes: number;
+  private readonly maxCpuLoras: number;
+  private readonly maxConcurrentLoads: number;
+  /** Called with the seconds each load took, by tier (the load-time histogram). */
+  onLoadTimed: (tier: LoadTier, seconds: number) => void = () => undefined;
   /** Slots used by running sequences (set by the engine): those adapters are pinned. */
   pinnedSlots: () => Set<number> = () => new Set();
   /** Called when an adapter's content is gone or changed (forget, replaced on disk): its prefix-cache blocks go. */
@@ -81,6 +114,8 @@ export class AdapterCache {
   ) {
     this.slots = new Array<AdapterEntry | null>(opts.maxSlots + 1).fill(null);
     this.hostCacheBytes = opts.hostCacheBytes ?? 1024 * 1024 * 1024;
+    this.maxCpuLoras = opts.maxCpuLoras ?? Infinity;
+    this.maxConcurrentLoads = Math.max(1, opts.maxConcurrentLoads ?? 2);
   }
 
   /** Adds folders (--lora-roots) that load_lora_adapter may register adapters from. */
@@ -145,18 +180,64 @@ export class AdapterCache {
     return this.list().sort((a, b) => a.id.localeCompare(b.id));
   }
 
-  /** A request names the adapter: count it and start loading it towards the pool. Throws 404. */
+  /** A request names the adapter: count it (its load starts from prefetch()). Throws 404. */
   acquire(id: string): number {
     const e = this.lookup(id);
     if (!e) throw new AdapterError(`the model \`${id}\` does not exist`, 404, 'model', 'model_not_found');
     e.refs++;
-    if (e.tier === 'disk') void this.load(e);
     return 0; // the slot is assigned at admission
+  }
+
+  /**
+   * Starts disk loads for the adapters of waiting requests, in arrival order: the first `window`
+   * requests, at most maxConcurrentLoads loads at once, and no more than the host tier holds
+   * (adapters of waiting requests are never dropped from it) - except the oldest request's
+   * adapter, which always loads.
+   */
+  prefetch(waiting: readonly Sequence[], window: number): void {
+    this.queue = waiting;
+    this.window = window;
+    let hostBytes = this.hostBytesPinned();
+    let hostCount = this.hostCountPinned();
+    const seen = new Set<string>();
+    for (let i = 0; i < waiting.length && i < window && this.inFlight < this.maxConcurrentLoads; i++) {
+      const id = waiting[i].adapterId;
+      if (id === null || seen.has(id)) continue;
+      const oldest = seen.size === 0;
+      seen.add(id);
+      const e = this.entries.get(id);
+      if (!e || e.tier !== 'disk') continue;
+      // Size unknown before the first parse: assume the largest adapter seen.
+      const est = e.pagesNeeded > 0 ? e.pagesNeeded * this.paging.pageBytes : this.largestBytes;
+      if (!oldest && (hostBytes + est > this.hostCacheBytes || hostCount + 1 > this.maxCpuLoras)) break;
+      hostBytes += est;
+      hostCount++;
+      void this.load(e);
+    }
+  }
+
+  private largestBytes = 0;
+  /** The queue prefetch() last saw (the scheduler's, updated in place): a finished load starts the next. */
+  private queue: readonly Sequence[] = [];
+  private window = 0;
+
+  /** Host bytes and count of parsed adapters that requests in flight name (never trimmed). */
+  private hostBytesPinned(): number {
+    let b = 0;
+    for (const e of this.entries.values()) if ((e.parsed || e.tier === 'loading') && e.refs > 0) b += e.parsed?.bytes ?? this.largestBytes;
+    return b;
+  }
+
+  private hostCountPinned(): number {
+    let n = 0;
+    for (const e of this.entries.values()) if ((e.parsed || e.tier === 'loading') && e.refs > 0) n++;
+    return n;
   }
 
   releaseRef(id: string): void {
     const e = this.entries.get(id);
     if (e && e.refs > 0) e.refs--;
+    if (e && e.refs === 0) this.trimHostCache();
   }
 
   /** Content digest of a loaded adapter ('' for the base model or before its first load). */
@@ -180,12 +261,17 @@ export class AdapterCache {
     }
     const e = this.entries.get(seq.adapterId);
     if (!e) return false;
-    if (e.tier === 'disk') void this.load(e);
+    // Where the adapter was when the request first asked (a miss stays a miss while it loads).
+    seq.adapterLookup ??= e.tier === 'pool' ? 'pool_hit' : e.tier === 'host' ? 'host_hit' : 'miss';
     if (e.tier === 'host' && !this.install(e)) return false;
     if (e.tier !== 'pool') return false;
     e.lastUsed = performance.now(); // one clock with the prefix cache: reclaim is LRU across both
     seq.adapterSlot = e.slot;
-    if (!seq.servedCounted) (seq.servedCounted = true), e.requestsServed++;
+    if (!seq.servedCounted) {
+      seq.servedCounted = true;
+      e.requestsServed++;
+      this.lookups[seq.adapterLookup]++;
+    }
     return true;
   }
 
@@ -226,13 +312,18 @@ export class AdapterCache {
   stats(): AdapterCacheStats {
     let resident = 0;
     let host = 0;
+    let hostBytes = 0;
     let loading = 0;
     for (const e of this.entries.values()) {
       if (e.tier === 'pool') resident++;
-      if (e.parsed) host++;
+      if (e.parsed) host++, (hostBytes += e.parsed.bytes);
       if (e.tier === 'loading') loading++;
     }
-    return { known: this.entries.size, resident, hostCached: host, loading, loads: this.loadsTotal, evictions: this.evictions, loadFailures: this.loadFailures };
+    return {
+      known: this.entries.size, resident, hostCached: host, hostBytes, loading, loads: this.loadsTotal,
+      tierLoads: { ...this.tierLoads }, lookups: { ...this.lookups },
+      evictions: this.evictions, hostEvictions: this.hostEvictions, loadFailures: this.loadFailures,
+    };
   }
 
   /** Loads an adapter from disk into host memory and waits for it (used by load_lora_adapter). */
@@ -271,7 +362,7 @@ export class AdapterCache {
     const e = this.entries.get(id);
     if (!e) return;
     if (e.tier === 'pool') this.evict(e);
-    e.parsed = null;
+    this.dropHostCopy(e);
     this.entries.delete(id);
     if (e.digest) this.onReplaced(e.digest);
   }
@@ -279,8 +370,12 @@ export class AdapterCache {
   private async load(e: AdapterEntry): Promise<void> {
     if (e.tier !== 'disk') return;
     e.tier = 'loading';
+    this.inFlight++;
+    const t0 = performance.now();
     try {
       if (e.parsed === null) {
+        // Registered, then its folder went away: gone (404), not broken (400).
+        if (!existsSync(e.dir)) throw new AdapterError(`the model \`${e.id}\` does not exist (its files are gone)`, 404, 'model', 'model_not_found');
         const roots = e.trusted ? ['/'] : this.roots;
         const plan = await planAdapter(e.dir, this.model, this.opts.maxLoraRank, roots);
         const name = 'adapter_model.safetensors';
@@ -289,22 +384,28 @@ export class AdapterCache {
           if (pickle) throw new AdapterError(`${pickle}: pickle adapters are never loaded; convert to ${name}`, 415, name, 'unsupported_format');
         }
         const file = confinedFile(e.dir, name, roots);
-        const cfgFile = confinedFile(e.dir, 'adapter_config.json', roots);
+        const nativePlan = toNativePlan(plan);
         let parsed: NativeAdapter;
-        let digest: string;
         try {
-          // The content digest streams the files while the native parser reads them.
-          [parsed, digest] = await Promise.all([this.native.parseAdapter(file, toNativePlan(plan), this.opts.maxLoraRank), contentDigest([cfgFile, file])]);
+          parsed = await this.native.parseAdapter(file, nativePlan, this.opts.maxLoraRank);
         } catch (err) {
           // The native message names the file by its path: say its name, never where it lives.
           throw new AdapterError(`adapter ${e.id}: ${(err as Error).message.split(file).join(name)}`);
         }
-        const pages = this.native.adapterPages(parsed);
-        if (pages > this.paging.totalPages)
+        if (this.retiring.has(e.id) || this.entries.get(e.id) !== e) {
+          this.native.freeAdapter(parsed); // forgotten while it loaded
+          return;
+        }
+        const pages = parsed.pages;
+        if (pages > this.paging.totalPages) {
+          this.native.freeAdapter(parsed);
           throw new AdapterError(`adapter ${e.id} needs ${pages} pages; the pool has ${this.paging.totalPages}`, 400, 'model', 'adapter_too_large');
+        }
+        const digest = planDigest(file, parsed.file, nativePlan);
         e.plan = plan;
         e.parsed = parsed;
         e.pagesNeeded = pages;
+        this.largestBytes = Math.max(this.largestBytes, parsed.bytes);
         if (e.digest && e.digest !== digest) this.onReplaced(e.digest);
         e.digest = digest;
       }
@@ -312,19 +413,34 @@ export class AdapterCache {
       e.lastError = null;
       e.loads++;
       this.loadsTotal++;
+      this.tierLoads.disk++;
+      this.onLoadTimed('disk', (performance.now() - t0) / 1000);
       this.trimHostCache();
     } catch (err) {
-      e.tier = 'disk';
-      e.parsed = null;
+      if (e.tier === 'loading') e.tier = 'disk';
+      this.dropHostCopy(e);
       e.pagesNeeded = 0;
-      e.lastError = err instanceof AdapterError ? err : new AdapterError(`adapter ${e.id}: ${(err as Error).message}`);
+      let error = err instanceof AdapterError ? err : new AdapterError(`adapter ${e.id}: ${(err as Error).message}`);
+      // Its folder went away while it loaded: gone, whichever file the load missed first.
+      if (error.status !== 404 && !existsSync(e.dir))
+        error = new AdapterError(`the model \`${e.id}\` does not exist (its files are gone)`, 404, 'model', 'model_not_found');
+      e.lastError = error;
       this.loadFailures++;
       this.onLoadFailed(e.id, e.lastError);
     } finally {
+      this.inFlight--;
+      if (e.tier === 'loading') e.tier = 'disk';
+      this.prefetch(this.queue, this.window);
       const w = this.progressWaiters;
       this.progressWaiters = [];
       for (const r of w) r();
     }
+  }
+
+  /** Frees an adapter's host copy now (not whenever the garbage collector runs). */
+  private dropHostCopy(e: AdapterEntry): void {
+    if (e.parsed) this.native.freeAdapter(e.parsed);
+    e.parsed = null;
   }
 
   /** Host tier -> pool: find a slot and pages (evicting unpinned adapters), copy the rows in. */
@@ -347,12 +463,17 @@ export class AdapterCache {
     e.slot = slot;
     e.tier = 'pool';
     this.slots[slot] = e;
+    this.tierLoads.host++;
+    const t0 = performance.now();
     // Queued on the engine thread ahead of the next step, so the step sees the rows.
-    this.native.installAdapter(slot, parsed, Int32Array.from(e.pages)).catch((err: Error) => {
-      if (this.slots[slot] === e) this.evict(e);
-      e.lastError = new AdapterError(`adapter ${e.id}: ${err.message}`);
-      this.onLoadFailed(e.id, e.lastError);
-    });
+    this.native.installAdapter(slot, parsed, Int32Array.from(e.pages)).then(
+      () => this.onLoadTimed('host', (performance.now() - t0) / 1000),
+      (err: Error) => {
+        if (this.slots[slot] === e) this.evict(e);
+        e.lastError = new AdapterError(`adapter ${e.id}: ${err.message}`);
+        this.onLoadFailed(e.id, e.lastError);
+      },
+    );
     return true;
   }
 
@@ -366,6 +487,12 @@ export class AdapterCache {
     e.slot = 0;
     e.tier = e.parsed ? 'host' : 'disk';
     this.evictions++;
+    this.trimHostCache();
+  }
+
+  /** The adapter installed in a slot (null: none). */
+  inSlot(slot: number): string | null {
+    return this.slots[slot]?.id ?? null;
   }
 
   /** Cross-checks residency against the pool's owner table (tests run it after every step). */
@@ -390,28 +517,31 @@ export class AdapterCache {
     if (pages !== this.paging.stats().adapterPages) throw new Error(`invariant: adapters hold ${pages} pages, the pool counts ${this.paging.stats().adapterPages}`);
   }
 
+  /** Drops host copies of adapters no request names, LRU first, until within both bounds. */
   private trimHostCache(): void {
     let bytes = 0;
-    for (const e of this.entries.values()) if (e.parsed) bytes += e.parsed.bytes;
-    if (bytes <= this.hostCacheBytes) return;
+    let count = 0;
+    for (const e of this.entries.values()) if (e.parsed) (bytes += e.parsed.bytes), count++;
+    if (bytes <= this.hostCacheBytes && count <= this.maxCpuLoras) return;
+    // A resident adapter's host copy may go too: it stays in the pool, and comes back from disk
+    // if it is ever evicted from there.
     const cands = [...this.entries.values()]
-      .filter((e) => e.parsed && e.tier === 'host' && e.refs === 0)
+      .filter((e) => e.parsed && (e.tier === 'host' || e.tier === 'pool') && e.refs === 0)
       .sort((a, b) => a.lastUsed - b.lastUsed);
     for (const e of cands) {
-      if (bytes <= this.hostCacheBytes) break;
+      if (bytes <= this.hostCacheBytes && count <= this.maxCpuLoras) break;
       bytes -= e.parsed!.bytes;
-      e.parsed = null;
-      e.tier = 'disk';
+      count--;
+      this.dropHostCopy(e);
+      if (e.tier === 'host') e.tier = 'disk';
+      this.hostEvictions++;
     }
   }
 }
 
-/** sha256 over files, streamed (chunks hashed between event-loop turns, never one long block). */
-async function contentDigest(files: string[]): Promise<string> {
-  const h = createHash('sha256');
-  for (const f of files) {
-    for await (const chunk of createReadStream(f, { highWaterMark: 1 << 20 })) h.update(chunk as Buffer);
-    h.update('\0');
-  }
+/** The prefix-cache identity of a load: the file read (path and identity) and the resolved plan. */
+function planDigest(file: string, identity: string, plan: NativeLoraPlan): string {
+  const h = createHash('sha256').update(file).update('\0').update(identity).update('\0');
+  for (const a of [plan.layers, plan.projs, plan.ranks, plan.scales]) h.update(new Uint8Array(a.buffer, a.byteOffset, a.byteLength));
   return h.digest('hex');
 }

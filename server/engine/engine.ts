@@ -26,6 +26,9 @@ export interface EngineOptions {
   maxLoraRank?: number;
   maxLoras?: number; // adapter slots resident at once
   maxLorasPerBatch?: number; // distinct adapters running at once (0 = no cap)
+  maxCpuLoras?: number; // host tier bound in adapters (default: the byte bound alone)
+  maxCpuLoraBytes?: number; // host tier bound in bytes (default 1 GiB)
+  loraSkipAheadMs?: number; // longest a request waiting for its adapter may be passed over (default 1000)
   maxModelLen?: number;
   threads?: number;
   device?: 'cpu' | 'cuda';
@@ -115,6 +118,8 @@ export class Engine {
   private nextSeqId = 1;
   private loop: Promise<void> | null = null;
   private freeSeqIds: number[] = [];
+  /** Waiting requests whose adapters load ahead of admission (2 x max-num-seqs). */
+  private readonly prefetchWindow: number;
   private steps = 0;
   private lastProgress = performance.now();
   private closed = false;
@@ -142,7 +147,10 @@ export class Engine {
       adapterDir: opts.adapterDir ?? null,
       maxLoraRank: opts.maxLoraRank ?? 64,
       maxSlots: opts.maxLoras ?? 32,
+      maxCpuLoras: opts.maxCpuLoras,
+      hostCacheBytes: opts.maxCpuLoraBytes,
     });
+    this.prefetchWindow = 2 * (opts.maxNumSeqs ?? 64);
     // Everything that changes a KV block's bytes besides its tokens and adapter.
     const kvIdentity = [model.name, model.spec.numLayers, model.spec.numKvHeads, model.spec.headDim, pool.kvCacheDtype, pool.computeDtype, pool.loraDtype, pool.blockSize, pool.backend].join('|');
     this.prefix = new PrefixCache(this.paging, kvIdentity, opts.enablePrefixCaching ?? true);
@@ -150,7 +158,7 @@ export class Engine {
     this.adapters.onReplaced = (digest) => this.prefix.dropAdapter(digest);
     this.scheduler = new Scheduler(
       this.paging,
-      { maxNumSeqs: opts.maxNumSeqs ?? 64, maxBatchTokens: opts.maxBatchTokens ?? 2048, maxLorasPerBatch: opts.maxLorasPerBatch ?? 0 },
+      { maxNumSeqs: opts.maxNumSeqs ?? 64, maxBatchTokens: opts.maxBatchTokens ?? 2048, maxLorasPerBatch: opts.maxLorasPerBatch ?? 0, skipAheadMs: opts.loraSkipAheadMs ?? 1000 },
       (seq) => this.adapters.admit(seq),
       (pages, keep) => this.reclaimPool(pages, keep?.adapterId ?? null),
       (seq) =>
@@ -270,6 +278,7 @@ export class Engine {
       opts.signal.addEventListener('abort', () => this.abort(seq), { once: true });
     }
     this.scheduler.add(seq);
+    if (adapterId !== null) this.adapters.prefetch(this.scheduler.waiting, this.prefetchWindow);
     this.kick();
     return seq;
   }
@@ -336,6 +345,7 @@ export class Engine {
     await new Promise<void>((r) => setImmediate(r));
     while (this.scheduler.hasWork) {
       let plan: ScheduledSeq[];
+      this.adapters.prefetch(this.scheduler.waiting, this.prefetchWindow);
       try {
         plan = this.scheduler.schedule();
       } catch (e) {
@@ -400,6 +410,10 @@ export class Engine {
   checkInvariants(): void {
     this.paging.checkInvariants();
     this.adapters.checkInvariants();
+    // A running sequence's adapter stays in its slot until it finishes (pinned: never evicted).
+    for (const q of this.scheduler.running)
+      if (q.adapterId !== null && this.adapters.inSlot(q.adapterSlot) !== q.adapterId)
+        throw new Error(`invariant: running sequence ${q.id} on ${q.adapterId} has slot ${q.adapterSlot}, which holds ${this.adapters.inSlot(q.adapterSlot)}`);
     const seqs = [...this.scheduler.running, ...this.scheduler.waiting];
     this.prefix.checkInvariants(seqs);
     let kv = 0;

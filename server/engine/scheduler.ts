@@ -1,5 +1,9 @@
 // Iteration-level (continuous batching) scheduler with chunked prefill, FCFS admission under the
 // unified pool, and preemption by recompute when decode runs out of pages.
+// Skip-ahead: a waiting request whose adapter is not ready (loading, or no slot/room for it yet)
+// does not hold up those behind it whose adapters are; but once it has been passed over for
+// skipAheadMs, nothing behind it is admitted until it is (so nothing starves). A request that is
+// ready but whose KV does not fit is never overtaken (FCFS, as before).
 import type { PagingManager } from './paging-manager.js';
 import { SeqState, type Sequence } from './sequence.js';
 
@@ -8,6 +12,8 @@ export interface SchedulerLimits {
   maxBatchTokens: number;
   /** Distinct adapters among running sequences (0 = no cap). */
   maxLorasPerBatch?: number;
+  /** Longest a request may be passed over while its adapter is not ready (0 = strict FCFS; default 1000). */
+  skipAheadMs?: number;
 }
 
 export interface ScheduledSeq {
@@ -79,11 +85,20 @@ export class Scheduler {
     }
 
     // 2. Admit waiting sequences in arrival order while the pool holds their whole prompt (less
-    //    what the prefix cache already holds).
-    while (this.waiting.length > 0 && budget > 0 && this.running.length < this.limits.maxNumSeqs) {
-      const seq = this.waiting[0];
-      if (this.overLoraCap(seq)) break; // FCFS: wait until a running adapter's sequences finish
-      if (!this.canAdmit(seq)) break; // its adapter is still loading, or no room for it yet
+    //    what the prefix cache already holds); skip ahead of those whose adapter is not ready.
+    const now = performance.now();
+    const bound = this.limits.skipAheadMs ?? 1000;
+    let i = 0;
+    while (i < this.waiting.length && budget > 0 && this.running.length < this.limits.maxNumSeqs) {
+      const seq = this.waiting[i];
+      if (this.overLoraCap(seq) || !this.canAdmit(seq)) {
+        // Its adapter is still loading, or there is no slot or room for it yet. Later requests
+        // may go first, until it has been passed over for `bound` ms.
+        seq.passedOverSince ??= now;
+        if (now - seq.passedOverSince >= bound) break;
+        i++;
+        continue;
+      }
       // Cached leading blocks are referenced (so no reclaim can take them), not allocated; the
       // rest must fit.
       this.matchPrefix(seq);
@@ -94,15 +109,17 @@ export class Scheduler {
         seq.numComputed = 0;
         if (this.running.length === 0 && plan.length === 0) {
           // Nothing else holds pages that could come back: this request can never fit.
-          this.waiting.shift();
+          this.waiting.splice(i, 1);
           this.onUnfittable(seq);
           continue;
         }
-        break; // FCFS: nobody overtakes the head; KV comes back as others finish
+        break; // FCFS: nobody overtakes a request that waits for KV; pages come back as others finish
       }
       const numNew = Math.min(seq.numTokens - seq.numComputed, budget);
-      this.waiting.shift();
+      this.waiting.splice(i, 1);
       seq.state = SeqState.Running;
+      seq.passedOverSince = null;
+      seq.admittedAt = now;
       this.running.push(seq);
       this.grow(seq, seq.numComputed + numNew);
       plan.push({ seq, numNew, sample: seq.numComputed + numNew === seq.numTokens });

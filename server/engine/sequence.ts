@@ -48,6 +48,12 @@ export class Sequence {
   lookupCounted = false;
   /** Its adapter's requests_served already counts it. */
   servedCounted = false;
+  /** Where its adapter was when admission first asked for it (the adapter lookup metrics). */
+  adapterLookup: 'pool_hit' | 'host_hit' | 'miss' | undefined;
+  /** Skip-ahead: when later requests were first admitted ahead of it (null: never passed over). */
+  passedOverSince: number | null = null;
+  /** When the scheduler admitted it (last admission, after any preemption). */
+  admittedAt: number | null = null;
   /** Prompt tokens found in the prefix cache at its first admission (usage.cached_tokens). */
   cachedTokens = 0;
   /** Requests share cached blocks only when their salts are equal (cache_salt). */

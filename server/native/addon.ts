@@ -117,11 +117,19 @@ export interface NativeStepResult {
   sampleMs: number;
 }
 
+/** A parsed adapter: host memory holding its pool pages' image (the host tier). */
 export interface NativeAdapter {
   handle: unknown;
+  /** Host bytes held (pages x page size). */
   bytes: number;
   maxRank: number;
   numModules: number;
+  /** Pool pages it takes. */
+  pages: number;
+  /** Time the worker thread spent reading, checking and converting it. */
+  parseMs: number;
+  /** Identity of the safetensors file read: "dev:ino:size:mtime_ns:ctime_ns". */
+  file: string;
 }
 
 export interface NativeLoraPlan {
@@ -151,6 +159,10 @@ export interface NativeEngine {
   step(batch: NativeStepBatch): Promise<NativeStepResult>;
   parseAdapter(path: string, plan: NativeLoraPlan, maxRank: number): Promise<NativeAdapter>;
   adapterPages(adapter: NativeAdapter): number;
+  /** Drops the host copy now (an install already queued keeps its own reference). */
+  freeAdapter(adapter: NativeAdapter): void;
+  /** Host memory in adapter images, and freed images kept for the next load. */
+  adapterImageStats(): { liveBytes: number; cachedBytes: number };
   installAdapter(slot: number, adapter: NativeAdapter, pages: Int32Array): Promise<void>;
   removeAdapter(slot: number): Promise<void>;
   close(): Promise<void>;

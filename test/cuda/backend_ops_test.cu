@@ -699,21 +699,20 @@ TinyModel make_tiny_model(Rng& rng, const std::string& arch, int wt, int hidden,
   return tm;
 }
 
-ParsedAdapter make_adapter(Rng& rng, const Model& m, const std::vector<int>& projs, int rank, int skip_layer = -1) {
-  ParsedAdapter a;
+std::shared_ptr<ParsedAdapter> make_adapter(Rng& rng, const Model& m, size_t page_bytes, const std::vector<int>& projs,
+                                            int rank, int skip_layer = -1) {
+  std::vector<LoraModuleF32> mods;
   for (int l = 0; l < m.spec.n_layers; l++) {
     if (l == skip_layer) continue;
     for (int p : projs) {
-      LoraModule mod;
+      LoraModuleF32 mod;
       mod.layer = l, mod.proj = p, mod.rank = rank, mod.scale = rng.uniform(0.5f, 2.f);
       mod.a = rng.vec(size_t(rank) * m.proj_in(p), -0.3f, 0.3f);
       mod.bt = rng.vec(size_t(rank) * m.proj_out(p), -0.3f, 0.3f);
-      a.bytes += (mod.a.size() + mod.bt.size()) * 4;
-      a.max_rank = std::max(a.max_rank, rank);
-      a.modules.push_back(std::move(mod));
+      mods.push_back(std::move(mod));
     }
   }
-  return a;
+  return pack_adapter(mods, page_bytes, sizeof(float));
 }
 
 // One sequence of the scripted conversation: its tokens, adapter slot and pages.
@@ -729,21 +728,21 @@ void run_backend_case(Rng& rng, const std::string& name, TinyModel& tm) {
   const int block_size = 4, max_slots = 5;
   // Pages: 3 adapters, then KV. Adapter pages come from the pool like KV pages do.
   const size_t page_bytes = kv_page_bytes(m.spec, block_size);
-  std::vector<ParsedAdapter> ads;
-  ads.push_back(make_adapter(rng, m, {kQ, kV}, 8));
-  ads.push_back(make_adapter(rng, m, {kQ, kK, kV, kO, kGate, kUp, kDown}, 33, 1));
-  ads.push_back(make_adapter(rng, m, {kO, kDown}, 1));
+  std::vector<std::shared_ptr<ParsedAdapter>> ads;
+  ads.push_back(make_adapter(rng, m, page_bytes, {kQ, kV}, 8));
+  ads.push_back(make_adapter(rng, m, page_bytes, {kQ, kK, kV, kO, kGate, kUp, kDown}, 33, 1));
+  ads.push_back(make_adapter(rng, m, page_bytes, {kO, kDown}, 1));
   int num_pages = 0;
   std::vector<std::vector<int32_t>> ad_pages;
   for (auto& a : ads) {
-    const int np = pages_needed(a, page_bytes, sizeof(float));
+    const int np = a->num_pages();
     std::vector<int32_t> pg;
     for (int i = 0; i < np; i++) pg.push_back(num_pages + 2 * i);  // non-contiguous: every other page
     num_pages += 2 * np;
     ad_pages.push_back(pg);
   }
   std::vector<int32_t> moved_pages;  // adapter 2 reinstalled mid-run into another slot, on other pages
-  for (int i = 0; i < pages_needed(ads[1], page_bytes, sizeof(float)); i++) moved_pages.push_back(num_pages++);
+  for (int i = 0; i < ads[1]->num_pages(); i++) moved_pages.push_back(num_pages++);
   const int kv_first = num_pages;
   num_pages += 64;
   std::unique_ptr<Backend> cpu_be = make_cpu_backend(tm.model, block_size, num_pages, max_slots);
@@ -757,8 +756,8 @@ void run_backend_case(Rng& rng, const std::string& name, TinyModel& tm) {
   record(gpu_be->pool().page_bytes == cpu_be->pool().page_bytes && gpu_be->name() == "cuda",
          name + " pool geometry", "page_bytes or name differ");
   for (int i = 0; i < 3; i++) {
-    cpu_be->install_adapter(i + 1, ads[i], ad_pages[i]);
-    gpu_be->install_adapter(i + 1, ads[i], ad_pages[i]);
+    cpu_be->install_adapter(i + 1, *ads[i], ad_pages[i]);
+    gpu_be->install_adapter(i + 1, *ads[i], ad_pages[i]);
   }
 
   std::vector<SeqState> seqs(5);
@@ -786,8 +785,8 @@ void run_backend_case(Rng& rng, const std::string& name, TinyModel& tm) {
       gpu_be->remove_adapter(2);
       for (auto& sq : seqs)
         if (sq.slot == 2) sq.slot = 4;
-      cpu_be->install_adapter(4, ads[1], moved_pages);
-      gpu_be->install_adapter(4, ads[1], moved_pages);
+      cpu_be->install_adapter(4, *ads[1], moved_pages);
+      gpu_be->install_adapter(4, *ads[1], moved_pages);
     }
     StepBatch b;
     b.query_start.push_back(0);

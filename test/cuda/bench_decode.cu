@@ -141,27 +141,27 @@ int main(int argc, char** argv) {
   ck(cudaDeviceSynchronize(), "model init");
   const double build_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_build).count();
 
+  const int block_size = 16;
+  const size_t page_bytes = kv_page_bytes(s, block_size);
+  const int blocks_per_seq = (ctx + 1 + block_size - 1) / block_size;
+  const int prefill_len = 512, prefill_blocks = (prefill_len + block_size - 1) / block_size;
   // One adapter (rank `rank` on every projection of every layer), installed max_adapters times.
-  ParsedAdapter ad;
+  std::vector<LoraModuleF32> mods;
   uint64_t h = 12345;
   for (int l = 0; l < layers; l++)
     for (int p = 0; p < kNumProj; p++) {
-      LoraModule m;
+      LoraModuleF32 m;
       m.layer = l, m.proj = p, m.rank = rank, m.scale = 2.f;
       m.a.resize(size_t(rank) * model->proj_in(p));
       m.bt.resize(size_t(rank) * model->proj_out(p));
       for (auto& v : m.a) v = float(mix(h++) >> 40) * (2.f / 16777216.f) - 1.f;
       for (auto& v : m.bt) v = (float(mix(h++) >> 40) * (2.f / 16777216.f) - 1.f) * 0.01f;
-      ad.bytes += (m.a.size() + m.bt.size()) * 4;
-      ad.modules.push_back(std::move(m));
+      mods.push_back(std::move(m));
     }
-  ad.max_rank = rank;
-
-  const int block_size = 16;
-  const size_t page_bytes = kv_page_bytes(s, block_size);
-  const int blocks_per_seq = (ctx + 1 + block_size - 1) / block_size;
-  const int prefill_len = 512, prefill_blocks = (prefill_len + block_size - 1) / block_size;
-  const int ad_pages = pages_needed(ad, page_bytes, sizeof(float));
+  const auto adp = pack_adapter(mods, page_bytes, sizeof(float));
+  mods.clear();
+  const ParsedAdapter& ad = *adp;
+  const int ad_pages = ad.num_pages();
   const int num_pages = max_adapters * ad_pages + std::max(max_batch * blocks_per_seq, prefill_blocks);
   printf("device: %s, %.1f GiB; model: Llama-7B shapes, %d layers, BF16, %.2f GB of weights (built in %.2f s)\n",
          prop.name, prop.totalGlobalMem / 1073741824.0, layers, weight_bytes / 1e9, build_s);

@@ -764,6 +764,63 @@ void test_ops(Rng& rng) {
 
 }  // namespace
 
+// Adapter rows for the loader: conversion (RNE to BF16), transposition, max |x| and the
+// non-finite count in one pass, against plain loops.
+void test_lora_pack(Rng& rng) {
+  Section sec("lora_pack");
+  for (WType st : {WType::F32, WType::BF16})
+    for (bool bf16 : {false, true})
+      for (auto [out, rank] : {std::pair{1, 1}, {63, 16}, {64, 16}, {130, 33}, {576, 8}, {200, 1}}) {
+        const size_t n = size_t(out) * size_t(rank);
+        std::vector<float> vals = rng.vec(n, -3.f, 3.f);
+        // a few values that round differently (ties, near-ties) and a big one
+        for (size_t i = 0; i < n; i += 7) vals[i] = std::ldexp(1.f + float(i % 3) / 256.f, int(i % 11) - 5);
+        vals[n / 2] = 1e30f;
+        std::vector<uint16_t> vb(n);
+        for (size_t i = 0; i < n; i++) vb[i] = f32_to_bf16(vals[i]);
+        if (st == WType::BF16)
+          for (size_t i = 0; i < n; i++) vals[i] = bf16_to_f32(vb[i]);
+        const void* src = st == WType::BF16 ? static_cast<const void*>(vb.data()) : static_cast<const void*>(vals.data());
+        const size_t esz = bf16 ? 2 : 4;
+        // transposed: rank rows of out
+        std::vector<std::vector<uint8_t>> rows(size_t(rank), std::vector<uint8_t>(size_t(out) * esz));
+        std::vector<void*> ptrs;
+        for (auto& r : rows) ptrs.push_back(r.data());
+        RowScan sc;
+        lora_pack_transposed(src, st, out, rank, ptrs.data(), bf16, sc);
+        bool ok = true;
+        float amax = 0;
+        for (int o = 0; o < out; o++)
+          for (int j = 0; j < rank; j++) {
+            const float x = vals[size_t(o) * rank + j];
+            amax = std::max(amax, std::fabs(x));
+            if (bf16) ok &= reinterpret_cast<const uint16_t*>(rows[j].data())[o] == f32_to_bf16(x);
+            else ok &= std::memcmp(rows[j].data() + size_t(o) * 4, &x, 4) == 0;
+          }
+        const std::string what = fmt("lora_pack %s -> %s, out %d rank %d", wname(st), bf16 ? "BF16" : "F32", out, rank);
+        record(ok && sc.amax == amax && sc.nonfinite == 0, what + " transposed", fmt("amax %g vs %g, nonfinite %u", sc.amax, amax, sc.nonfinite));
+        // contiguous rows, with a NaN and two infinities planted
+        std::vector<float> flat = vals;
+        std::vector<uint16_t> flat_b = vb;
+        flat[0] = NAN, flat[n - 1] = INFINITY;
+        if (n > 2) flat[1] = -INFINITY;
+        for (size_t i = 0; i < std::min<size_t>(n, 2); i++) flat_b[i] = f32_to_bf16(flat[i]);
+        flat_b[n - 1] = 0x7F80;
+        const void* fsrc = st == WType::BF16 ? static_cast<const void*>(flat_b.data()) : static_cast<const void*>(flat.data());
+        std::vector<uint8_t> dst(n * esz);
+        RowScan sr;
+        lora_pack_rows(fsrc, st, n, dst.data(), bf16, sr);
+        bool rok = true;
+        for (size_t i = 2; i + 1 < n; i++) {
+          const float x = st == WType::BF16 ? bf16_to_f32(flat_b[i]) : flat[i];
+          if (bf16) rok &= reinterpret_cast<const uint16_t*>(dst.data())[i] == f32_to_bf16(x);
+          else rok &= std::memcmp(dst.data() + i * 4, &x, 4) == 0;
+        }
+        const uint32_t want_bad = n > 2 ? 3 : (n == 2 ? 2 : 1);
+        record(rok && sr.nonfinite == want_bad, what + " rows", fmt("nonfinite %u, want %u", sr.nonfinite, want_bad));
+      }
+}
+
 int main() {
   setvbuf(stdout, nullptr, _IOLBF, 0);
   const auto t0 = std::chrono::steady_clock::now();
@@ -780,6 +837,7 @@ int main() {
   test_ops(rng);
   test_attention(rng);
   test_lora(rng);
+  test_lora_pack(rng);
   printf("total %.2f s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
