@@ -132,6 +132,7 @@ class CpuBackend final : public Backend {
       if (p < 0 || p >= pool_info_.num_pages) throw std::runtime_error("page id " + std::to_string(p) + " out of range");
     remove_adapter(slot);
     // The host image is laid out page by page as the pool holds it: one copy per page.
+#pragma omp parallel for schedule(static) if (a.num_pages() > 1)
     for (int i = 0; i < a.num_pages(); i++)
       std::memcpy(pool_ + size_t(pages[i]) * pool_info_.page_bytes, a.page(i), a.page_used[i]);
     InstalledAdapter& ia = installed_[slot];

@@ -94,28 +94,22 @@ export class Metrics {
     };
     // Adapter tiers: loads by the tier they came from (disk -> host: read, checked, converted;
     // host -> pool: copied), where admitted requests found their adapter, and load times.
-    const tierLast: Record<string, number> = {};
-    new Counter({
-      name: 'loraplex_adapter_loads_total', help: 'Adapter loads by source tier: disk (read into host memory), host (copied into the pool).', labelNames: ['tier'], registers: [r],
-      collect() {
-        for (const [tier, v] of Object.entries(engine.adapters.stats().tierLoads)) {
-          if (v > (tierLast[tier] ?? 0)) this.inc({ tier }, v - (tierLast[tier] ?? 0));
-          else if (tierLast[tier] === undefined) this.inc({ tier }, 0);
-          tierLast[tier] = Math.max(tierLast[tier] ?? 0, v);
-        }
-      },
-    });
-    const lookupLast: Record<string, number> = {};
-    new Counter({
-      name: 'loraplex_adapter_lookups_total', help: 'Adapter requests at admission by where their adapter was: pool_hit, host_hit, miss (on disk).', labelNames: ['result'], registers: [r],
-      collect() {
-        for (const [result, v] of Object.entries(engine.adapters.stats().lookups)) {
-          if (v > (lookupLast[result] ?? 0)) this.inc({ result }, v - (lookupLast[result] ?? 0));
-          else if (lookupLast[result] === undefined) this.inc({ result }, 0);
-          lookupLast[result] = Math.max(lookupLast[result] ?? 0, v);
-        }
-      },
-    });
+    // A counter per label value, from totals read at scrape time.
+    const monotonicBy = (name: string, help: string, label: string, read: () => Record<string, number>) => {
+      const last: Record<string, number> = {};
+      new Counter({
+        name, help, labelNames: [label], registers: [r],
+        collect() {
+          for (const [value, v] of Object.entries(read())) {
+            const prev = last[value];
+            if (prev === undefined || v > prev) this.inc({ [label]: value }, v - (prev ?? 0));
+            last[value] = Math.max(prev ?? 0, v);
+          }
+        },
+      });
+    };
+    monotonicBy('loraplex_adapter_loads_total', 'Adapter loads by source tier: disk (read into host memory), host (copied into the pool).', 'tier', () => engine.adapters.stats().tierLoads);
+    monotonicBy('loraplex_adapter_lookups_total', 'Adapter requests at admission by where their adapter was: pool_hit, host_hit, miss (on disk).', 'result', () => engine.adapters.stats().lookups);
     const loadSeconds = new Histogram({
       name: 'loraplex_adapter_load_seconds', help: 'Adapter load time by source tier (disk: config, read, checks, conversion; host: the copy into the pool).',
       labelNames: ['tier'], buckets: [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10], registers: [r],

@@ -313,7 +313,7 @@ export class Engine {
 
   /** Parses and checks an adapter file against the base model without making it resident. */
   async parseAdapterFile(path: string, plan: NativeLoraPlan, maxRank: number): Promise<void> {
-    await this.native.parseAdapter(path, plan, maxRank);
+    this.native.freeAdapter(await this.native.parseAdapter(path, plan, maxRank));
   }
 
   /** Resolves when every queued request has finished. */
