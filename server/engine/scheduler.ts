@@ -68,6 +68,8 @@ export class Scheduler {
     for (let i = 0; i < this.running.length && budget > 0; i++) {
       const seq = this.running[i];
       const numNew = Math.min(seq.numTokens - seq.numComputed, budget);
+      // A constrained sequence whose next mask is still being computed sits this step out.
+      if (!seq.canSample && seq.numComputed + numNew === seq.numTokens) continue;
       if (!this.ensureBlocks(seq, seq.numComputed + numNew, planned)) {
         // `seq` itself was the only candidate left and was preempted.
         i--;
@@ -84,6 +86,7 @@ export class Scheduler {
       const seq = this.waiting[0];
       if (this.overLoraCap(seq)) break; // FCFS: wait until a running adapter's sequences finish
       if (!this.canAdmit(seq)) break; // its adapter is still loading, or no room for it yet
+      if (!seq.canSample) break; // its first grammar mask is on its way
       // Cached leading blocks are referenced (so no reclaim can take them), not allocated; the
       // rest must fit.
       this.matchPrefix(seq);
