@@ -72,7 +72,7 @@ export function prepareJsonSchema(schema: unknown, param: string): string {
       delete s.minLength;
       delete s.maxLength;
       // One JSON string character: anything but a quote, backslash or control character, or an escape.
-      s.pattern = `^([^"\\\\\\x00-\\x1f]|\\\\["\\\\/bfnrt]){${lo},${hi}}$`;
+      s.pattern = `^([ !#-\\[\\]-~\\u0080-\\uffff]|\\\\["\\\\/bfnrt]){${lo},${hi}}$`;
     }
     for (const k of MAP_OF) {
       const m = s[k];

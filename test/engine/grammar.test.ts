@@ -6,6 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Engine } from '../../server/engine/engine.js';
 import { LoraplexError } from '../../server/engine/errors.js';
 import { GrammarService, grammarVocab } from '../../server/engine/grammar.js';
+import { prepareJsonSchema } from '../../server/engine/json-schema-support.js';
 import { adapterId, adapterRoot, modelDir } from '../helpers/fixtures.js';
 import { readdirSync } from 'node:fs';
 
@@ -38,7 +39,7 @@ describe('grammar-constrained decoding (engine)', () => {
   afterAll(async () => e?.close());
 
   it('a JSON schema makes random weights produce valid JSON, ending with stop at the grammar end', async () => {
-    const ref = await e.grammars.prepare({ kind: 'json_schema', schema: JSON.stringify(person) }, 'response_format');
+    const ref = await e.grammars.prepare({ kind: 'json_schema', schema: prepareJsonSchema(person, 'response_format') }, 'response_format');
     const validate = new Ajv().compile(person);
     const prompt = e.tokenizer.encode('Describe a person:');
     for (const seed of [1, 2, 3]) {
@@ -50,7 +51,7 @@ describe('grammar-constrained decoding (engine)', () => {
   });
 
   it('unconstrained sequences in a mixed batch are bit-for-bit what they are alone', async () => {
-    const ref = await e.grammars.prepare({ kind: 'json_schema', schema: JSON.stringify(person) }, 'response_format');
+    const ref = await e.grammars.prepare({ kind: 'json_schema', schema: prepareJsonSchema(person, 'response_format') }, 'response_format');
     const prompt = e.tokenizer.encode('Once upon a time');
     const solo = await text(e, prompt, { maxTokens: 24, temperature: 0, ignoreEos: true });
     const soloAd = await text(e, prompt, { maxTokens: 24, temperature: 0, ignoreEos: true }, adapters[0]);
@@ -93,10 +94,10 @@ describe('grammar-constrained decoding (engine)', () => {
 describe('GrammarService', () => {
   it('a grammar that compiles longer than the bound is grammar_too_complex; the event loop keeps turning', async () => {
     const V = 600;
-    const g = new GrammarService({ ...grammarVocab(modelDir(MODEL), V), vocabSize: V, stopIds: [4], compileTimeoutMs: 300 });
+    const g = new GrammarService({ ...grammarVocab(modelDir(MODEL), V), vocabSize: V, stopIds: [4], compileTimeoutMs: 1000 });
     try {
-      // A huge enum: seconds of compilation (about 3 s here) against a 300 ms bound.
-      const s = { enum: Array.from({ length: 3000 }, (_, i) => `value-${i}-${'x'.repeat(i % 50)}`) };
+      // A huge enum: seconds of compilation (about 3 s for 3,000 values here) against a 1 s bound.
+      const s = { enum: Array.from({ length: 6000 }, (_, i) => `value-${i}-${'x'.repeat(i % 50)}`) };
       let ticks = 0;
       const timer = setInterval(() => ticks++, 10);
       const err = await g.prepare({ kind: 'json_schema', schema: JSON.stringify(s) }, 'response_format').catch((x) => x);
