@@ -88,27 +88,49 @@ export function toolGrammar(plan: ToolPlan): GrammarSpec | null {
       return null;
     case 'named':
       return { kind: 'json_schema', schema: JSON.stringify(plan.tools.find((t) => t.name === plan.named)!.schema) };
-    case 'required':
-      // A list of calls (one with parallel_tool_calls false), each {"name": <a tool>, "parameters": <its schema>}.
+    case 'required': {
+      // A list of calls (one with parallel_tool_calls false), each {"name": <a tool>, "parameters":
+      // <its schema>}. Each tool's $defs move to the root under its own prefix (pydantic schemas
+      // refer to them as #/$defs/X, which would not resolve once nested).
+      const defs: Record<string, unknown> = {};
+      const anyOf = plan.tools.map((t, i) => {
+        const params = hoistDefs(t.schema, `t${i}_`, defs);
+        return { type: 'object', properties: { name: { type: 'string', enum: [t.name] }, parameters: params }, required: ['name', 'parameters'], additionalProperties: false };
+      });
       return {
         kind: 'json_schema',
-        schema: JSON.stringify({
-          type: 'array',
-          minItems: 1,
-          ...(plan.parallel ? {} : { maxItems: 1 }),
-          items: {
-            anyOf: plan.tools.map((t) => ({
-              type: 'object',
-              properties: { name: { type: 'string', enum: [t.name] }, parameters: t.schema },
-              required: ['name', 'parameters'],
-              additionalProperties: false,
-            })),
-          },
-        }),
+        schema: JSON.stringify({ type: 'array', minItems: 1, ...(plan.parallel ? {} : { maxItems: 1 }), items: { anyOf }, ...(Object.keys(defs).length ? { $defs: defs } : {}) }),
       };
+    }
     case 'auto':
       return { kind: 'structural_tag', tag: plan.parser!.structuralTag(plan.tools) };
   }
+}
+
+/**
+ * A copy of `schema` without its $defs/definitions, which go into `into` as `<prefix><name>`, and
+ * with every local $ref rewritten to match (`#` itself: the schema, also moved into `into`).
+ */
+function hoistDefs(schema: Record<string, unknown>, prefix: string, into: Record<string, unknown>): unknown {
+  const hasRefs = JSON.stringify(schema).includes('"$ref"');
+  if (!hasRefs) return schema;
+  const rewrite = (v: unknown): unknown => {
+    if (Array.isArray(v)) return v.map(rewrite);
+    if (!isObj(v)) return v;
+    const out: Record<string, unknown> = {};
+    for (const [k, x] of Object.entries(v)) {
+      if (k === '$ref' && typeof x === 'string' && x.startsWith('#')) {
+        const m = /^#\/(?:\$defs|definitions)\/(.+)$/.exec(x);
+        out[k] = m ? `#/$defs/${prefix}${m[1]}` : x === '#' ? `#/$defs/${prefix}root` : x;
+      } else out[k] = rewrite(x);
+    }
+    return out;
+  };
+  const { $defs, definitions, ...body } = schema;
+  for (const table of [$defs, definitions]) if (isObj(table)) for (const [name, sub] of Object.entries(table)) into[`${prefix}${name}`] = rewrite(sub);
+  const moved = rewrite(body);
+  into[`${prefix}root`] = moved;
+  return moved;
 }
 
 export function toolCallId(): string {

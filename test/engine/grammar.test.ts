@@ -7,6 +7,7 @@ import { Engine } from '../../server/engine/engine.js';
 import { LoraplexError } from '../../server/engine/errors.js';
 import { GrammarService, grammarVocab } from '../../server/engine/grammar.js';
 import { prepareJsonSchema } from '../../server/engine/json-schema-support.js';
+import { parseToolOutput, toolGrammar, toolPlan } from '../../server/tools/tools.js';
 import { adapterId, adapterRoot, modelDir } from '../helpers/fixtures.js';
 import { readdirSync } from 'node:fs';
 
@@ -77,6 +78,18 @@ describe('grammar-constrained decoding (engine)', () => {
     for (const seed of [1, 2, 3]) expect(['yes', 'no', 'maybe "so"']).toContain((await text(e, prompt, { maxTokens: 20, temperature: 1, seed, grammar: ch })).text);
     const gr = await e.grammars.prepare({ kind: 'grammar', grammar: 'root ::= "(" [a-z] [a-z]? [a-z]? ")"' }, 'structured_outputs.grammar');
     expect((await text(e, prompt, { maxTokens: 20, temperature: 1, seed: 4, grammar: gr })).text).toMatch(/^\([a-z]{1,3}\)$/);
+  });
+
+  it('required tool calls over tools whose parameters use $defs (pydantic) compile and validate', async () => {
+    const addr = { type: 'object', properties: { zip: { type: 'string', maxLength: 5 } }, required: ['zip'], additionalProperties: false };
+    const params = { type: 'object', properties: { home: { $ref: '#/$defs/Address' } }, required: ['home'], additionalProperties: false, $defs: { Address: addr } };
+    const fn = (name: string) => ({ type: 'function', function: { name, parameters: params } });
+    const plan = toolPlan({ tools: [fn('a'), fn('b')], tool_choice: 'required', parallel_tool_calls: false }, { enableAutoToolChoice: false, toolCallParser: null })!;
+    const ref = await e.grammars.prepare(toolGrammar(plan)!, 'tools');
+    const r = await text(e, e.tokenizer.encode('Call:'), { maxTokens: 80, temperature: 1, seed: 2, grammar: ref });
+    const calls = parseToolOutput(plan, r.text).calls;
+    expect(calls).toHaveLength(1);
+    expect(new Ajv().validate(params, JSON.parse(calls[0].arguments)), r.text).toBe(true);
   });
 
   it('refuses what XGrammar cannot compile with a 400 naming the parameter, and keeps working', async () => {

@@ -120,3 +120,15 @@ describe('JSON-schema subset', () => {
     expect(refusal(() => structuredRequest({ response_format: { type: 'json_object' }, guided_regex: 'a' })).param).toBe('guided_regex');
   });
 });
+
+describe('required tool calls with pydantic-style $defs', () => {
+  it('each tool\'s $defs move to the root under its own prefix, refs follow', () => {
+    const addr = { type: 'object', properties: { street: { type: 'string' } }, required: ['street'] };
+    const params = { type: 'object', properties: { home: { $ref: '#/$defs/Address' } }, required: ['home'], $defs: { Address: addr } };
+    const plan = toolPlan({ tools: [fn('a', params), fn('b', params)], tool_choice: 'required' }, opts)!;
+    const s = JSON.parse((toolGrammar(plan) as { schema: string }).schema);
+    expect(Object.keys(s.$defs).sort()).toEqual(['t0_Address', 't0_root', 't1_Address', 't1_root']);
+    expect(s.items.anyOf[1].properties.parameters.properties.home.$ref).toBe('#/$defs/t1_Address');
+    expect(s.items.anyOf[0].properties.parameters.$defs).toBeUndefined();
+  });
+});
