@@ -112,6 +112,8 @@ struct EngineSampling {
   // logit_bias: sample i's (token, bias) pairs are [bias_start[i], bias_start[i + 1]).
   std::vector<int32_t> bias_start, bias_ids;
   std::vector<float> bias_values;
+  // Grammar bitmasks: sample i uses masks[mask_rows[i] * mask_words ...] (mask_rows[i] -1: none).
+  std::vector<int32_t> mask_rows, masks;
   std::vector<int32_t> new_prompt_start, new_prompt_tokens;
   std::vector<uint32_t> free_ids;
   // Prompt logprobs: token index in the batch, the token it should have predicted, top-N to report.
@@ -411,6 +413,12 @@ Napi::Value Engine::Step(const Napi::CallbackInfo& info) {
   sp->new_prompt_start = I32(o, "newPromptStart", long(sp->new_ids.size()) + 1);
   sp->new_prompt_tokens = I32(o, "newPromptTokens", -1);
   sp->free_ids = U32(o, "freeSeqIds", -1);
+  long mask_words = 0;
+  if (o.Has("maskRows")) {
+    sp->mask_rows = I32(o, "maskRows", N);
+    mask_words = get_int(env, o, "maskWords");
+    sp->masks = I32(o, "masks", -1);
+  }
   if (o.Has("promptLpRows")) {
     sp->plp_rows = I32(o, "promptLpRows", -1);
     const long R = long(sp->plp_rows.size());
@@ -461,6 +469,15 @@ Napi::Value Engine::Step(const Napi::CallbackInfo& info) {
   for (size_t k = 0; k < sp->bias_ids.size(); k++) {
     if (sp->bias_ids[k] < 0 || sp->bias_ids[k] >= spec.vocab) type_error(env, "logitBiasIds entry out of the vocabulary");
     if (!(std::fabs(sp->bias_values[k]) <= 100.f)) type_error(env, "logitBiasValues must be in [-100, 100]");
+  }
+  if (!sp->mask_rows.empty()) {
+    if (mask_words != (long(spec.vocab) + 31) / 32) type_error(env, "maskWords must be ceil(vocab / 32)");
+    const long M = long(sp->masks.size()) / mask_words;
+    if (M * mask_words != long(sp->masks.size())) type_error(env, "masks must hold whole rows of maskWords");
+    for (long i = 0; i < N; i++) {
+      if (sp->mask_rows[i] < -1 || sp->mask_rows[i] >= M) type_error(env, "maskRows entry out of range");
+      if (sp->mask_rows[i] >= 0) sp->params[i].mask = sp->masks.data() + size_t(sp->mask_rows[i]) * size_t(mask_words);
+    }
   }
   const long n_new = long(sp->new_ids.size());
   if (sp->new_prompt_start[0] != 0 || sp->new_prompt_start[n_new] != long(sp->new_prompt_tokens.size()))

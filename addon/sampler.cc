@@ -95,8 +95,20 @@ SampleResult Sampler::sample(uint32_t seq_id, float* logits, const SamplingParam
     r.logprob = NAN;
     return r;
   }
+  // Grammar-constrained: tokens the grammar does not allow now are -inf before anything else, so
+  // no bias, penalty or sampling setting can bring them back.
+  if (p.mask) {
+    for (int w = 0; w * 32 < V; w++) {
+      const uint32_t bits = uint32_t(p.mask[w]);
+      if (bits == 0xFFFFFFFFu) continue;
+      const int end = std::min(V, w * 32 + 32);
+      for (int t = w * 32; t < end; t++)
+        if (!((bits >> (t & 31)) & 1u)) logits[t] = -INFINITY;
+    }
+  }
 
-  // Raw logprobs: log_softmax of the unprocessed logits. The log-sum-exp over the vocabulary is
+  // Raw logprobs: log_softmax of the unprocessed logits (after the grammar mask, as vLLM v1 reports
+  // constrained requests: its bitmask is applied to the logits before the sampler sees them). The log-sum-exp over the vocabulary is
   // only paid for when the request asked for logprobs (num_logprobs >= 0).
   const bool want_lp = p.num_logprobs >= 0;
   float lse = NAN;

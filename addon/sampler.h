@@ -1,4 +1,4 @@
-// Token sampling on the engine thread: logit_bias, penalties, temperature, top-k, top-p, min-p,
+// Token sampling on the engine thread: the grammar bitmask, logit_bias, penalties, temperature, top-k, top-p, min-p,
 // seeded RNG, and raw logprobs (log-softmax of the model's logits before any processing, as vLLM
 // reports them).
 // Thread safety: a Sampler and its sequence states belong to the engine thread.
@@ -25,6 +25,10 @@ struct SamplingParams {
   const int32_t* bias_ids = nullptr;
   const float* bias_values = nullptr;
   int n_bias = 0;
+  // Grammar bitmask (structured outputs): ceil(vocab / 32) int32 words, bit t of word t >> 5 set
+  // = token t allowed; nullptr = unconstrained. Applied first, before logit_bias, penalties,
+  // temperature, top-k/top-p/min-p; reported logprobs are those of the masked logits (vLLM v1).
+  const int32_t* mask = nullptr;
 };
 
 struct SeqSamplingState {

@@ -112,7 +112,7 @@ export async function buildApp(engine: Engine, cfg: ServeConfig, opts: BuildOpti
     if (s.waiting.length + s.running.length + sequences > cfg.maxQueue)
       throw new LoraplexError('too many requests in flight; retry later', 429, 'rate_limit_error', null, 'queue_full');
   };
-  await app.register(openaiRoutes, { engine, metrics, maxN: cfg.maxN, admit });
+  await app.register(openaiRoutes, { engine, metrics, maxN: cfg.maxN, admit, tools: { enableAutoToolChoice: cfg.enableAutoToolChoice ?? false, toolCallParser: cfg.toolCallParser ?? null } });
   await app.register(modelRoutes, { engine });
   await app.register(tokenizerRoutes, { engine, tokenizerInfo: cfg.tokenizerInfoEndpoint });
   await app.register(opsRoutes, { engine, metrics, isDraining: () => state.draining, stallSeconds: 120 });

@@ -48,6 +48,9 @@ export interface ServeConfig {
   ui: boolean;
   /** Automatic prefix caching (--enable-prefix-caching / --no-enable-prefix-caching; default on). */
   enablePrefixCaching: boolean;
+  /** tool_choice "auto": on with --enable-auto-tool-choice, parsed with --tool-call-parser. */
+  enableAutoToolChoice: boolean;
+  toolCallParser: 'hermes' | 'llama3_json' | 'mistral' | null;
 }
 
 /** The engine flags, which serve and generate share. */
@@ -97,6 +100,8 @@ function engineConfig(v: Values): EngineConfig {
 
 /** Parsed values of `serve` (parseCommandLine) -> ServeConfig. */
 export function toServeConfig(v: Values): ServeConfig {
+  if (v['enable-auto-tool-choice'] === true && !v['tool-call-parser'])
+    throw new ConfigError('--enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json or mistral)');
   return {
     ...engineConfig(v),
     servedModelName: v['served-model-name'] as string | null,
@@ -118,6 +123,8 @@ export function toServeConfig(v: Values): ServeConfig {
     allowCredentials: v['allow-credentials'] === true,
     tokenizerInfoEndpoint: v['disable-tokenizer-info-endpoint'] !== true,
     ui: v['no-ui'] !== true,
+    enableAutoToolChoice: v['enable-auto-tool-choice'] === true,
+    toolCallParser: v['tool-call-parser'] as ServeConfig['toolCallParser'],
   };
 }
 

@@ -7,6 +7,7 @@ import { loadNative, type ComputeDtype, type DtypeOption, type KvCacheDtype, typ
 import { AdapterCache, type AdapterCacheStats } from './adapter-cache.js';
 import { defaultThreadCount } from './cpu-threads.js';
 import { LoraplexError } from './errors.js';
+import { GrammarService, grammarVocab } from './grammar.js';
 import { readModelDir, type ModelInfo } from './model-config.js';
 import { PagingManager, type PoolStats } from './paging-manager.js';
 import { PrefixCache, type PrefixCacheStats } from './prefix-cache.js';
@@ -128,6 +129,12 @@ export class Engine {
    * every step and when the engine goes idle, and a violation fails loudly.
    */
   private readonly checking = process.env.LORAPLEX_CHECK_INVARIANTS === '1';
+  /** Structured outputs: XGrammar's workers, started on first use (grammars getter). */
+  private grammarService: GrammarService | null = null;
+  /** The grammar masks being computed for the next step, if any. */
+  private masksInFlight: Promise<void> | null = null;
+  /** Grammar mask time: worker round trips the loop waited for, and masks computed. */
+  readonly maskStats = { waits: 0, waitMs: 0, masks: 0 };
   /** Called after every step (tests check pool invariants here; benchmarks read lastStep). */
   onStep: (() => void) | null = null;
   /** Timings of the most recent step: host side = wall - forward - sample. */
@@ -243,6 +250,15 @@ export class Engine {
     }
   }
 
+  /** The grammar compiler and matchers (XGrammar in worker threads), started on first use. */
+  get grammars(): GrammarService {
+    if (!this.grammarService) {
+      const V = this.model.spec.vocabSize;
+      this.grammarService = new GrammarService({ ...grammarVocab(this.model.dir, V), vocabSize: V, stopIds: this.model.eosTokenIds });
+    }
+    return this.grammarService;
+  }
+
   /** Validates and enqueues a request; the returned Sequence delivers its tokens. */
   submit(promptIds: number[], paramsIn: Partial<SamplingParams> = {}, opts: GenerateOptions = {}): Sequence {
     if (this.closed) throw new LoraplexError('engine is shutting down', 503, 'server_error', null, 'shutting_down');
@@ -279,6 +295,7 @@ export class Engine {
     }
     this.scheduler.add(seq);
     if (adapterId !== null) this.adapters.prefetch(this.scheduler.waiting, this.prefetchWindow);
+    if (seq.grammar) this.requestMasks(); // its first mask is computed while it waits
     this.kick();
     return seq;
   }
@@ -325,6 +342,7 @@ export class Engine {
     this.closed = true;
     for (const s of [...this.scheduler.running, ...this.scheduler.waiting]) this.abort(s);
     await this.idle();
+    this.grammarService?.close();
     await this.native.close();
   }
 
@@ -344,6 +362,7 @@ export class Engine {
     // running alone.
     await new Promise<void>((r) => setImmediate(r));
     while (this.scheduler.hasWork) {
+      await this.settleMasks();
       let plan: ScheduledSeq[];
       this.adapters.prefetch(this.scheduler.waiting, this.prefetchWindow);
       try {
@@ -354,8 +373,9 @@ export class Engine {
         continue;
       }
       if (plan.length === 0) {
-        // Everything waits on something outside the step (an adapter load): yield and retry.
-        await this.adapters.waitForProgress();
+        // Everything waits on something outside the step (an adapter load, a grammar mask behind a
+        // compile): yield and retry.
+        await (this.masksInFlight ? Promise.race([this.masksInFlight, this.adapters.waitForProgress()]) : this.adapters.waitForProgress());
         continue;
       }
       const t0 = performance.now();
@@ -371,11 +391,75 @@ export class Engine {
       this.steps++;
       this.lastProgress = performance.now();
       this.postprocess(plan, result, batch.promptLpOwners);
+      this.requestMasks();
       this.lastStep = { tokens: batch.tokens.length, seqs: plan.length, forwardMs: result.forwardMs, sampleMs: result.sampleMs, wallMs: performance.now() - t0 };
       if (this.checking) this.checkInvariants();
       this.onStep?.();
     }
     if (this.checking) this.checkInvariants();
+  }
+
+  /**
+   * Sends the grammar worker every constrained sequence that needs its next mask (its new token to
+   * accept, or none for a fresh one); one round trip for all of them. The replies arrive while the
+   * loop goes on: a sequence samples only once its mask is back (Sequence.canSample).
+   */
+  private requestMasks(): void {
+    if (this.masksInFlight || !this.grammarService) return;
+    const g = this.grammarService;
+    const want: Sequence[] = [];
+    for (const q of [...this.scheduler.running, ...this.scheduler.waiting])
+      if (q.grammar && q.grammar.mask === null && !q.grammar.requested) want.push(q);
+    if (want.length === 0) return;
+    for (const q of want) {
+      if (!q.grammar!.opened) {
+        g.open(q.id, q.params.grammar!);
+        q.grammar!.opened = true;
+      }
+      q.grammar!.requested = true;
+    }
+    const tokens = Int32Array.from(want.map((q) => q.grammar!.pending));
+    this.masksInFlight = g.masks(Int32Array.from(want.map((q) => q.id)), tokens).then(
+      (r) => {
+        want.forEach((q, i) => {
+          const sg = q.grammar!;
+          sg.requested = false;
+          if (q.isFinished) return;
+          sg.pending = -1;
+          if (r.flags[i] & 2) {
+            this.finishSeq(q, 'error', new LoraplexError('the grammar rejected a sampled token', 500, 'server_error', null, 'grammar_error'));
+          } else if (r.flags[i] & 1) {
+            this.finishSeq(q, 'stop'); // the grammar is complete and allows nothing more
+          } else {
+            sg.mask = r.masks.subarray(i * r.words, (i + 1) * r.words);
+          }
+        });
+        this.maskStats.masks += want.length;
+      },
+      (e: Error) => {
+        for (const q of want) {
+          q.grammar!.requested = false;
+          this.finishSeq(q, 'error', new LoraplexError(`structured output failed: ${e.message}`, 500, 'server_error', null, 'grammar_error'));
+        }
+      },
+    ).finally(() => {
+      this.masksInFlight = null;
+      if (!this.loop && this.scheduler.hasWork) this.kick();
+    });
+  }
+
+  /**
+   * Waits for the masks in flight, unless the grammar worker is busy compiling a new grammar: then
+   * the step goes ahead without the sequences whose masks wait behind it.
+   */
+  private async settleMasks(): Promise<void> {
+    this.requestMasks();
+    if (!this.masksInFlight || this.grammarService?.compiling) return;
+    const t0 = performance.now();
+    await this.masksInFlight;
+    this.maskStats.waits++;
+    this.maskStats.waitMs += performance.now() - t0;
+    this.requestMasks(); // sequences that finished their mask-less step meanwhile
   }
 
   /**
@@ -513,6 +597,21 @@ export class Engine {
       b.numLogprobs[j] = sp.logprobs ?? -1; // -1: skip the vocabulary-wide log-sum-exp
       b.suppressEos[j] = !sp.ignoreEos && seq.outputIds.length < sp.minTokens ? 1 : 0;
     });
+    // Grammar bitmasks of the constrained samples, one row each.
+    const masked = samples.filter((si) => plan[si].seq.grammar !== null);
+    if (masked.length > 0) {
+      const W = Math.ceil(this.model.spec.vocabSize / 32);
+      b.maskWords = W;
+      b.maskRows = new Int32Array(N).fill(-1);
+      b.masks = new Int32Array(masked.length * W);
+      let row = 0;
+      samples.forEach((si, j) => {
+        const g = plan[si].seq.grammar;
+        if (!g) return;
+        b.masks!.set(g.mask!, row * W);
+        b.maskRows![j] = row++;
+      });
+    }
     // logit_bias: sample j's (id, bias) pairs are [logitBiasStart[j], logitBiasStart[j + 1]).
     let nBias = 0;
     for (const si of samples) nBias += plan[si].seq.params.logitBias.length;
@@ -587,6 +686,11 @@ export class Engine {
         for (let q = 0; q < nTop; q++) top.push([topIds[k * numTop + q], topLps[k * numTop + q]]);
       }
       seq.deliver({ token: id, logprob: logprobs[k], top });
+      if (seq.grammar) {
+        // The matcher accepts it on the way to the next mask (requestMasks).
+        seq.grammar.pending = id;
+        seq.grammar.mask = null;
+      }
       const sp = seq.params;
       // EOS is masked in C++ until min_tokens; stop token ids before min_tokens are not stops.
       const canStop = seq.outputIds.length >= sp.minTokens;
@@ -600,6 +704,7 @@ export class Engine {
     if (seq.isFinished) return;
     this.scheduler.remove(seq);
     if (seq.registeredWithSampler) this.freeSeqIds.push(seq.id);
+    if (seq.grammar?.opened) this.grammarService?.release([seq.id]); // after its masks, in order
     if (seq.adapterId !== null) this.adapters.releaseRef(seq.adapterId);
     seq.finish(reason, error);
   }

@@ -1,5 +1,6 @@
 // Per-request generation parameters (vLLM's SamplingParams subset) and their validation.
 import { LoraplexError } from './errors.js';
+import type { GrammarRef } from './grammar.js';
 
 export interface SamplingParams {
   maxTokens: number;
@@ -20,6 +21,8 @@ export interface SamplingParams {
   stopTokenIds: number[];
   /** OpenAI's logit_bias: [token id, bias in [-100, 100]] added to the logits before any processing. */
   logitBias: Array<[number, number]>;
+  /** Structured outputs: a compiled grammar (GrammarService.prepare) every token must follow; null = free. */
+  grammar: GrammarRef | null;
 }
 
 export const MAX_LOGPROBS = 20;
@@ -49,6 +52,7 @@ export function defaultSamplingParams(): SamplingParams {
     minTokens: 0,
     stopTokenIds: [],
     logitBias: [],
+    grammar: null,
   };
 }
 

@@ -74,6 +74,8 @@ export class Scheduler {
     for (let i = 0; i < this.running.length && budget > 0; i++) {
       const seq = this.running[i];
       const numNew = Math.min(seq.numTokens - seq.numComputed, budget);
+      // A constrained sequence whose next mask is still being computed sits this step out.
+      if (!seq.canSample && seq.numComputed + numNew === seq.numTokens) continue;
       if (!this.ensureBlocks(seq, seq.numComputed + numNew, planned)) {
         // `seq` itself was the only candidate left and was preempted.
         i--;
@@ -91,6 +93,12 @@ export class Scheduler {
     let i = 0;
     while (i < this.waiting.length && budget > 0 && this.running.length < this.limits.maxNumSeqs) {
       const seq = this.waiting[i];
+      if (!seq.canSample) {
+        // Its first grammar mask is on its way (compiled off this thread): nothing it needs is
+        // held by those behind it, so they go first, with no bound.
+        i++;
+        continue;
+      }
       if (this.overLoraCap(seq) || !this.canAdmit(seq)) {
         // Its adapter is still loading, or there is no slot or room for it yet. Later requests
         // may go first, until it has been passed over for `bound` ms.

@@ -1,6 +1,18 @@
 // One generation request as the scheduler sees it: its tokens, KV pages, adapter and state.
 import type { SamplingParams } from './sampling-params.js';
 
+/**
+ * A constrained sequence's matcher as the engine sees it: the matcher itself lives in the grammar
+ * worker; `mask` is the bitmask for the next token (null while the worker computes it), and
+ * `pending` the sampled token it has not accepted yet (-1: none).
+ */
+export interface SeqGrammar {
+  opened: boolean;
+  mask: Int32Array | null;
+  pending: number;
+  requested: boolean;
+}
+
 export enum SeqState {
   Waiting = 'waiting',
   Running = 'running',
@@ -37,6 +49,8 @@ export class Sequence {
   /** KV pages, in order: block i holds positions [i*B, (i+1)*B). */
   blocks: number[] = [];
   registeredWithSampler = false;
+  /** Structured outputs: set when params.grammar is. */
+  readonly grammar: SeqGrammar | null;
   finishReason: FinishReason | null = null;
   error: Error | undefined;
   numPreemptions = 0;
@@ -76,7 +90,14 @@ export class Sequence {
     readonly params: SamplingParams,
     readonly adapterId: string | null,
     public adapterSlot: number,
-  ) {}
+  ) {
+    this.grammar = params.grammar ? { opened: false, mask: null, pending: -1, requested: false } : null;
+  }
+
+  /** A constrained sequence samples only once its next mask is known. */
+  get canSample(): boolean {
+    return this.grammar === null || this.grammar.mask !== null;
+  }
 
   get numTokens(): number {
     return this.promptIds.length + this.outputIds.length;

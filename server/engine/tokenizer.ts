@@ -9,6 +9,11 @@ import { LoraplexError, ModelLoadError } from './errors.js';
 export interface ChatMessage {
   role: string;
   content: string;
+  /** An assistant turn's tool calls (arguments as an object where they parse, as templates expect). */
+  tool_calls?: Array<{ id: string; type: 'function'; function: { name: string; arguments: unknown } }>;
+  /** A tool result's call id and function name. */
+  tool_call_id?: string;
+  name?: string;
 }
 
 function readJsonFile(path: string): Record<string, unknown> {
@@ -92,13 +97,14 @@ export class TextTokenizer {
    * template's end-of-turn after it is cut, as transformers cuts it); a 400 if the rendered text
    * does not contain that content.
    */
-  applyChatTemplate(messages: ChatMessage[], addGenerationPrompt = true, continueFinalMessage = false): string {
+  applyChatTemplate(messages: ChatMessage[], addGenerationPrompt = true, continueFinalMessage = false, tools?: unknown[]): string {
     if (!this.template) throw new ModelLoadError(`${this.dir}: the tokenizer has no chat_template`, 400, 'no_chat_template');
     const text = this.template.render({
       messages,
       add_generation_prompt: addGenerationPrompt,
       bos_token: this.bosToken ?? '',
       eos_token: this.eosToken ?? '',
+      ...(tools ? { tools } : {}),
     });
     if (!continueFinalMessage || messages.length === 0) return text;
     const last = messages[messages.length - 1].content;
@@ -115,8 +121,8 @@ export class TextTokenizer {
    * Token ids of a chat, as apply_chat_template(tokenize=True): the template adds specials itself
    * (`addSpecialTokens` adds the tokenizer's own on top, as vLLM's /tokenize option does).
    */
-  encodeChat(messages: ChatMessage[], addGenerationPrompt = true, opts: { continueFinalMessage?: boolean; addSpecialTokens?: boolean } = {}): number[] {
-    return this.encode(this.applyChatTemplate(messages, addGenerationPrompt, opts.continueFinalMessage ?? false), opts.addSpecialTokens ?? false);
+  encodeChat(messages: ChatMessage[], addGenerationPrompt = true, opts: { continueFinalMessage?: boolean; addSpecialTokens?: boolean; tools?: unknown[] } = {}): number[] {
+    return this.encode(this.applyChatTemplate(messages, addGenerationPrompt, opts.continueFinalMessage ?? false, opts.tools), opts.addSpecialTokens ?? false);
   }
 }
 

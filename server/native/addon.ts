@@ -96,6 +96,10 @@ export interface NativeStepBatch {
   newPromptStart: Int32Array; // [K+1]
   newPromptTokens: Int32Array;
   freeSeqIds: Uint32Array; // sampler states to drop
+  /** Grammar bitmasks: sample j uses row maskRows[j] of masks (-1: unconstrained). */
+  maskRows?: Int32Array; // [N]
+  maskWords?: number; // ceil(vocab / 32)
+  masks?: Int32Array; // [rows * maskWords], bit t set = token t allowed
   /** Prompt logprobs: token indices (in [0, T)) whose logits are scored against the next prompt token. */
   promptLpRows?: Int32Array; // [R]
   promptLpTargets?: Int32Array; // [R] the token each row should have predicted

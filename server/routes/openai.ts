@@ -13,6 +13,9 @@ import { templateMessages } from '../services/chat-messages.js';
 import { choiceCount, invalid, normalizePrompts, resolveAdapter, samplingParams, stopStrings } from '../services/request-params.js';
 import { choiceSeed } from '../engine/sampling-params.js';
 import type { Metrics } from '../metrics.js';
+import type { GrammarRef } from '../engine/grammar.js';
+import { structuredRequest, type StructuredFields } from '../services/structured-output.js';
+import { parseToolOutput, toolCallId, toolGrammar, toolPlan, type ToolOptions } from '../tools/tools.js';
 
 export interface OpenAIRouteDeps {
   engine: Engine;
@@ -20,6 +23,8 @@ export interface OpenAIRouteDeps {
   maxN: number;
   /** Throws 429/503 when the server cannot take `sequences` more sequences, 400 (naming `param`) if it never could. */
   admit: (sequences: number, param: string) => void;
+  /** --enable-auto-tool-choice, --tool-call-parser. */
+  tools?: ToolOptions;
 }
 
 const now = () => Math.floor(Date.now() / 1000);
@@ -164,7 +169,7 @@ function watchClient(req: FastifyRequest, reply: FastifyReply, run: GenerationRu
 }
 
 /**
- * Streams a run's events as SSE chunks (`chunkOf` shapes one; null sends nothing), then the usage
+ * Streams a run's events as SSE chunks (`chunkOf` shapes one, or a list; null sends nothing), then the usage
  * chunk when asked and `[DONE]`. The headers go out with the first event: an error known before
  * the first token (a broken adapter, a prompt the pool can never hold) is the same 4xx JSON
  * response a non-streaming request gets. An error after that is an SSE error event in the same
@@ -198,7 +203,8 @@ async function streamRun(
     try {
       for (let it = first; !it.done && !watch.gone; it = await events.next()) {
         const c = chunkOf(it.value);
-        if (c !== null) send(c);
+        if (Array.isArray(c)) for (const x of c) send(x);
+        else if (c !== null) send(c);
       }
     } catch (err) {
       const { body } = toOpenAIError(err);
@@ -266,10 +272,12 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
     deps.admit(numPrompts, 'prompt');
     deps.admit(numPrompts * n, 'n');
     const prompts = normalizePrompts(engine, body.prompt);
+    const grammar = await prepareGrammar(engine, structuredRequest(body as StructuredFields));
     const inputs: ChoiceInput[] = [];
     for (const p of prompts) {
       // max_tokens absent: 16, as OpenAI's and vLLM's completions default.
       const params = samplingParams(engine, body, body.max_tokens ?? Math.max(1, Math.min(16, engine.maxModelLen - p.ids.length)), 'max_tokens', p.ids.length, logprobs, promptLps);
+      params.grammar = grammar;
       for (let k = 0; k < n; k++) inputs.push({ promptIds: p.ids, params: { ...params, seed: choiceSeed(params.seed, k) }, stops });
     }
     const run = new GenerationRun(engine, inputs, adapter, cacheSaltOf(body.cache_salt));
@@ -326,9 +334,10 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
     const body = req.body;
     const t0 = performance.now();
     const adapter = resolveAdapter(engine, body.model);
-    if (body.response_format && body.response_format.type !== 'text')
-      invalid('response_format', `response_format ${JSON.stringify(body.response_format.type)} is not supported yet`);
-    if (body.tools && body.tools.length > 0) invalid('tools', 'tools are not supported');
+    const tools = toolPlan(body, deps.tools ?? { enableAutoToolChoice: false, toolCallParser: null });
+    const structured = structuredRequest(body as StructuredFields);
+    if (structured && tools && tools.mode !== 'none')
+      invalid(structured.param.split('.')[0], 'a response format cannot be combined with tool calls; send tool_choice "none" or drop the response format');
     const messages: TplMessage[] = templateMessages(body.messages);
     const n = choiceCount(body.n, deps.maxN);
     const topLogprobs = body.top_logprobs ?? null;
@@ -337,12 +346,15 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
     const logprobs = body.logprobs ? (topLogprobs ?? 0) : null;
     const stops = stopStrings(body.stop);
     if (!engine.tokenizer.hasChatTemplate) invalid('messages', 'this model has no chat template; use /v1/completions', 'no_chat_template');
-    const ids = engine.tokenizer.encodeChat(messages, body.add_generation_prompt ?? true);
+    const ids = engine.tokenizer.encodeChat(messages, body.add_generation_prompt ?? true, tools && tools.mode !== 'none' ? { tools: tools.templateTools } : {});
     // Absent: the rest of the context, capped by generation_config.json's max_new_tokens (as vLLM).
     const genCap = engine.model.maxNewTokens;
     const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? (genCap !== null ? Math.max(1, Math.min(genCap, engine.maxModelLen - ids.length)) : null);
     const params = samplingParams(engine, body, maxTokens, body.max_completion_tokens != null ? 'max_completion_tokens' : 'max_tokens', ids.length, logprobs);
     deps.admit(n, 'n');
+    const toolSpec = tools ? toolGrammar(tools) : null;
+    params.grammar = await prepareGrammar(engine, toolSpec ? { spec: toolSpec, param: tools!.mode === 'named' ? 'tool_choice' : 'tools' } : structured);
+    const toolMode = tools?.mode ?? 'none';
     const inputs: ChoiceInput[] = Array.from({ length: n }, (_, k) => ({ promptIds: ids, params: { ...params, seed: choiceSeed(params.seed, k) }, stops }));
     const run = new GenerationRun(engine, inputs, adapter, cacheSaltOf(body.cache_salt));
     const id = `chatcmpl-${randomUUID().replace(/-/g, '')}`;
@@ -352,9 +364,37 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
 
     if (body.stream) {
       const chunk = (choices: unknown[]) => ({ id, object: 'chat.completion.chunk', created, model: body.model, choices });
-      const roles = () => Array.from({ length: n }, (_, i) => chunk([{ index: i, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null }]));
+      const roles = () => Array.from({ length: n }, (_, i) => chunk([{ index: i, delta: { role: 'assistant', content: toolMode === 'none' ? '' : null }, logprobs: null, finish_reason: null }]));
+      // Tool calls stream as OpenAI's: a named call's arguments as they are generated (its first
+      // delta carries id, type and name); required and auto calls once the choice has finished,
+      // each call one delta with its index, and any text before them as content.
+      const callIds: Array<string | null> = Array.from({ length: n }, () => null);
+      const held = Array.from({ length: n }, () => '');
       return streamRun(req, reply, run, () => metrics.requestDone(run, 'stream', t0), roles, (e) => {
         if (e.text === '' && !e.finishReason && e.tokens.length === 0) return null;
+        if (toolMode === 'named') {
+          const lp = logprobs !== null ? chatLogprobs(engine, e.tokens) : null;
+          const finish = e.finishReason === 'stop' ? 'stop' : e.finishReason;
+          if (e.text === '') return chunk([{ index: e.index, delta: {}, logprobs: lp, finish_reason: finish }]);
+          const first = callIds[e.index] === null;
+          if (first) callIds[e.index] = toolCallId();
+          const call = first
+            ? { index: 0, id: callIds[e.index], type: 'function', function: { name: tools!.named, arguments: e.text } }
+            : { index: 0, function: { arguments: e.text } };
+          return chunk([{ index: e.index, delta: { tool_calls: [call] }, logprobs: lp, finish_reason: finish }]);
+        }
+        if (toolMode !== 'none') {
+          held[e.index] += e.text;
+          if (!e.finishReason) return null;
+          const r = parseToolOutput(tools!, held[e.index]);
+          const choices: unknown[] = [];
+          if (r.content !== null) choices.push({ index: e.index, delta: { content: r.content }, logprobs: null, finish_reason: null });
+          r.calls.forEach((c, k) =>
+            choices.push({ index: e.index, delta: { tool_calls: [{ index: k, id: toolCallId(), type: 'function', function: { name: c.name, arguments: c.arguments } }] }, logprobs: null, finish_reason: null }));
+          const finish = r.calls.length && e.finishReason === 'stop' ? 'tool_calls' : e.finishReason;
+          choices.push({ index: e.index, delta: {}, logprobs: null, finish_reason: finish });
+          return choices.map((c) => chunk([c]));
+        }
         const delta = e.text === '' && e.finishReason ? {} : { content: e.text };
         return chunk([{ index: e.index, delta, logprobs: logprobs !== null ? chatLogprobs(engine, e.tokens) : null, finish_reason: e.finishReason }]);
       }, body.stream_options?.include_usage ? () => ({ id, object: 'chat.completion.chunk', created, model: body.model, choices: [], usage: usage() }) : null);
@@ -363,17 +403,29 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
     const out = await collectRun(req, reply, run, inputs.length);
     metrics.requestDone(run, 'json', t0);
     if (!out) return reply;
+    const messageOf = (text: string, i: number) => {
+      if (toolMode === 'none') return { message: { role: 'assistant', content: text }, finish: out.finish[i] };
+      const r = parseToolOutput(tools!, text);
+      if (r.calls.length === 0) return { message: { role: 'assistant', content: text }, finish: out.finish[i] };
+      const tool_calls = r.calls.map((c) => ({ id: toolCallId(), type: 'function', function: { name: c.name, arguments: c.arguments } }));
+      // A named tool_choice finishes with stop (OpenAI); required and auto calls with tool_calls.
+      const finish = out.finish[i] === 'stop' && toolMode !== 'named' ? 'tool_calls' : out.finish[i];
+      return { message: { role: 'assistant', content: r.content, tool_calls }, finish };
+    };
     return {
       id, object: 'chat.completion', created, model: body.model,
-      choices: out.texts.map((content, i) => ({
-        index: i,
-        message: { role: 'assistant', content },
-        logprobs: logprobs !== null ? chatLogprobs(engine, out.toks[i]) : null,
-        finish_reason: out.finish[i],
-      })),
+      choices: out.texts.map((text, i) => {
+        const m = messageOf(text, i);
+        return { index: i, message: m.message, logprobs: logprobs !== null ? chatLogprobs(engine, out.toks[i]) : null, finish_reason: m.finish };
+      }),
       usage: usage(),
     };
   });
+}
+
+/** Compiles (or finds cached) the request's grammar; waits off the event loop, 400s name the parameter. */
+async function prepareGrammar(engine: Engine, s: { spec: Parameters<Engine['grammars']['prepare']>[0]; param: string } | null): Promise<GrammarRef | null> {
+  return s ? engine.grammars.prepare(s.spec, s.param) : null;
 }
 
 declare module 'fastify' {
