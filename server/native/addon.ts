@@ -8,7 +8,7 @@ import { fileURLToPath } from 'node:url';
 import { applyOpenMpWaitDefault } from '../engine/cpu-threads.js';
 
 export interface NativeModelSpec {
-  arch: 'llama' | 'mistral' | 'qwen2';
+  arch: 'llama' | 'mistral' | 'qwen2' | 'qwen3' | 'gemma2' | 'gemma3';
   hiddenSize: number;
   intermediateSize: number;
   numLayers: number;
@@ -27,7 +27,21 @@ export interface NativeModelSpec {
   };
   tiedEmbeddings: boolean;
   attentionBias: boolean;
-  slidingWindow: number;
+  slidingWindow: number; // the largest window of any layer (0 = none)
+  // Family features (addon/model.h ModelSpec); absent = the Llama behaviour.
+  layerWindows?: number[]; // [numLayers] attention window per layer, 0 = full
+  layerLocalRope?: number[]; // [numLayers] 1 = the local RoPE base (Gemma 3 sliding layers)
+  ropeLocalTheta?: number; // 0 = one RoPE for every layer
+  rotaryDim?: number; // rotated dimensions per head (partial rotary); 0 = headDim
+  qkNorm?: boolean; // per-head RMSNorm of q and k before RoPE
+  normPlusOne?: boolean; // RMSNorm multiplies by (1 + w) (Gemma)
+  sandwichNorm?: boolean; // post-attention, pre- and post-feedforward norms (Gemma)
+  activation?: 'silu' | 'gelu_tanh';
+  embedScale?: number; // embeddings times this (Gemma: sqrt(hidden), in fp32)
+  attnScale?: number; // attention scores' scale; 0 = 1/sqrt(headDim)
+  attnSoftcap?: number; // 0 = none
+  finalSoftcap?: number; // 0 = none
+  multimodalText?: boolean; // Gemma3ForConditionalGeneration: the language model only
   files: string[];
 }
 

@@ -197,9 +197,11 @@ describe.each(MODEL_NAMES)('%s', (name) => {
       near(lp.token_logprobs![c.n_prompt], g.top[0][1], `${where}: generated token's logprob`);
       if (g.margin > TOL) {
         expect(lp.tokens![c.n_prompt], `${where}: generated token`).toBe(tokenStr(c.ids[c.n_prompt]));
-        // An EOS (as the greedy token) ends the choice and, as in vLLM, is not part of the text.
+        // An EOS (as the greedy token) ends the choice and, as in vLLM, is not part of the text;
+        // nor is any other special token (skip_special_tokens, vLLM's default).
         const eos = srv.engine.model.eosTokenIds.includes(c.ids[c.n_prompt]);
-        expect(ch.text, `${where}: echo + generated text`).toBe(c.prompt + (eos ? '' : tokenStr(c.ids[c.n_prompt])));
+        const special = srv.engine.tokenizer.specialIds.has(c.ids[c.n_prompt]);
+        expect(ch.text, `${where}: echo + generated text`).toBe(c.prompt + (eos || special ? '' : tokenStr(c.ids[c.n_prompt])));
         expect(ch.finish_reason, `${where}: finish_reason`).toBe(eos ? 'stop' : 'length');
       }
     });
