@@ -9,9 +9,19 @@ namespace loraplex {
 
 namespace {
 
-std::string module_prefix(int layer, int proj) {
-  return "base_model.model.model.layers." + std::to_string(layer) + (proj <= kO ? ".self_attn." : ".mlp.") +
+// PEFT's tensor prefix of a module: `base_model.model.` + the module's name in the model.
+// Gemma3ForConditionalGeneration's language model is `model.language_model.` (transformers 5) or
+// `language_model.model.` (adapters trained with transformers 4); the first found is taken.
+std::string module_prefix(int layer, int proj, const std::string& model_prefix = "model.") {
+  return "base_model.model." + model_prefix + "layers." + std::to_string(layer) + (proj <= kO ? ".self_attn." : ".mlp.") +
          proj_name(proj);
+}
+
+// Adapter tensors of a multimodal checkpoint's vision side (PEFT also wraps the vision tower's
+// q/k/v projections when target_modules names them): never applied, as the vision tower is not
+// loaded and image inputs are refused.
+bool vision_tensor(const std::string& name) {
+  return name.find(".vision_tower.") != std::string::npos || name.find(".multi_modal_projector.") != std::string::npos;
 }
 
 // PEFT writes `<module>.lora_A.weight`; some tools keep the adapter name: `<module>.lora_A.<name>.weight`.
@@ -60,7 +70,16 @@ std::shared_ptr<ParsedAdapter> parse_adapter(const std::string& path, const std:
     if (e.rank < 1 || e.rank > max_rank)
       throw std::runtime_error(path + ": rank " + std::to_string(e.rank) + " of " + module_prefix(e.layer, e.proj) +
                                " is outside 1.." + std::to_string(max_rank) + " (--max-lora-rank)");
-    const std::string prefix = module_prefix(e.layer, e.proj);
+    std::string prefix = module_prefix(e.layer, e.proj);
+    if (model.spec.multimodal_text) {
+      prefix = module_prefix(e.layer, e.proj, "model.language_model.");
+      const std::string legacy = module_prefix(e.layer, e.proj, "language_model.model.");
+      if (f->tensors().lower_bound(prefix + ".") == f->tensors().end() ||
+          f->tensors().lower_bound(prefix + ".")->first.compare(0, prefix.size() + 1, prefix + ".") != 0)
+        if (auto it = f->tensors().lower_bound(legacy + ".");
+            it != f->tensors().end() && it->first.compare(0, legacy.size() + 1, legacy + ".") == 0)
+          prefix = legacy;
+    }
     const TensorView* a = find_lora(*f, prefix, "lora_A", used);
     const TensorView* b = find_lora(*f, prefix, "lora_B", used);
     if (!a || !b)
@@ -106,6 +125,7 @@ std::shared_ptr<ParsedAdapter> parse_adapter(const std::string& path, const std:
     out->modules.push_back(std::move(m));
   }
   for (const auto& [name, t] : f->tensors()) {
+    if (model.spec.multimodal_text && vision_tensor(name)) continue;
     if (!used.count(name))
       throw std::runtime_error(path + ": tensor '" + name +
                                "' is not a LoRA A/B weight of a module targeted by adapter_config.json");

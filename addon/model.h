@@ -49,6 +49,16 @@ struct ModelSpec {
 
   int window(int layer) const { return layer_windows.empty() ? sliding_window : layer_windows[size_t(layer)]; }
   bool local_rope(int layer) const { return !layer_local_rope.empty() && layer_local_rope[size_t(layer)] != 0; }
+  // The widest span any layer attends to: 0 (unbounded) if some layer is global, else the largest window.
+  int widest_window() const {
+    if (layer_windows.empty()) return sliding_window;
+    int w = 0;
+    for (int x : layer_windows) {
+      if (x == 0) return 0;
+      w = x > w ? x : w;
+    }
+    return w;
+  }
   int rot_dim() const { return rotary_dim > 0 ? rotary_dim : head_dim; }
   float scores_scale() const { return attn_scale > 0.f ? attn_scale : 1.0f / std::sqrt(float(head_dim)); }
 };

@@ -10,11 +10,12 @@ namespace {
 __global__ void __launch_bounds__(128) rope_kernel(float* __restrict__ q,                  // [T, n_q, hd]
                                                    int n_q,
                                                    float* __restrict__ k,                  // [T, n_k, hd] or null
-                                                   int n_k, int hd,
+                                                   int n_k, int hd, int rot,
                                                    const int32_t* __restrict__ positions,  // [T]
-                                                   const float* __restrict__ inv_freq,     // [hd/2]
+                                                   const float* __restrict__ inv_freq,     // [rot/2]
                                                    float attn_scale) {
-  const int t = blockIdx.x, half = hd / 2;
+  // Dimensions at and past `rot` (partial rotary) pass through untouched.
+  const int t = blockIdx.x, half = rot / 2;
   const float pos = float(positions[t]);
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
     // One cos/sin per (token, frequency), reused by every head. The angle is the fp32 product the
@@ -40,12 +41,13 @@ __global__ void __launch_bounds__(128) rope_kernel(float* __restrict__ q,       
 }  // namespace
 
 void rope(float* q, int n_q_heads, float* k, int n_k_heads, int T, int head_dim, const int32_t* positions,
-          const float* inv_freq, float attn_scale, cudaStream_t stream) {
+          const float* inv_freq, float attn_scale, cudaStream_t stream, int rot_dim) {
   if (T <= 0) return;
+  const int rot = rot_dim > 0 ? rot_dim : head_dim;
   // Threads over frequencies: for each head, consecutive threads touch consecutive floats.
-  const int threads = head_dim / 2 >= 128 ? 128 : ((head_dim / 2 + 31) / 32) * 32;
-  LP_LAUNCH(rope_kernel, dim3(T), dim3(threads), 0, stream, q, n_q_heads, k, n_k_heads, head_dim, positions, inv_freq,
-            attn_scale);
+  const int threads = rot / 2 >= 128 ? 128 : ((rot / 2 + 31) / 32) * 32;
+  LP_LAUNCH(rope_kernel, dim3(T), dim3(threads), 0, stream, q, n_q_heads, k, n_k_heads, head_dim, rot, positions,
+            inv_freq, attn_scale);
   check_launch("rope");
 }
 

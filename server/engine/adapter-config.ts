@@ -26,8 +26,11 @@ export interface AdapterPlan {
 
 export { AdapterError };
 
-function moduleKey(layer: number, proj: number): string {
-  return `model.layers.${layer}.${proj <= 3 ? 'self_attn' : 'mlp'}.${PROJ_NAMES[proj]}`;
+/** The module's name as PEFT matches it: `model.layers.N...`, or in a multimodal checkpoint's
+ *  language model (Gemma3ForConditionalGeneration) `model.language_model.layers.N...`. */
+function moduleKey(model: ModelInfo, layer: number, proj: number): string {
+  const prefix = model.spec.multimodalText ? 'model.language_model.' : 'model.';
+  return `${prefix}layers.${layer}.${proj <= 3 ? 'self_attn' : 'mlp'}.${PROJ_NAMES[proj]}`;
 }
 
 /**
@@ -240,7 +243,7 @@ function* planSteps(cfg: Record<string, unknown>, model: ModelInfo, maxLoraRank:
   const targets = new Set<string>();
   for (let layer = 0; layer < model.spec.numLayers; layer++) {
     for (let proj = 0; proj < PROJ_NAMES.length; proj++) {
-      const key = moduleKey(layer, proj);
+      const key = moduleKey(model, layer, proj);
       if (!matches(key, layer)) continue;
       const mr = (yield* patternValue(rankPattern, key, 'rank_pattern')) ?? rank;
       const ma = (yield* patternValue(alphaPattern, key, 'alpha_pattern')) ?? alpha;

@@ -15,6 +15,8 @@ export interface ModelInfo {
   torchDtype: string | null;
   /** generation_config.json max_new_tokens: the default cap of a chat completion. */
   maxNewTokens: number | null;
+  /** What of the checkpoint is served, when not all of it (a multimodal model's text part); /v1/models shows it. */
+  note: string | null;
 }
 
 const ARCHES: Record<string, NativeModelSpec['arch']> = {
@@ -319,6 +321,9 @@ export function readModelDir(dirArg: string, servedName?: string): ModelInfo {
     bosTokenId: bos,
     torchDtype: dtype,
     maxNewTokens: typeof gen.max_new_tokens === 'number' && Number.isInteger(gen.max_new_tokens) && gen.max_new_tokens > 0 ? gen.max_new_tokens : null,
+    note: multimodalText
+      ? `${archName}: text only (the language model is served; the vision tower is not loaded and image inputs are refused)`
+      : null,
     spec,
   };
 }

@@ -736,6 +736,7 @@ def family_specs(n_vocab, bos_id, eot_id):
             seed=808,
             norm_centre=0.0,
             legacy_keys=gemma3_legacy_keys,
+            multimodal_check=True,
         ),
     ]
 
@@ -767,6 +768,29 @@ FAMILY_ADAPTERS = {
     ],
 }
 ADAPTERS.update(FAMILY_ADAPTERS)
+
+
+def multimodal_text_check(model_dir, seq):
+    """Gemma3ForConditionalGeneration (the 4B-27B releases) on text is its language
+    model: build one around this fixture's weights (a tiny random SigLIP vision
+    tower) and require HF's logits to equal Gemma3ForCausalLM's exactly, so this
+    fixture's outputs are also the multimodal checkpoint's (the loraplex test
+    renames the tensors into that layout, test/golden/gemma3-multimodal.test.ts)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    causal = load_fp32(model_dir)
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    cfg = Gemma3Config(text_config=causal.config.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    mm = Gemma3ForConditionalGeneration(cfg).eval()
+    lm = {k[len("model."):]: v for k, v in causal.state_dict().items() if k.startswith("model.")}
+    mm.model.language_model.load_state_dict(lm, strict=True)
+    x = torch.tensor([seq])
+    with torch.no_grad():
+        d = (mm(input_ids=x).logits - causal(x).logits).abs().max().item()
+    assert d == 0.0, ("Gemma3ForConditionalGeneration text logits differ from Gemma3ForCausalLM", d)
+    return True
 
 
 def softcap_check(model_dir, seq):
@@ -1052,6 +1076,9 @@ def build_fixture(spec, raw_tok, hf_tok, n_vocab, bos_id, eot_id, seed, notes, s
         "model": rel(model_dir),
         "weights_dtype": str(spec["save_dtype"]).replace("torch.", ""),
     }
+    if spec.get("multimodal_check"):
+        long_ids = tok(BASE_PROMPTS[3], add_special_tokens=True)["input_ids"]
+        out["conditional_generation_text_equal"] = multimodal_text_check(model_dir, long_ids)
     if spec.get("softcap_check"):
         long_ids = tok(BASE_PROMPTS[3], add_special_tokens=True)["input_ids"]
         out["softcap_clips"] = softcap_check(model_dir, long_ids)
