@@ -210,7 +210,7 @@ class CpuBackend final : public Backend {
   const StepBatch* batch_ = nullptr;
   std::vector<cpu::LoraSegment> segs_;
   bool any_lora_ = false, per_token_ = false;
-  std::vector<float> x_, h_, q_, k_, v_, att_, o_, gate_, up_, act_, z_, last_, rope_cos_, rope_sin_;
+  std::vector<float> x_, h_, q_, k_, v_, att_, o_, gate_, up_, act_, z_, last_, rope_cos_, rope_sin_, long_cos_, long_sin_;
   OpProfile prof_;
 };
 
@@ -278,6 +278,19 @@ void CpuBackend::forward(const StepBatch& b, float* logits, const RowLogits* ext
     if (two_ropes)
       cpu::rope_table(b.positions.data(), T, m.inv_freq_local.data(), half, 1.0f, rope_cos_.data() + size_t(T) * half,
                       rope_sin_.data() + size_t(T) * half);
+    // LongRoPE: the tokens of sequences in the long regime (the scheduler's per-sequence choice)
+    // take the long factors' rows.
+    if (!m.inv_freq_long.empty() && std::find(b.rope_long.begin(), b.rope_long.end(), 1) != b.rope_long.end()) {
+      long_cos_.resize(size_t(T) * half);
+      long_sin_.resize(size_t(T) * half);
+      cpu::rope_table(b.positions.data(), T, m.inv_freq_long.data(), half, m.attn_scaling, long_cos_.data(), long_sin_.data());
+      for (int q = 0; q < b.n_seqs; q++) {
+        if (!b.rope_long[size_t(q)]) continue;
+        const size_t r0 = size_t(b.query_start[q]) * half, r1 = size_t(b.query_start[q + 1]) * half;
+        std::copy(long_cos_.begin() + r0, long_cos_.begin() + r1, rope_cos_.begin() + r0);
+        std::copy(long_sin_.begin() + r0, long_sin_.begin() + r1, rope_sin_.begin() + r0);
+      }
+    }
   }
   for (int l = 0; l < s.n_layers; l++) {
     const Layer& L = m.layers[l];

@@ -108,7 +108,8 @@ struct StepPlan {
   std::vector<int> pending_slots;
   // Device pointers into the step buffer.
   const int32_t *tokens, *positions, *token_slots, *query_start, *context_lens, *block_tables, *token_seq,
-      *sample_rows, *prefill_tiles, *sgmv_tiles;
+      *sample_rows, *prefill_tiles, *sgmv_tiles, *token_long;
+  bool any_long = false;  // LongRoPE: some sequence of the step rotates with the long factors
 };
 
 // Staging ring for host -> device copies on the copy stream: two pinned halves; while the DMA
@@ -220,6 +221,7 @@ class CudaBackend final : public Backend {
   const float* final_norm_ = nullptr;
   const float* inv_freq_ = nullptr;
   const float* inv_freq_local_ = nullptr;  // Gemma 3's sliding layers, or null
+  const float* inv_freq_long_ = nullptr;   // LongRoPE's long factors, or null
   std::vector<DevLayer> layers_;
 
   cuda::LoraRef* d_refs_ = nullptr;  // [slot][layer][proj]
@@ -317,6 +319,7 @@ void CudaBackend::init(int block_size, int num_pages, const LoadProgress& progre
   final_norm_ = upload(m.final_norm, "model.norm.weight");
   inv_freq_ = upload(m.inv_freq, "rope inv_freq");
   inv_freq_local_ = upload(m.inv_freq_local, "local rope inv_freq");
+  inv_freq_long_ = upload(m.inv_freq_long, "longrope long inv_freq");
   layers_.resize(s.n_layers);
   for (int l = 0; l < s.n_layers; l++) {
     const Layer& L = m.layers[l];
@@ -466,14 +469,17 @@ void CudaBackend::plan_step(const StepBatch& b) {
       b.block_tables.size() != size_t(S) * size_t(b.max_blocks))
     throw std::runtime_error("CUDA backend: StepBatch arrays do not match n_tokens / n_seqs / max_blocks");
 
-  std::vector<int32_t> token_seq(T), sample_rows(n);
+  std::vector<int32_t> token_seq(T), sample_rows(n), token_long(T, 0);
   int max_new = 0, max_span = 1;
   const int window = s.widest_window();
   for (int q = 0; q < S; q++) {
     const int q0 = b.query_start[q], q1 = b.query_start[q + 1];
     max_new = std::max(max_new, q1 - q0);
+    const bool is_long = !b.rope_long.empty() && b.rope_long[size_t(q)] != 0;
+    P.any_long = P.any_long || is_long;
     for (int t = q0; t < q1; t++) {
       token_seq[t] = q;
+      token_long[t] = is_long;
       const int pos = b.context_lens[q] - (q1 - q0) + (t - q0);
       const int lo = window > 0 ? std::max(0, pos - window + 1) : 0;
       max_span = std::max(max_span, pos - lo + 1);
@@ -529,6 +535,7 @@ void CudaBackend::plan_step(const StepBatch& b) {
   put(sample_rows.data(), n);
   put(prefill_tiles.data(), prefill_tiles.size());
   put(sgmv_tiles.data(), sgmv_tiles.size());
+  put(token_long.data(), T);
   const size_t bytes = std::max<size_t>(ints_.size(), 1) * sizeof(int32_t);
   h_step_.ensure(bytes, "cudaHostAlloc (step tables)");
   d_step_.ensure(bytes, "cudaMalloc (step tables)");
@@ -536,7 +543,8 @@ void CudaBackend::plan_step(const StepBatch& b) {
   check_cuda(cudaMemcpyAsync(d_step_.p, h_step_.p, bytes, cudaMemcpyHostToDevice, compute_), "step tables upload");
   const int32_t* d = d_step_.as<int32_t>();
   const int32_t** dst[] = {&P.tokens,     &P.positions, &P.token_slots,  &P.query_start,   &P.context_lens,
-                           &P.block_tables, &P.token_seq, &P.sample_rows, &P.prefill_tiles, &P.sgmv_tiles};
+                           &P.block_tables, &P.token_seq, &P.sample_rows, &P.prefill_tiles, &P.sgmv_tiles,
+                           &P.token_long};
   for (size_t i = 0; i < at.size(); i++) *dst[i] = d + at[i];
 }
 
@@ -610,7 +618,7 @@ void CudaBackend::forward(const StepBatch& b, float* logits, const RowLogits* ex
     }
     const bool local = s.local_rope(l);
     cuda::rope(q, s.n_heads, k, s.n_kv_heads, T, s.head_dim, P.positions, local ? inv_freq_local_ : inv_freq_,
-               local ? 1.0f : m.attn_scaling, compute_, s.rot_dim());
+               local ? 1.0f : m.attn_scaling, compute_, s.rot_dim(), P.any_long ? inv_freq_long_ : nullptr, P.token_long);
     cuda::kv_write(pool_, layout_, l, ab, T, k, v, compute_);
     ab.sliding_window = s.window(l);
     if (P.decode_attn)

@@ -12,9 +12,29 @@ namespace {
 // PEFT's tensor prefix of a module: `base_model.model.` + the module's name in the model.
 // Gemma3ForConditionalGeneration's language model is `model.language_model.` (transformers 5) or
 // `language_model.model.` (adapters trained with transformers 4); the first found is taken.
-std::string module_prefix(int layer, int proj, const std::string& model_prefix = "model.") {
+std::string module_prefix(int layer, int proj, const std::string& model_prefix = "model.", const char* name = nullptr) {
   return "base_model.model." + model_prefix + "layers." + std::to_string(layer) + (proj <= kO ? ".self_attn." : ".mlp.") +
-         proj_name(proj);
+         (name ? name : proj_name(proj));
+}
+
+// Phi-3's fused modules: the LoRA of qkv_proj (gate_up_proj) is one A and a B whose rows are
+// q | k | v (gate | up) outputs. Each projection gets its own module with that A and its slice of
+// B's rows, exactly where HF slices the fused output. Returns false for an unfused projection.
+struct FusedSlice {
+  const char* name;
+  int row0, rows_total;
+};
+bool fused_slice(const Model& m, int proj, FusedSlice& out) {
+  const int QD = m.q_dim(), KD = m.kv_dim(), I = m.spec.intermediate;
+  if (m.spec.fused_qkv && proj <= kV) {
+    out = {"qkv_proj", proj == kQ ? 0 : proj == kK ? QD : QD + KD, QD + 2 * KD};
+    return true;
+  }
+  if (m.spec.fused_gate_up && (proj == kGate || proj == kUp)) {
+    out = {"gate_up_proj", proj == kGate ? 0 : I, 2 * I};
+    return true;
+  }
+  return false;
 }
 
 // Adapter tensors of a multimodal checkpoint's vision side (PEFT also wraps the vision tower's
@@ -70,7 +90,9 @@ std::shared_ptr<ParsedAdapter> parse_adapter(const std::string& path, const std:
     if (e.rank < 1 || e.rank > max_rank)
       throw std::runtime_error(path + ": rank " + std::to_string(e.rank) + " of " + module_prefix(e.layer, e.proj) +
                                " is outside 1.." + std::to_string(max_rank) + " (--max-lora-rank)");
-    std::string prefix = module_prefix(e.layer, e.proj);
+    FusedSlice fs{nullptr, 0, 0};
+    const bool fused = fused_slice(model, e.proj, fs);
+    std::string prefix = module_prefix(e.layer, e.proj, "model.", fused ? fs.name : nullptr);
     if (model.spec.multimodal_text) {
       prefix = module_prefix(e.layer, e.proj, "model.language_model.");
       const std::string legacy = module_prefix(e.layer, e.proj, "language_model.model.");
@@ -85,22 +107,25 @@ std::shared_ptr<ParsedAdapter> parse_adapter(const std::string& path, const std:
     if (!a || !b)
       throw std::runtime_error(path + ": missing tensor '" + prefix + (a ? ".lora_B" : ".lora_A") + ".weight'");
     const int in = model.proj_in(e.proj), outw = model.proj_out(e.proj);
+    const int b_rows = fused ? fs.rows_total : outw, b_row0 = fused ? fs.row0 : 0;  // B's rows in the file
     for (const TensorView* t : {a, b}) {
       if (t->dtype != DType::F32 && t->dtype != DType::BF16 && t->dtype != DType::F16)
         throw std::runtime_error(path + ": tensor '" + t->name + "' has unsupported dtype " + dtype_name(t->dtype));
     }
-    const std::vector<int64_t> want_a{e.rank, in}, want_b{outw, e.rank};
+    const std::vector<int64_t> want_a{e.rank, in}, want_b{b_rows, e.rank};
     if (a->shape != want_a)
       throw std::runtime_error(path + ": tensor '" + a->name + "' has shape " + a->shape_str() + ", expected [" +
                                std::to_string(e.rank) + ", " + std::to_string(in) + "] (rank x input width)");
     if (b->shape != want_b)
       throw std::runtime_error(path + ": tensor '" + b->name + "' has shape " + b->shape_str() + ", expected [" +
-                               std::to_string(outw) + ", " + std::to_string(e.rank) + "] (output width x rank)");
+                               std::to_string(b_rows) + ", " + std::to_string(e.rank) + "] (output width x rank)");
     LoraModule m{e.layer, e.proj, e.rank, e.scale, std::vector<float>(size_t(e.rank) * in),
                  std::vector<float>(size_t(e.rank) * outw)};
     to_f32(*a, m.a.data());
-    std::vector<float> bw(size_t(outw) * e.rank);
-    to_f32(*b, bw.data());
+    std::vector<float> bw_all(size_t(b_rows) * e.rank);
+    to_f32(*b, bw_all.data());
+    // This projection's rows of B (all of them unless fused).
+    const std::vector<float> bw(bw_all.begin() + size_t(b_row0) * e.rank, bw_all.begin() + size_t(b_row0 + outw) * e.rank);
     for (int o = 0; o < outw; o++)
       for (int j = 0; j < e.rank; j++) m.bt[size_t(j) * outw + o] = bw[size_t(o) * e.rank + j];
     if (!std::isfinite(e.scale))

@@ -35,7 +35,7 @@ namespace {
 
 void check_spec(const ModelSpec& s) {
   auto bad = [](const std::string& m) { throw std::runtime_error("config.json: " + m); };
-  static const char* kArches[] = {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"};
+  static const char* kArches[] = {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"};
   if (std::find(std::begin(kArches), std::end(kArches), s.arch) == std::end(kArches)) bad("unsupported architecture " + s.arch);
   if (s.hidden <= 0 || s.intermediate <= 0 || s.n_layers <= 0 || s.n_heads <= 0 || s.n_kv_heads <= 0 ||
       s.head_dim <= 0 || s.vocab <= 0)
@@ -50,6 +50,16 @@ void check_spec(const ModelSpec& s) {
     if (w < 0) bad("sliding_window must not be negative");
   if (s.rotary_dim < 0 || s.rotary_dim > s.head_dim || s.rotary_dim % 2 != 0)
     bad("partial_rotary_factor must give an even number of rotated dimensions up to head_dim");
+  if (s.rope_type == RopeType::LongRope) {
+    const size_t half = size_t(s.rot_dim() / 2);
+    if (s.rope_short_factor.size() != half || s.rope_long_factor.size() != half)
+      bad("rope_scaling short_factor and long_factor must have " + std::to_string(half) + " entries (rotary dimensions / 2)");
+    for (float f : s.rope_short_factor)
+      if (!(f > 0.f) || !std::isfinite(f)) bad("rope_scaling short_factor entries must be positive");
+    for (float f : s.rope_long_factor)
+      if (!(f > 0.f) || !std::isfinite(f)) bad("rope_scaling long_factor entries must be positive");
+    if (s.rope_original_max <= 0) bad("original_max_position_embeddings must be positive");
+  }
   if (!(s.embed_scale > 0.f) || !std::isfinite(s.embed_scale)) bad("the embedding scale must be positive");
   if (s.attn_scale < 0.f || s.attn_softcap < 0.f || s.final_softcap < 0.f || !std::isfinite(s.attn_scale) ||
       !std::isfinite(s.attn_softcap) || !std::isfinite(s.final_softcap))
@@ -129,7 +139,17 @@ void compute_inv_freq(Model& m) {
   m.inv_freq = default_inv_freq(s.rope_theta, s.rot_dim());
   // Gemma 3's sliding layers: their own base, never scaled (scaling applies to global layers).
   if (s.rope_local_theta > 0.f) m.inv_freq_local = default_inv_freq(s.rope_local_theta, s.rot_dim());
-  if (s.rope_type == RopeType::Linear) {
+  if (s.rope_type == RopeType::LongRope) {
+    // inv_freq = 1 / (factor_i * theta^(2i / rot_dim)), in fp32 as the reference builds it; short
+    // factors up to rope_original_max tokens, long ones past it; cos/sin scaled by the attention factor.
+    m.inv_freq_long = m.inv_freq;
+    for (size_t i = 0; i < m.inv_freq.size(); i++) {
+      const float base = std::pow(s.rope_theta, float(2 * i) / float(s.rot_dim()));  // theta^(2i/rot_dim), fp32
+      m.inv_freq[i] = 1.0f / (s.rope_short_factor[i] * base);
+      m.inv_freq_long[i] = 1.0f / (s.rope_long_factor[i] * base);
+    }
+    m.attn_scaling = s.rope_attention_factor;
+  } else if (s.rope_type == RopeType::Linear) {
     for (auto& f : m.inv_freq) f /= s.rope_factor;
   } else if (s.rope_type == RopeType::Llama3) {
     const float old_ctx = float(s.rope_original_max);
@@ -215,8 +235,28 @@ std::shared_ptr<Model> load_model(const ModelSpec& spec, const LoadProgress& pro
       L.k_norm = norm(p + "self_attn.k_norm.weight", HD);
     }
     for (int pr = 0; pr < kNumProj; pr++) {
+      if ((spec.fused_qkv && pr <= kV) || (spec.fused_gate_up && (pr == kGate || pr == kUp))) continue;
       const std::string mod = (pr <= kO ? "self_attn." : "mlp.") + std::string(proj_name(pr));
       L.proj[pr] = weight(idx.get(p + mod + ".weight", {m->proj_out(pr), m->proj_in(pr)}));
+    }
+    // Phi-3's fused projections: row slices of one row-major matrix are contiguous, so q, k and v
+    // (gate and up) are views into it, split exactly where HF slices the fused output.
+    const auto slice = [](const Weight& w, int row0, int rows) {
+      Weight v = w;
+      v.data = static_cast<const uint8_t*>(w.data) + size_t(row0) * size_t(w.cols) * cpu::wtype_size(w.type);
+      v.rows = rows;
+      return v;
+    };
+    if (spec.fused_qkv) {
+      const Weight qkv = weight(idx.get(p + "self_attn.qkv_proj.weight", {QD + 2 * KD, H}));
+      L.proj[kQ] = slice(qkv, 0, int(QD));
+      L.proj[kK] = slice(qkv, int(QD), int(KD));
+      L.proj[kV] = slice(qkv, int(QD + KD), int(KD));
+    }
+    if (spec.fused_gate_up) {
+      const Weight gu = weight(idx.get(p + "mlp.gate_up_proj.weight", {2 * I, H}));
+      L.proj[kGate] = slice(gu, 0, int(I));
+      L.proj[kUp] = slice(gu, int(I), int(I));
     }
     if (spec.attn_bias) {
       L.q_bias = vec_f32(idx.get(p + "self_attn.q_proj.bias", {QD}));
@@ -224,7 +264,6 @@ std::shared_ptr<Model> load_model(const ModelSpec& spec, const LoadProgress& pro
       L.v_bias = vec_f32(idx.get(p + "self_attn.v_proj.bias", {KD}));
     }
   }
-  (void)I;
   compute_inv_freq(*m);
   return m;
 }

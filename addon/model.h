@@ -14,7 +14,7 @@
 
 namespace loraplex {
 
-enum class RopeType { None, Linear, Llama3 };
+enum class RopeType { None, Linear, Llama3, LongRope };
 enum class Activation { Silu, GeluTanh };
 
 // The normalised family spec (DESIGN.md: a family is a set of features the one forward reads, not
@@ -27,6 +27,10 @@ struct ModelSpec {
   RopeType rope_type = RopeType::None;
   float rope_factor = 1.f, rope_low_freq_factor = 1.f, rope_high_freq_factor = 4.f;
   int rope_original_max = 8192;
+  // LongRoPE (Phi-3): per-frequency divisors [rot_dim/2] for sequences up to rope_original_max
+  // tokens (short) and beyond (long), and the cos/sin scale (attention factor) for both.
+  std::vector<float> rope_short_factor, rope_long_factor;
+  float rope_attention_factor = 1.f;
   bool tied_embeddings = false;
   bool attn_bias = false;  // q/k/v bias (Qwen2)
   int sliding_window = 0;  // 0 = none (the largest per-layer window)
@@ -45,6 +49,8 @@ struct ModelSpec {
   float attn_softcap = 0.f;      // 0 = none; else scores -> cap * tanh(scores / cap) (Gemma 2)
   float final_softcap = 0.f;     // the same on the logits
   bool multimodal_text = false;  // Gemma3ForConditionalGeneration: the language model's weights only
+  bool fused_qkv = false;        // Phi-3: one qkv_proj [q | k | v rows] instead of q/k/v_proj
+  bool fused_gate_up = false;    // Phi-3: one gate_up_proj [gate | up rows] instead of gate/up_proj
   std::vector<std::string> files;  // safetensors shards
 
   int window(int layer) const { return layer_windows.empty() ? sliding_window : layer_windows[size_t(layer)]; }
@@ -90,6 +96,7 @@ struct Model {
   std::vector<Layer> layers;
   std::vector<float> inv_freq;        // [rot_dim/2], rope scaling applied
   std::vector<float> inv_freq_local;  // [rot_dim/2] with rope_local_theta (empty: one RoPE)
+  std::vector<float> inv_freq_long;   // [rot_dim/2] LongRoPE's long factors (inv_freq: the short ones)
   float attn_scaling = 1.f;     // multiplies cos/sin (1 for none/linear/llama3)
 
   int q_dim() const { return spec.n_heads * spec.head_dim; }

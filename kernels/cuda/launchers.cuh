@@ -51,13 +51,16 @@ void residual_add(float* x,            // [n]
 // carries the model's rope scaling (none / linear / llama3: Model::inv_freq); cos and sin are
 // multiplied by attn_scale. k may be nullptr (n_k_heads ignored). Partial rotary (Phi-3): only the
 // first rot_dim dimensions of each head rotate (pairs i, i + rot_dim/2); 0 means head_dim.
+// LongRoPE (Phi-3): tokens with token_alt[t] != 0 rotate with inv_freq_alt (the long factors).
 void rope(float* q,                  // [T, n_q_heads, head_dim]
           int n_q_heads,
           float* k,                  // [T, n_k_heads, head_dim] or nullptr
           int n_k_heads, int T, int head_dim,
           const int32_t* positions,  // [T]
           const float* inv_freq,     // [rot_dim / 2]
-          float attn_scale, cudaStream_t stream, int rot_dim = 0);
+          float attn_scale, cudaStream_t stream, int rot_dim = 0,
+          const float* inv_freq_alt = nullptr,  // [rot_dim / 2] or nullptr
+          const int32_t* token_alt = nullptr);  // [T] or nullptr
 
 // act = silu(gate) * up over n floats (n = T * I).
 void silu_mul(const float* gate,  // [T, I]

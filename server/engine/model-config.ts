@@ -28,6 +28,8 @@ const ARCHES: Record<string, NativeModelSpec['arch']> = {
   Gemma3ForCausalLM: 'gemma3',
   // The text part only: the language model's weights; the vision tower is never loaded.
   Gemma3ForConditionalGeneration: 'gemma3',
+  // Phi-3-mini/medium, Phi-3.5-mini, Phi-4-mini (Phi-3-small, MoE and vision are other classes).
+  Phi3ForCausalLM: 'phi3',
 };
 
 /** transformers' per-class defaults for keys a config.json may leave out (Gemma 3's released
@@ -40,6 +42,7 @@ const CLASS_DEFAULTS: Partial<Record<NativeModelSpec['arch'], Record<string, unk
     query_pre_attn_scalar: 256, sliding_window: 4096, final_logit_softcapping: 30.0, attn_logit_softcapping: 50.0,
     hidden_activation: 'gelu_pytorch_tanh', rope_theta: 10000,
   },
+  phi3: { vocab_size: 32064, max_position_embeddings: 4096, rms_norm_eps: 1e-5, tie_word_embeddings: false, hidden_act: 'silu' },
   gemma3: {
     vocab_size: 262208, hidden_size: 2304, intermediate_size: 9216, num_hidden_layers: 26, num_attention_heads: 8,
     num_key_value_heads: 4, head_dim: 256, max_position_embeddings: 131072, tie_word_embeddings: true,
@@ -166,6 +169,59 @@ function optPositive(cfg: Json, key: string, path: string): number {
   return v;
 }
 
+/** Phi-3's rotated dimensions: int(head_dim * partial_rotary_factor) (Phi-4-mini: 0.75), even. */
+function phi3RotaryDim(cfg: Json, rp: Json | null, where: string, headDim: number): number {
+  const rs = (cfg.rope_scaling ?? null) as Json | null;
+  const f = rp?.partial_rotary_factor ?? rs?.partial_rotary_factor ?? cfg.partial_rotary_factor ?? 1.0;
+  if (typeof f !== 'number' || !(f > 0 && f <= 1)) throw new ModelLoadError(`${where}: partial_rotary_factor must be in (0, 1] (got ${JSON.stringify(f)})`);
+  const dim = Math.floor(headDim * f);
+  if (dim < 2 || dim % 2 !== 0) throw new ModelLoadError(`${where}: partial_rotary_factor ${f} gives ${dim} rotary dimensions of ${headDim}; it must be an even number`);
+  return dim;
+}
+
+/**
+ * Phi-3's RoPE: default, or longrope (legacy type names "su" and "yarn" mean longrope, as in
+ * Phi3Config): short_factor / long_factor of rotary_dim / 2 entries each, original_max_position_embeddings
+ * (in the rope block or top-level), and the attention factor (given, else from factor =
+ * max_position_embeddings / original_max_position_embeddings: sqrt(1 + ln(factor) / ln(original))).
+ */
+function parsePhi3Rope(cfg: Json, block: Json | null, where: string, headDim: number): { rope: RopeSpec; ropeTheta: number } {
+  const type = String(block?.rope_type ?? block?.type ?? 'default');
+  const ropeTheta = typeof block?.rope_theta === 'number' ? block.rope_theta : num(cfg, 'rope_theta', where, 10000);
+  if (!(ropeTheta > 0)) throw new ModelLoadError(`${where}: rope_theta must be positive`);
+  if (type === 'default' || type === 'none') return { rope: parseRope(null, where), ropeTheta };
+  if (type !== 'longrope' && type !== 'su' && type !== 'yarn')
+    throw new ModelLoadError(`${where} rope_scaling: rope type ${JSON.stringify(type)} is not supported for Phi-3 (default, longrope)`);
+  const b = block as Json;
+  const rot = phi3RotaryDim(cfg, (cfg.rope_parameters ?? null) as Json | null, where, headDim);
+  const list = (key: string): number[] => {
+    const v = b[key];
+    if (!Array.isArray(v) || v.length !== rot / 2 || !v.every((x) => typeof x === 'number' && Number.isFinite(x) && x > 0))
+      throw new ModelLoadError(`${where} rope_scaling: ${key} must be a list of ${rot / 2} positive numbers (rotary dimensions / 2)`);
+    return v as number[];
+  };
+  const shortFactor = list('short_factor');
+  const longFactor = list('long_factor');
+  const origRaw = b.original_max_position_embeddings ?? cfg.original_max_position_embeddings;
+  if (typeof origRaw !== 'number' || !Number.isInteger(origRaw) || origRaw <= 0)
+    throw new ModelLoadError(`${where}: original_max_position_embeddings must be a positive integer for longrope (got ${JSON.stringify(origRaw)})`);
+  const maxPos = int(cfg, 'max_position_embeddings', where);
+  const factor = typeof b.factor === 'number' ? b.factor : maxPos / origRaw;
+  let attentionFactor: number;
+  if (b.attention_factor != null) {
+    if (typeof b.attention_factor !== 'number' || !(b.attention_factor > 0))
+      throw new ModelLoadError(`${where} rope_scaling: attention_factor must be a positive number`);
+    attentionFactor = b.attention_factor;
+  } else {
+    attentionFactor = factor <= 1 ? 1 : Math.sqrt(1 + Math.log(factor) / Math.log(origRaw));
+  }
+  const spec: NativeModelSpec['ropeScaling'] = {
+    type: 'longrope', factor, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: origRaw,
+    shortFactor, longFactor, attentionFactor,
+  };
+  return { rope: { spec, theta: ropeTheta }, ropeTheta };
+}
+
 export function readModelDir(dirArg: string, servedName?: string): ModelInfo {
   const dir = resolve(dirArg);
   if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new ModelLoadError(`${dir}: model directory not found`);
@@ -237,6 +293,8 @@ export function readModelDir(dirArg: string, servedName?: string): ModelInfo {
     if (local.spec.type !== 'none')
       throw new ModelLoadError(`${where}: scaled RoPE on sliding layers (rope_parameters.sliding_attention) is not supported`);
     ropeLocalTheta = local.theta ?? num(cfg, 'rope_local_base_freq', where, 10_000);
+  } else if (arch === 'phi3') {
+    ({ rope, ropeTheta } = parsePhi3Rope(cfg, rs ?? rp, where, headDim));
   } else {
     rope = parseRope(rs ?? rp, `${where} rope_scaling`);
     ropeTheta = num(cfg, 'rope_theta', where, typeof rp?.rope_theta === 'number' ? rp.rope_theta : 10000);
@@ -248,6 +306,13 @@ export function readModelDir(dirArg: string, servedName?: string): ModelInfo {
   let layerLocalRope: number[] | undefined;
   // MistralConfig's default window is 4096 when the key is absent; null means none.
   if (arch === 'mistral') slidingWindow = cfg.sliding_window === undefined ? 4096 : typeof cfg.sliding_window === 'number' ? cfg.sliding_window : 0;
+  // Phi3Config: null (no window) unless set; the 4k models set 2047, applied to every layer.
+  if (arch === 'phi3') {
+    const w = cfg.sliding_window;
+    if (w != null && (typeof w !== 'number' || !Number.isInteger(w) || w <= 0))
+      throw new ModelLoadError(`${where}: sliding_window must be a positive integer or null (got ${JSON.stringify(w)})`);
+    slidingWindow = (w as number | null | undefined) ?? 0;
+  }
   if ((arch === 'qwen2' || arch === 'qwen3') && cfg.use_sliding_window === true && typeof cfg.sliding_window === 'number')
     throw new ModelLoadError(`${where}: ${arch === 'qwen2' ? 'Qwen2' : 'Qwen3'} use_sliding_window is not supported`);
   if (gemma) {
@@ -312,6 +377,7 @@ export function readModelDir(dirArg: string, servedName?: string): ModelInfo {
     if (!(num(cfg, 'query_pre_attn_scalar', where, 256) > 0)) throw new ModelLoadError(`${where}: query_pre_attn_scalar must be positive`);
   }
   if (arch === 'gemma3') Object.assign(spec, { qkNorm: true, layerLocalRope, ropeLocalTheta, multimodalText });
+  if (arch === 'phi3') Object.assign(spec, { fusedQkv: true, fusedGateUp: true, rotaryDim: phi3RotaryDim(cfg, rp, where, headDim) });
   return {
     dir,
     name: servedName ?? basename(dir),

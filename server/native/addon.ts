@@ -8,7 +8,7 @@ import { fileURLToPath } from 'node:url';
 import { applyOpenMpWaitDefault } from '../engine/cpu-threads.js';
 
 export interface NativeModelSpec {
-  arch: 'llama' | 'mistral' | 'qwen2' | 'qwen3' | 'gemma2' | 'gemma3';
+  arch: 'llama' | 'mistral' | 'qwen2' | 'qwen3' | 'gemma2' | 'gemma3' | 'phi3';
   hiddenSize: number;
   intermediateSize: number;
   numLayers: number;
@@ -19,11 +19,16 @@ export interface NativeModelSpec {
   rmsNormEps: number;
   ropeTheta: number;
   ropeScaling: {
-    type: 'none' | 'linear' | 'llama3';
+    type: 'none' | 'linear' | 'llama3' | 'longrope';
     factor: number;
     lowFreqFactor: number;
     highFreqFactor: number;
     originalMaxPositionEmbeddings: number;
+    // longrope: per-frequency divisors [rotaryDim / 2] up to / past originalMaxPositionEmbeddings,
+    // and the cos/sin scale
+    shortFactor?: number[];
+    longFactor?: number[];
+    attentionFactor?: number;
   };
   tiedEmbeddings: boolean;
   attentionBias: boolean;
@@ -42,6 +47,8 @@ export interface NativeModelSpec {
   attnSoftcap?: number; // 0 = none
   finalSoftcap?: number; // 0 = none
   multimodalText?: boolean; // Gemma3ForConditionalGeneration: the language model only
+  fusedQkv?: boolean; // Phi-3: qkv_proj holds q | k | v rows
+  fusedGateUp?: boolean; // Phi-3: gate_up_proj holds gate | up rows
   files: string[];
 }
 
@@ -112,6 +119,7 @@ export interface NativeStepBatch {
   freeSeqIds: Uint32Array; // sampler states to drop
   /** Prompt logprobs: token indices (in [0, T)) whose logits are scored against the next prompt token. */
   promptLpRows?: Int32Array; // [R]
+  ropeLong?: Uint8Array; // [S] LongRoPE models: 1 = this sequence rotates with the long factors
   promptLpTargets?: Int32Array; // [R] the token each row should have predicted
   promptLpTop?: Int32Array; // [R] top-N alternatives to report (0..20)
 }

@@ -279,6 +279,30 @@ void test_elementwise(Rng& rng) {
     expect_close(what + " k", dk.host().data(), wk.data(), wk.size(), {1e-5, 1e-5});
     expect_guard(what, dq);
   }
+  // LongRoPE: per-token choice of the long frequencies (token_alt), partial rotary 12 of 16.
+  {
+    const int T = 6, nq = 3, nk = 1, hd = 16, rot = 12, half = rot / 2;
+    std::vector<float> inv(half), inv_long(half);
+    for (int i = 0; i < half; i++) inv[i] = 1.0f / std::pow(10000.f, float(2 * i) / float(rot)), inv_long[i] = inv[i] / (1.f + i);
+    std::vector<int32_t> pos(T), alt = {0, 1, 1, 0, 1, 0};
+    for (int t = 0; t < T; t++) pos[t] = rng.below(4096);
+    const std::vector<float> q = rng.vec(size_t(T) * nq * hd), k = rng.vec(size_t(T) * nk * hd);
+    std::vector<float> wq = q, wk = k, cs(size_t(T) * half), sn(size_t(T) * half), cl(cs.size()), sl(sn.size());
+    cpu::rope_table(pos.data(), T, inv.data(), half, 1.18f, cs.data(), sn.data());
+    cpu::rope_table(pos.data(), T, inv_long.data(), half, 1.18f, cl.data(), sl.data());
+    for (int t = 0; t < T; t++)
+      if (alt[t])
+        for (int i = 0; i < half; i++) cs[size_t(t) * half + i] = cl[size_t(t) * half + i], sn[size_t(t) * half + i] = sl[size_t(t) * half + i];
+    cpu::rope_apply(wq.data(), T, nq, hd, cs.data(), sn.data(), rot);
+    cpu::rope_apply(wk.data(), T, nk, hd, cs.data(), sn.data(), rot);
+    Dev<float> dq(q), dk(k), dinv(inv), dlong(inv_long);
+    Dev<int32_t> dpos(pos), dalt(alt);
+    cu::rope(dq.p(), nq, dk.p(), nk, T, hd, dpos.p(), dinv.p(), 1.18f, g_stream, rot, dlong.p(), dalt.p());
+    sync();
+    expect_close("rope longrope per-token q", dq.host().data(), wq.data(), wq.size(), {1e-5, 1e-5});
+    expect_close("rope longrope per-token k", dk.host().data(), wk.data(), wk.size(), {1e-5, 1e-5});
+    expect_guard("rope longrope", dq);
+  }
   // GeGLU and logit soft-capping (Gemma): CPU tanh_fast vs device tanhf.
   for (size_t n : {size_t(1), size_t(1000), size_t(70001)}) {
     const std::vector<float> g = rng.vec(n, -8.f, 8.f), u = rng.vec(n);
@@ -809,10 +833,18 @@ void add_family(Rng& rng, TinyModel& tm, const std::string& fam) {
     for (int i = 0; i < hd / 2; i++) m.inv_freq_local[i] = 1.0f / std::pow(10000.f, float(2 * i) / float(hd));
     for (auto& f : m.inv_freq) f *= 0.01f;  // a different global base
   }
-  if (fam == "partial-rotary") {
-    s.rotary_dim = hd / 2;
-    m.inv_freq.resize(hd / 4);
-    for (int i = 0; i < hd / 4; i++) m.inv_freq[i] = 1.0f / std::pow(s.rope_theta, float(2 * i) / float(hd / 2));
+  if (fam == "partial-rotary" || fam == "phi3-longrope") {
+    s.rotary_dim = fam == "phi3-longrope" ? hd * 3 / 4 : hd / 2;
+    const int half = s.rotary_dim / 2;
+    m.inv_freq.resize(half);
+    for (int i = 0; i < half; i++) m.inv_freq[i] = 1.0f / std::pow(s.rope_theta, float(2 * i) / float(s.rotary_dim));
+  }
+  if (fam == "phi3-longrope") {  // the long factors for some sequences of a step (StepBatch::rope_long)
+    s.rope_type = RopeType::LongRope;
+    s.sliding_window = 7;
+    m.inv_freq_long = m.inv_freq;
+    for (size_t i = 0; i < m.inv_freq_long.size(); i++) m.inv_freq_long[i] /= 1.0f + float(i);
+    m.attn_scaling = 1.18f;
   }
 }
 
@@ -927,6 +959,8 @@ void run_backend_case(Rng& rng, const std::string& name, TinyModel& tm) {
     b.n_seqs = int(script[st].size());
     b.max_blocks = max_blocks + 1;
     b.block_tables.assign(size_t(b.n_seqs) * b.max_blocks, 0);
+    if (!m.inv_freq_long.empty())  // LongRoPE: sequences 1 and 4 past the original context
+      for (auto [i, n] : script[st]) b.rope_long.push_back(i == 1 || i == 4);
     for (int s = 0; s < b.n_seqs; s++) {
       const SeqState& sq = seqs[script[st][s].first];
       std::copy(sq.pages.begin(), sq.pages.end(), b.block_tables.begin() + size_t(s) * b.max_blocks);
@@ -963,10 +997,10 @@ void test_backend(Rng& rng) {
       run_backend_case(rng, fmt("backend mistral-window %s", wname(wt)), tm);
     }
     // The families of issue #16, on the same scripted steps.
-    for (const char* fam : {"qk-norm", "gemma2", "gemma3", "partial-rotary"}) {
+    for (const char* fam : {"qk-norm", "gemma2", "gemma3", "partial-rotary", "phi3-longrope"}) {
       const std::string f = fam;
-      const std::string arch = f == "qk-norm" ? "qwen3" : f == "partial-rotary" ? "llama" : f;
-      TinyModel tm = make_tiny_model(rng, arch, wt, 48, 80, 3, 4, 2, 16, 61, f != "partial-rotary", false, 0,
+      const std::string arch = f == "qk-norm" ? "qwen3" : f == "partial-rotary" ? "llama" : f == "phi3-longrope" ? "phi3" : f;
+      TinyModel tm = make_tiny_model(rng, arch, wt, 48, 80, 3, 4, 2, 16, 61, f != "partial-rotary" && f != "phi3-longrope", false, 0,
                                      f == "gemma3" ? RopeType::Linear : RopeType::None);
       add_family(rng, tm, f);
       run_backend_case(rng, fmt("backend %s %s", fam, wname(wt)), tm);

@@ -7,7 +7,7 @@ import { describe, expect, it } from 'vitest';
 import { TextTokenizer } from '../../server/engine/tokenizer.js';
 import { FIXTURES, loadGolden, modelDir, ROOT, strictSteps } from '../helpers/fixtures.js';
 
-const FAMILIES = ['qwen3-tied', 'gemma2', 'gemma3'] as const;
+const FAMILIES = ['qwen3-tied', 'gemma2', 'gemma3', 'phi3'] as const;
 
 function cli(args: string[]) {
   return spawnSync(process.execPath, ['--import', 'tsx', join(ROOT, 'server', 'main.ts'), ...args], { cwd: ROOT, encoding: 'utf8', timeout: 60_000 });

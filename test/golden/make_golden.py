@@ -58,6 +58,8 @@ from transformers import (
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -491,7 +493,9 @@ def build_model(spec, hf_tok, n_vocab, bos_id, eot_id):
     # Sanity: the reloaded config means what we asked for.
     intended = config.rope_parameters
     re_model = load_fp32(model_dir)
-    assert re_model.config.rope_parameters == intended, (re_model.config.rope_parameters, intended)
+    # (A legacy rope_scaling "type" key is kept next to "rope_type" by transformers: same meaning.)
+    got = {k: v for k, v in re_model.config.rope_parameters.items() if k != "type"}
+    assert got == intended, (re_model.config.rope_parameters, intended)
     if getattr(config, "layer_types", None) is not None:
         assert re_model.config.layer_types == config.layer_types, (re_model.config.layer_types, config.layer_types)
     if "max_shard_size" in spec:
@@ -652,6 +656,23 @@ def gemma3_legacy_keys(config_path):
     write_json(config_path, cfg)
 
 
+def phi3_legacy_keys(config_path):
+    """Released Phi-3.5 / Phi-4-mini configs: rope_theta, partial_rotary_factor and
+    original_max_position_embeddings at the top level, rope_scaling holding
+    {type: longrope, short_factor, long_factor}.  Write that spelling."""
+    with open(config_path) as f:
+        cfg = json.load(f)
+    rp = dict(cfg.pop("rope_parameters"))
+    cfg["rope_theta"] = rp.pop("rope_theta")
+    cfg["partial_rotary_factor"] = rp.pop("partial_rotary_factor")
+    rp.pop("original_max_position_embeddings", None)
+    rp["type"] = rp.pop("rope_type")
+    cfg["rope_scaling"] = rp
+    if "dtype" in cfg:
+        cfg["torch_dtype"] = cfg["dtype"]
+    write_json(config_path, cfg)
+
+
 def family_specs(n_vocab, bos_id, eot_id):
     V = pad8(n_vocab)
     common = dict(vocab_size=V, bos_token_id=bos_id, eos_token_id=eot_id, pad_token_id=None)
@@ -738,6 +759,39 @@ def family_specs(n_vocab, bos_id, eot_id):
             legacy_keys=gemma3_legacy_keys,
             multimodal_check=True,
         ),
+        dict(
+            # Phi-3 / Phi-4-mini: fused qkv_proj and gate_up_proj, partial rotary 0.75 (12 of 16
+            # dimensions), longrope with original_max_position_embeddings 32 (prompts of 32 and 41
+            # tokens start past it, the 19-token one crosses it while generating), sliding window
+            # 24 on every layer, tied embeddings as Phi-4-mini.
+            name="phi3",
+            cls=Phi3ForCausalLM,
+            config=Phi3Config(
+                hidden_size=48,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=3,
+                num_key_value_heads=1,
+                max_position_embeddings=128,
+                original_max_position_embeddings=32,
+                sliding_window=24,
+                tie_word_embeddings=True,
+                rope_parameters={
+                    "rope_type": "longrope",
+                    "rope_theta": 10000.0,
+                    "partial_rotary_factor": 0.75,
+                    "short_factor": [1.0, 1.05, 1.1, 1.3, 1.6, 2.0],
+                    "long_factor": [1.0, 1.5, 2.5, 4.0, 7.0, 12.0],
+                    "original_max_position_embeddings": 32,
+                },
+                rms_norm_eps=1e-5,
+                **common,
+            ),
+            save_dtype=torch.float32,
+            seed=909,
+            legacy_keys=phi3_legacy_keys,
+            phi3_check=True,
+        ),
     ]
 
 
@@ -758,6 +812,19 @@ FAMILY_ADAPTERS = {
     "gemma2": [
         dict(name="r8-all", lora=dict(r=8, lora_alpha=16, target_modules=ALL7)),
         dict(name="r4-mlp-rslora", lora=dict(r=4, lora_alpha=6, target_modules=["gate_proj", "up_proj", "down_proj"], use_rslora=True)),
+    ],
+    "phi3": [
+        dict(name="r8-fused", lora=dict(r=8, lora_alpha=16, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])),
+        dict(
+            name="r4-qkv-gate-up-patterns",
+            lora=dict(
+                r=4,
+                lora_alpha=8,
+                target_modules=["qkv_proj", "gate_up_proj"],
+                rank_pattern={"gate_up_proj": 2},
+                alpha_pattern={"model.layers.1.self_attn.qkv_proj": 12},
+            ),
+        ),
     ],
     "gemma3": [
         dict(name="r8-all", lora=dict(r=8, lora_alpha=16, target_modules=ALL7)),
@@ -791,6 +858,32 @@ def multimodal_text_check(model_dir, seq):
         d = (mm(input_ids=x).logits - causal(x).logits).abs().max().item()
     assert d == 0.0, ("Gemma3ForConditionalGeneration text logits differ from Gemma3ForCausalLM", d)
     return True
+
+
+def phi3_check(model_dir, tok):
+    """Do longrope's two factor sets and the sliding window really act here?  The
+    same weights with long_factor = short_factor (a prompt past the original
+    context) and without the window must give different logits; and a prompt
+    within the original context must not depend on long_factor."""
+    base = load_fp32(model_dir)
+    long_ids = tok(BASE_PROMPTS[3], add_special_tokens=True)["input_ids"]
+    short_ids = tok(BASE_PROMPTS[1], add_special_tokens=True)["input_ids"]
+    assert len(long_ids) > base.config.rope_parameters["original_max_position_embeddings"] >= len(short_ids)
+    out = {}
+    with torch.no_grad():
+        a_long, a_short = base(torch.tensor([long_ids])).logits[0], base(torch.tensor([short_ids])).logits[0]
+        cfg = transformers.AutoConfig.from_pretrained(model_dir)
+        cfg.rope_parameters = dict(cfg.rope_parameters, long_factor=list(cfg.rope_parameters["short_factor"]))
+        m = AutoModelForCausalLM.from_pretrained(model_dir, config=cfg, dtype=torch.float32, attn_implementation="eager").eval()
+        out["long_factor_changes_long_prompt"] = f9((m(torch.tensor([long_ids])).logits[0] - a_long).abs().max().item())
+        assert out["long_factor_changes_long_prompt"] > 1e-2
+        assert torch.equal(m(torch.tensor([short_ids])).logits[0], a_short), "long_factor acted within the original context"
+        cfg = transformers.AutoConfig.from_pretrained(model_dir)
+        cfg.sliding_window = None
+        m = AutoModelForCausalLM.from_pretrained(model_dir, config=cfg, dtype=torch.float32, attn_implementation="eager").eval()
+        out["sliding_window_changes_long_prompt"] = f9((m(torch.tensor([long_ids])).logits[0] - a_long).abs().max().item())
+        assert out["sliding_window_changes_long_prompt"] > 1e-3
+    return out
 
 
 def softcap_check(model_dir, seq):
@@ -1027,7 +1120,14 @@ def record_prompt_logprobs(name):
         n = len(c["prompt_ids"])
         # Sanity: the teacher-forced continuation is the recorded greedy decoding
         # (same chosen logprobs up to fp32 reduction order).
+        # LongRoPE (phi3): a forward over L tokens uses the long factors iff L > the original
+        # context, so greedy step k (a forward over n + k tokens) and this one forward over all
+        # n + 16 agree only where both are on the same side of it.
+        rp = getattr(base.config, "rope_parameters", None) or {}
+        orig = rp.get("original_max_position_embeddings") if rp.get("rope_type") == "longrope" else None
         for k, step in enumerate(c["steps"]):
+            if orig is not None and (n + k > orig) != (len(ids) > orig):
+                continue
             p = pos[n + k]
             assert p["logprob"] is not None
             diff = abs(p["logprob"] - step["top"][0][1])
@@ -1076,6 +1176,8 @@ def build_fixture(spec, raw_tok, hf_tok, n_vocab, bos_id, eot_id, seed, notes, s
         "model": rel(model_dir),
         "weights_dtype": str(spec["save_dtype"]).replace("torch.", ""),
     }
+    if spec.get("phi3_check"):
+        out["phi3_checks"] = phi3_check(model_dir, tok)
     if spec.get("multimodal_check"):
         long_ids = tok(BASE_PROMPTS[3], add_special_tokens=True)["input_ids"]
         out["conditional_generation_text_equal"] = multimodal_text_check(model_dir, long_ids)
