@@ -4,6 +4,8 @@
 //            8 x 256 tokens with 1 vs 8 adapters, against the memory-bandwidth bound  (batched LoRA)
 //   paging   adapter cold-load latency, throughput with 1 / 100 / 1000 distinct adapters, pool use
 // Usage: npx tsx bench/engine-bench.ts [--model DIR] [--sections decode,lora,paging] [--out FILE]
+//        (other families: make the model with bench/make-model.ts --shape qwen3-0.6b|gemma3-1b
+//        [--family llama for the same-shape Llama baseline], then --model DIR --sections decode)
 //        [--compute-dtype bfloat16] [--kv-cache-dtype bfloat16] [--lora-dtype bfloat16] (engine options)
 import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
@@ -41,6 +43,9 @@ function readBandwidth(): number {
 
 async function ensureModel(): Promise<void> {
   if (existsSync(join(modelDir, 'config.json')) && existsSync(join(modelDir, 'adapters', 'a31'))) return;
+  // A model given with --model (e.g. bench/make-model.ts --shape qwen3-0.6b) is never overwritten:
+  // the decode section needs no adapters.
+  if (args.model && existsSync(join(modelDir, 'config.json'))) return;
   console.error(`generating ${modelDir} (bf16, 32 rank-16 adapters)...`);
   await makeModel({ out: modelDir, dtype: 'bf16', adapters: 32, rank: 16, alpha: 32 });
 }
