@@ -23,6 +23,7 @@ struct StepBatch {
   std::vector<int32_t> context_lens;  // [S] KV length after this step
   std::vector<int32_t> block_tables;  // [S, max_blocks] page ids
   std::vector<int32_t> sample_seqs;   // sequences whose last token's logits are needed, in order
+  std::vector<uint8_t> rope_long;     // [S] LongRoPE models: 1 = the long factors (else empty: short)
 };
 
 // Rows beyond the sampled ones whose logits a step needs (prompt logprobs): token indices into the

@@ -202,7 +202,7 @@ class CpuBackend final : public Backend {
   const StepBatch* batch_ = nullptr;
   std::vector<cpu::LoraSegment> segs_;
   bool any_lora_ = false, per_token_ = false;
-  std::vector<float> x_, h_, q_, k_, v_, att_, o_, gate_, up_, act_, z_, last_, rope_cos_, rope_sin_;
+  std::vector<float> x_, h_, q_, k_, v_, att_, o_, gate_, up_, act_, z_, last_, rope_cos_, rope_sin_, long_cos_, long_sin_;
   OpProfile prof_;
 };
 
@@ -255,16 +255,34 @@ void CpuBackend::forward(const StepBatch& b, float* logits, const RowLogits* ext
   gate_.resize(size_t(T) * I); up_.resize(size_t(T) * I); act_.resize(size_t(T) * I);
 
   cpu::AttnBatch ab{b.n_seqs, b.query_start.data(), b.context_lens.data(), b.block_tables.data(), b.max_blocks,
-                    s.sliding_window};
-  const float scale = 1.0f / std::sqrt(float(s.head_dim));
+                    s.sliding_window, s.attn_softcap};
+  const float scale = s.scores_scale();
+  const int rot = s.rot_dim(), half = rot / 2;
+  const bool two_ropes = !m.inv_freq_local.empty();
   {
     OpTimer t(prof_, 0);
-    cpu::embed(b.tokens.data(), T, m.embed.data, m.embed.type, H, x_.data());
-    // cos/sin depend only on the positions: computed once per step for every layer, q and k.
-    const int half = s.head_dim / 2;
-    rope_cos_.resize(size_t(T) * half);
-    rope_sin_.resize(size_t(T) * half);
+    cpu::embed(b.tokens.data(), T, m.embed.data, m.embed.type, H, x_.data(), s.embed_scale);
+    // cos/sin depend only on the positions: computed once per step for every layer, q and k
+    // (twice with a local RoPE base: Gemma 3's sliding layers use their own).
+    rope_cos_.resize(size_t(T) * half * (two_ropes ? 2 : 1));
+    rope_sin_.resize(rope_cos_.size());
     cpu::rope_table(b.positions.data(), T, m.inv_freq.data(), half, m.attn_scaling, rope_cos_.data(), rope_sin_.data());
+    if (two_ropes)
+      cpu::rope_table(b.positions.data(), T, m.inv_freq_local.data(), half, 1.0f, rope_cos_.data() + size_t(T) * half,
+                      rope_sin_.data() + size_t(T) * half);
+    // LongRoPE: the tokens of sequences in the long regime (the scheduler's per-sequence choice)
+    // take the long factors' rows.
+    if (!m.inv_freq_long.empty() && std::find(b.rope_long.begin(), b.rope_long.end(), 1) != b.rope_long.end()) {
+      long_cos_.resize(size_t(T) * half);
+      long_sin_.resize(size_t(T) * half);
+      cpu::rope_table(b.positions.data(), T, m.inv_freq_long.data(), half, m.attn_scaling, long_cos_.data(), long_sin_.data());
+      for (int q = 0; q < b.n_seqs; q++) {
+        if (!b.rope_long[size_t(q)]) continue;
+        const size_t r0 = size_t(b.query_start[q]) * half, r1 = size_t(b.query_start[q + 1]) * half;
+        std::copy(long_cos_.begin() + r0, long_cos_.begin() + r1, rope_cos_.begin() + r0);
+        std::copy(long_sin_.begin() + r0, long_sin_.begin() + r1, rope_sin_.begin() + r0);
+      }
+    }
   }
   for (int l = 0; l < s.n_layers; l++) {
     const Layer& L = m.layers[l];
@@ -278,15 +296,22 @@ void CpuBackend::forward(const StepBatch& b, float* logits, const RowLogits* ext
     }
     {
       OpTimer t(prof_, 2);
-      cpu::rope_apply(q_.data(), T, s.n_heads, s.head_dim, rope_cos_.data(), rope_sin_.data());
-      cpu::rope_apply(k_.data(), T, s.n_kv_heads, s.head_dim, rope_cos_.data(), rope_sin_.data());
+      if (s.qk_norm) {  // per head, over head_dim: the same row norm with T * heads rows
+        cpu::rmsnorm(q_.data(), L.q_norm.data(), T * s.n_heads, s.head_dim, s.rms_eps, q_.data());
+        cpu::rmsnorm(k_.data(), L.k_norm.data(), T * s.n_kv_heads, s.head_dim, s.rms_eps, k_.data());
+      }
+      const size_t tab = s.local_rope(l) ? size_t(T) * half : 0;
+      cpu::rope_apply(q_.data(), T, s.n_heads, s.head_dim, rope_cos_.data() + tab, rope_sin_.data() + tab, rot);
+      cpu::rope_apply(k_.data(), T, s.n_kv_heads, s.head_dim, rope_cos_.data() + tab, rope_sin_.data() + tab, rot);
       cpu::kv_write(pool_, layout_, l, ab, k_.data(), v_.data());
     }
+    ab.sliding_window = s.window(l);
     { OpTimer t(prof_, 3); cpu::paged_attention(pool_, layout_, l, ab, q_.data(), s.n_heads, scale, att_.data()); }
     {
       OpTimer t(prof_, 4);
       project(l, kO, att_.data(), o_.data(), nullptr);
       apply_lora(l, {kO}, att_.data(), {o_.data()});
+      if (s.sandwich_norm) cpu::rmsnorm(o_.data(), L.post_attn_norm.data(), T, H, s.rms_eps, o_.data());
       for (size_t i = 0; i < x_.size(); i++) x_[i] += o_[i];
       cpu::rmsnorm(x_.data(), L.mlp_norm.data(), T, H, s.rms_eps, h_.data());
     }
@@ -298,9 +323,11 @@ void CpuBackend::forward(const StepBatch& b, float* logits, const RowLogits* ext
     }
     {
       OpTimer t(prof_, 6);
-      cpu::silu_mul(gate_.data(), up_.data(), T, I, act_.data());
+      if (s.act == Activation::GeluTanh) cpu::gelu_tanh_mul(gate_.data(), up_.data(), T, I, act_.data());
+      else cpu::silu_mul(gate_.data(), up_.data(), T, I, act_.data());
       project(l, kDown, act_.data(), o_.data(), nullptr);
       apply_lora(l, {kDown}, act_.data(), {o_.data()});
+      if (s.sandwich_norm) cpu::rmsnorm(o_.data(), L.post_mlp_norm.data(), T, H, s.rms_eps, o_.data());
       for (size_t i = 0; i < x_.size(); i++) x_[i] += o_[i];
     }
   }
@@ -314,6 +341,7 @@ void CpuBackend::forward(const StepBatch& b, float* logits, const RowLogits* ext
     for (int i = 0; i < cnt; i++) std::memcpy(last_.data() + size_t(i) * H, x_.data() + size_t(rows[i]) * H, H * sizeof(float));
     cpu::rmsnorm(last_.data(), m.final_norm.data(), cnt, H, s.rms_eps, last_.data());
     gemm(last_.data(), cnt, m.lm_head, packed_lm_head_, nullptr, out);
+    if (s.final_softcap > 0.f) cpu::softcap(out, size_t(cnt) * s.vocab, s.final_softcap);
   };
   if (n > 0) {
     std::vector<int32_t> rows(n);

@@ -76,6 +76,10 @@ struct DevWeight {
 struct DevLayer {
   const float* attn_norm = nullptr;  // [H]
   const float* mlp_norm = nullptr;   // [H]
+  const float* post_attn_norm = nullptr;  // [H] (sandwich_norm) or null
+  const float* post_mlp_norm = nullptr;   // [H] (sandwich_norm) or null
+  const float* q_norm = nullptr;     // [head_dim] (qk_norm) or null
+  const float* k_norm = nullptr;     // [head_dim] (qk_norm) or null
   DevWeight proj[kNumProj];
   const float* bias[3] = {nullptr, nullptr, nullptr};  // q, k, v (Qwen2) or null
 };
@@ -104,7 +108,8 @@ struct StepPlan {
   std::vector<int> pending_slots;
   // Device pointers into the step buffer.
   const int32_t *tokens, *positions, *token_slots, *query_start, *context_lens, *block_tables, *token_seq,
-      *sample_rows, *prefill_tiles, *sgmv_tiles;
+      *sample_rows, *prefill_tiles, *sgmv_tiles, *token_long;
+  bool any_long = false;  // LongRoPE: some sequence of the step rotates with the long factors
 };
 
 // Staging ring for host -> device copies on the copy stream: two pinned halves; while the DMA
@@ -215,6 +220,8 @@ class CudaBackend final : public Backend {
   DevWeight embed_, lm_head_;
   const float* final_norm_ = nullptr;
   const float* inv_freq_ = nullptr;
+  const float* inv_freq_local_ = nullptr;  // Gemma 3's sliding layers, or null
+  const float* inv_freq_long_ = nullptr;   // LongRoPE's long factors, or null
   std::vector<DevLayer> layers_;
 
   cuda::LoraRef* d_refs_ = nullptr;  // [slot][layer][proj]
@@ -311,12 +318,18 @@ void CudaBackend::init(int block_size, int num_pages, const LoadProgress& progre
   lm_head_ = m.lm_head.data == m.embed.data ? embed_ : upload(m.lm_head, "lm_head.weight");
   final_norm_ = upload(m.final_norm, "model.norm.weight");
   inv_freq_ = upload(m.inv_freq, "rope inv_freq");
+  inv_freq_local_ = upload(m.inv_freq_local, "local rope inv_freq");
+  inv_freq_long_ = upload(m.inv_freq_long, "longrope long inv_freq");
   layers_.resize(s.n_layers);
   for (int l = 0; l < s.n_layers; l++) {
     const Layer& L = m.layers[l];
     DevLayer& D = layers_[l];
     D.attn_norm = upload(L.attn_norm, "input_layernorm.weight");
     D.mlp_norm = upload(L.mlp_norm, "post_attention_layernorm.weight");
+    D.post_attn_norm = upload(L.post_attn_norm, "post_attention_layernorm.weight");
+    D.post_mlp_norm = upload(L.post_mlp_norm, "post_feedforward_layernorm.weight");
+    D.q_norm = upload(L.q_norm, "q_norm.weight");
+    D.k_norm = upload(L.k_norm, "k_norm.weight");
     for (int p = 0; p < kNumProj; p++) D.proj[p] = upload(L.proj[p], proj_name(p));
     D.bias[0] = upload(L.q_bias, "q_proj.bias");
     D.bias[1] = upload(L.k_bias, "k_proj.bias");
@@ -452,15 +465,19 @@ void CudaBackend::plan_step(const StepBatch& b) {
       b.block_tables.size() != size_t(S) * size_t(b.max_blocks))
     throw std::runtime_error("CUDA backend: StepBatch arrays do not match n_tokens / n_seqs / max_blocks");
 
-  std::vector<int32_t> token_seq(T), sample_rows(n);
+  std::vector<int32_t> token_seq(T), sample_rows(n), token_long(T, 0);
   int max_new = 0, max_span = 1;
+  const int window = s.widest_window();
   for (int q = 0; q < S; q++) {
     const int q0 = b.query_start[q], q1 = b.query_start[q + 1];
     max_new = std::max(max_new, q1 - q0);
+    const bool is_long = !b.rope_long.empty() && b.rope_long[size_t(q)] != 0;
+    P.any_long = P.any_long || is_long;
     for (int t = q0; t < q1; t++) {
       token_seq[t] = q;
+      token_long[t] = is_long;
       const int pos = b.context_lens[q] - (q1 - q0) + (t - q0);
-      const int lo = s.sliding_window > 0 ? std::max(0, pos - s.sliding_window + 1) : 0;
+      const int lo = window > 0 ? std::max(0, pos - window + 1) : 0;
       max_span = std::max(max_span, pos - lo + 1);
     }
   }
@@ -514,6 +531,7 @@ void CudaBackend::plan_step(const StepBatch& b) {
   put(sample_rows.data(), n);
   put(prefill_tiles.data(), prefill_tiles.size());
   put(sgmv_tiles.data(), sgmv_tiles.size());
+  put(token_long.data(), T);
   const size_t bytes = std::max<size_t>(ints_.size(), 1) * sizeof(int32_t);
   h_step_.ensure(bytes, "cudaHostAlloc (step tables)");
   d_step_.ensure(bytes, "cudaMalloc (step tables)");
@@ -521,7 +539,8 @@ void CudaBackend::plan_step(const StepBatch& b) {
   check_cuda(cudaMemcpyAsync(d_step_.p, h_step_.p, bytes, cudaMemcpyHostToDevice, compute_), "step tables upload");
   const int32_t* d = d_step_.as<int32_t>();
   const int32_t** dst[] = {&P.tokens,     &P.positions, &P.token_slots,  &P.query_start,   &P.context_lens,
-                           &P.block_tables, &P.token_seq, &P.sample_rows, &P.prefill_tiles, &P.sgmv_tiles};
+                           &P.block_tables, &P.token_seq, &P.sample_rows, &P.prefill_tiles, &P.sgmv_tiles,
+                           &P.token_long};
   for (size_t i = 0; i < at.size(); i++) *dst[i] = d + at[i];
 }
 
@@ -578,9 +597,10 @@ void CudaBackend::forward(const StepBatch& b, float* logits, const RowLogits* ex
   float *x = x_.as<float>(), *h = h_.as<float>(), *o = o_.as<float>(), *q = q_.as<float>(), *att = att_.as<float>(),
         *k = k_.as<float>(), *v = v_.as<float>(), *gate = gate_.as<float>(), *up = up_.as<float>();
 
-  const cuda::AttnBatch ab{P.S, P.query_start, P.context_lens, P.block_tables, P.token_seq, b.max_blocks, s.sliding_window};
-  const float scale = 1.0f / std::sqrt(float(s.head_dim));
-  cuda::embed(P.tokens, T, embed_.data, embed_.wt, H, x, compute_);
+  cuda::AttnBatch ab{P.S, P.query_start, P.context_lens, P.block_tables, P.token_seq, b.max_blocks, s.sliding_window,
+                     s.attn_softcap};
+  const float scale = s.scores_scale();
+  cuda::embed(P.tokens, T, embed_.data, embed_.wt, H, x, compute_, s.embed_scale);
   for (int l = 0; l < s.n_layers; l++) {
     const DevLayer& L = layers_[l];
     // x += previous layer's MLP output (none before layer 0), h = norm(x).
@@ -588,8 +608,15 @@ void CudaBackend::forward(const StepBatch& b, float* logits, const RowLogits* ex
     project(l, kQ, h, q, L.bias[0]);
     project(l, kK, h, k, L.bias[1]);
     project(l, kV, h, v, L.bias[2]);
-    cuda::rope(q, s.n_heads, k, s.n_kv_heads, T, s.head_dim, P.positions, inv_freq_, m.attn_scaling, compute_);
+    if (s.qk_norm) {  // per head over head_dim: T * heads rows, in place
+      cuda::rmsnorm(q, nullptr, L.q_norm, T * s.n_heads, s.head_dim, s.rms_eps, q, compute_);
+      cuda::rmsnorm(k, nullptr, L.k_norm, T * s.n_kv_heads, s.head_dim, s.rms_eps, k, compute_);
+    }
+    const bool local = s.local_rope(l);
+    cuda::rope(q, s.n_heads, k, s.n_kv_heads, T, s.head_dim, P.positions, local ? inv_freq_local_ : inv_freq_,
+               local ? 1.0f : m.attn_scaling, compute_, s.rot_dim(), P.any_long ? inv_freq_long_ : nullptr, P.token_long);
     cuda::kv_write(pool_, layout_, l, ab, T, k, v, compute_);
+    ab.sliding_window = s.window(l);
     if (P.decode_attn)
       cuda::paged_attention_decode(pool_, layout_, l, ab, T, q, s.n_heads, scale, P.n_splits, attn_ws_.as<float>(), att,
                                    compute_);
@@ -597,11 +624,16 @@ void CudaBackend::forward(const StepBatch& b, float* logits, const RowLogits* ex
       cuda::paged_attention_prefill(pool_, layout_, l, ab, P.prefill_tiles, P.n_prefill_tiles, q, s.n_heads, scale, att,
                                     compute_);
     project(l, kO, att, o, nullptr);
+    if (s.sandwich_norm) cuda::rmsnorm(o, nullptr, L.post_attn_norm, T, H, s.rms_eps, o, compute_);
     cuda::rmsnorm(x, o, L.mlp_norm, T, H, s.rms_eps, h, compute_);  // x += attention output
     project(l, kGate, h, gate, nullptr);
     project(l, kUp, h, up, nullptr);
-    cuda::silu_mul(gate, up, size_t(T) * I, gate, compute_);  // in place: act overwrites gate
+    // in place: act overwrites gate
+    if (s.act == Activation::GeluTanh) cuda::gelu_tanh_mul(gate, up, size_t(T) * I, gate, compute_);
+    else cuda::silu_mul(gate, up, size_t(T) * I, gate, compute_);
     project(l, kDown, gate, o, nullptr);
+    // Gemma normalises the MLP output before the residual add (fused into the next rmsnorm).
+    if (s.sandwich_norm) cuda::rmsnorm(o, nullptr, L.post_mlp_norm, T, H, s.rms_eps, o, compute_);
   }
   cuda::residual_add(x, o, size_t(T) * H, compute_);
   // Final norm and lm_head only on the last position of each sequence that samples.
@@ -613,6 +645,7 @@ void CudaBackend::forward(const StepBatch& b, float* logits, const RowLogits* ex
     cuda::gather_rows(x, P.sample_rows, n, H, last, compute_);
     cuda::rmsnorm(last, nullptr, final_norm_, n, H, s.rms_eps, last, compute_);
     gemm_->run(last, n, H, lm_head_.data, lm_head_.wt, V, nullptr, logits_.as<float>(), compute_);
+    if (s.final_softcap > 0.f) cuda::softcap(logits_.as<float>(), size_t(n) * V, s.final_softcap, compute_);
     // Sampling runs on the host (addon/sampler.cc): [n, V] fp32 logits come back.
     check_cuda(cudaMemcpyAsync(logits, logits_.p, size_t(n) * V * f, cudaMemcpyDeviceToHost, compute_),
                "logits copy to host");
@@ -636,6 +669,7 @@ void CudaBackend::forward(const StepBatch& b, float* logits, const RowLogits* ex
       cuda::gather_rows(x, extra_rows_.as<int32_t>(), cnt, H, last, compute_);
       cuda::rmsnorm(last, nullptr, final_norm_, cnt, H, s.rms_eps, last, compute_);
       gemm_->run(last, cnt, H, lm_head_.data, lm_head_.wt, V, nullptr, logits_.as<float>(), compute_);
+      if (s.final_softcap > 0.f) cuda::softcap(logits_.as<float>(), size_t(cnt) * V, s.final_softcap, compute_);
       check_cuda(cudaMemcpyAsync(host.data(), logits_.p, size_t(cnt) * V * f, cudaMemcpyDeviceToHost, compute_),
                  "prompt logits copy to host");
       check_cuda(cudaStreamSynchronize(compute_), "CUDA prompt logits");

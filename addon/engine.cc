@@ -86,14 +86,62 @@ ModelSpec parse_spec(Napi::Env env, Napi::Object o) {
   if (rt == "none") s.rope_type = RopeType::None;
   else if (rt == "linear") s.rope_type = RopeType::Linear;
   else if (rt == "llama3") s.rope_type = RopeType::Llama3;
+  else if (rt == "longrope") s.rope_type = RopeType::LongRope;
   else type_error(env, "unsupported rope scaling " + rt);
   s.rope_factor = float(get_number(env, rope, "factor"));
   s.rope_low_freq_factor = float(get_number(env, rope, "lowFreqFactor"));
   s.rope_high_freq_factor = float(get_number(env, rope, "highFreqFactor"));
   s.rope_original_max = get_int(env, rope, "originalMaxPositionEmbeddings");
+  if (s.rope_type == RopeType::LongRope) {
+    const auto floats = [&](const char* key) {
+      std::vector<float> out;
+      Napi::Value v = rope.Get(key);
+      if (!v.IsArray()) type_error(env, std::string("ropeScaling.") + key + " must be an array");
+      auto a = v.As<Napi::Array>();
+      for (uint32_t i = 0; i < a.Length(); i++) out.push_back(float(a.Get(i).ToNumber().DoubleValue()));
+      return out;
+    };
+    s.rope_short_factor = floats("shortFactor");
+    s.rope_long_factor = floats("longFactor");
+    s.rope_attention_factor = float(get_number(env, rope, "attentionFactor"));
+  }
   s.tied_embeddings = o.Get("tiedEmbeddings").ToBoolean();
   s.attn_bias = o.Get("attentionBias").ToBoolean();
   s.sliding_window = get_int(env, o, "slidingWindow");
+  // Family features (model.h ModelSpec); absent keys keep the Llama defaults.
+  const auto opt_number = [&](const char* key, double def) { return o.Get(key).IsUndefined() ? def : get_number(env, o, key); };
+  const auto int_list = [&](const char* key) {
+    std::vector<int> out;
+    Napi::Value v = o.Get(key);
+    if (v.IsUndefined()) return out;
+    if (!v.IsArray()) type_error(env, std::string(key) + " must be an array");
+    auto a = v.As<Napi::Array>();
+    for (uint32_t i = 0; i < a.Length(); i++) {
+      Napi::Value e = a.Get(i);
+      if (!e.IsNumber()) type_error(env, std::string(key) + " must hold numbers");
+      out.push_back(e.As<Napi::Number>().Int32Value());
+    }
+    return out;
+  };
+  s.layer_windows = int_list("layerWindows");
+  for (int x : int_list("layerLocalRope")) s.layer_local_rope.push_back(x != 0);
+  s.rope_local_theta = float(opt_number("ropeLocalTheta", 0));
+  s.rotary_dim = int(opt_number("rotaryDim", 0));
+  s.qk_norm = o.Get("qkNorm").ToBoolean();
+  s.norm_plus_one = o.Get("normPlusOne").ToBoolean();
+  s.sandwich_norm = o.Get("sandwichNorm").ToBoolean();
+  Napi::Value act = o.Get("activation");
+  const std::string act_name = act.IsUndefined() ? "silu" : act.ToString().Utf8Value();
+  if (act_name == "silu") s.act = Activation::Silu;
+  else if (act_name == "gelu_tanh") s.act = Activation::GeluTanh;
+  else type_error(env, "unsupported activation " + act_name);
+  s.embed_scale = float(opt_number("embedScale", 1));
+  s.attn_scale = float(opt_number("attnScale", 0));
+  s.attn_softcap = float(opt_number("attnSoftcap", 0));
+  s.final_softcap = float(opt_number("finalSoftcap", 0));
+  s.multimodal_text = o.Get("multimodalText").ToBoolean();
+  s.fused_qkv = o.Get("fusedQkv").ToBoolean();
+  s.fused_gate_up = o.Get("fusedGateUp").ToBoolean();
   Napi::Value files = o.Get("files");
   if (!files.IsArray()) type_error(env, "files must be an array");
   auto arr = files.As<Napi::Array>();
@@ -395,6 +443,7 @@ Napi::Value Engine::Step(const Napi::CallbackInfo& info) {
   b->block_tables = I32(o, "blockTables", S * long(b->max_blocks));
   sp->seq_ids = U32(o, "seqIds", S);
   b->sample_seqs = I32(o, "sampleSeqs", -1);
+  if (!o.Get("ropeLong").IsUndefined()) b->rope_long = U8(o, "ropeLong", S);
   const long N = long(b->sample_seqs.size());
   auto temp = F32(o, "temperature", N), top_p = F32(o, "topP", N), min_p = F32(o, "minP", N),
        rep = F32(o, "repetitionPenalty", N), pres = F32(o, "presencePenalty", N), freq = F32(o, "frequencyPenalty", N);

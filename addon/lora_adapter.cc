@@ -22,9 +22,39 @@ namespace loraplex {
 
 namespace {
 
-std::string module_prefix(int layer, int proj) {
-  return "base_model.model.model.layers." + std::to_string(layer) + (proj <= kO ? ".self_attn." : ".mlp.") +
-         proj_name(proj);
+// PEFT's tensor prefix of a module: `base_model.model.` + the module's name in the model.
+// Gemma3ForConditionalGeneration's language model is `model.language_model.` (transformers 5) or
+// `language_model.model.` (adapters trained with transformers 4); the first found is taken.
+std::string module_prefix(int layer, int proj, const std::string& model_prefix = "model.", const char* name = nullptr) {
+  return "base_model.model." + model_prefix + "layers." + std::to_string(layer) + (proj <= kO ? ".self_attn." : ".mlp.") +
+         (name ? name : proj_name(proj));
+}
+
+// Phi-3's fused modules: the LoRA of qkv_proj (gate_up_proj) is one A and a B whose rows are
+// q | k | v (gate | up) outputs. Each projection gets its own module with that A and its slice of
+// B's rows, exactly where HF slices the fused output. Returns false for an unfused projection.
+struct FusedSlice {
+  const char* name;
+  int row0, rows_total;
+};
+bool fused_slice(const Model& m, int proj, FusedSlice& out) {
+  const int QD = m.q_dim(), KD = m.kv_dim(), I = m.spec.intermediate;
+  if (m.spec.fused_qkv && proj <= kV) {
+    out = {"qkv_proj", proj == kQ ? 0 : proj == kK ? QD : QD + KD, QD + 2 * KD};
+    return true;
+  }
+  if (m.spec.fused_gate_up && (proj == kGate || proj == kUp)) {
+    out = {"gate_up_proj", proj == kGate ? 0 : I, 2 * I};
+    return true;
+  }
+  return false;
+}
+
+// Adapter tensors of a multimodal checkpoint's vision side (PEFT also wraps the vision tower's
+// q/k/v projections when target_modules names them): never applied, as the vision tower is not
+// loaded and image inputs are refused.
+bool vision_tensor(const std::string& name) {
+  return name.find(".vision_tower.") != std::string::npos || name.find(".multi_modal_projector.") != std::string::npos;
 }
 
 // PEFT writes `<module>.lora_A.weight`; some tools keep the adapter name: `<module>.lora_A.<name>.weight`.
@@ -123,14 +153,18 @@ struct Source {
   cpu::WType type = cpu::WType::F32;
 };
 
-Source read_tensor(const SafetensorsFile& f, const TensorView& t, std::vector<uint8_t>& raw, std::vector<float>& wide) {
-  if (raw.size() < t.nbytes) raw.resize(t.nbytes);
-  f.read(t, 0, t.nbytes, raw.data());
+// `count` values from value `first` on (a fused B's slice of rows), or all of them (count 0).
+Source read_tensor(const SafetensorsFile& f, const TensorView& t, std::vector<uint8_t>& raw, std::vector<float>& wide,
+                   size_t first = 0, size_t count = 0) {
+  const size_t esz = dtype_size(t.dtype);
+  const size_t nbytes = count ? count * esz : t.nbytes - first * esz;
+  if (raw.size() < nbytes) raw.resize(nbytes);
+  f.read(t, first * esz, nbytes, raw.data());
   switch (t.dtype) {
     case DType::F32: return {raw.data(), cpu::WType::F32};
     case DType::BF16: return {raw.data(), cpu::WType::BF16};
     case DType::F16: {
-      const size_t n = size_t(t.numel());
+      const size_t n = nbytes / esz;
       if (wide.size() < n) wide.resize(n);
       cpu::convert_row(raw.data(), cpu::WType::F16, 0, int(n), wide.data());
       return {wide.data(), cpu::WType::F32};
@@ -217,14 +251,23 @@ Scratch& scratch() {
   return s;
 }
 
+// A module's tensors in the file: B's rows [b_row0, b_row0 + out) are its own (a fused qkv_proj /
+// gate_up_proj B holds q | k | v or gate | up); `prefix` names the module as the file does.
+struct ModuleSource {
+  const TensorView* a;
+  const TensorView* b;
+  int b_row0;
+  std::string prefix;
+};
+
 // Reads one module's A and B, converts them into its rows and checks them.
 void check_module(const std::string& path, const ParsedAdapter& out, const LoraModule& m, const SafetensorsFile& f,
-                  const std::pair<const TensorView*, const TensorView*>& t, Scratch& sc) {
-  const Source a = read_tensor(f, *t.first, sc.raw_a, sc.wide_a);
-  const Source b = read_tensor(f, *t.second, sc.raw_b, sc.wide_b);
+                  const ModuleSource& t, Scratch& sc) {
+  const Source a = read_tensor(f, *t.a, sc.raw_a, sc.wide_a);
+  const Source b = read_tensor(f, *t.b, sc.raw_b, sc.wide_b, size_t(t.b_row0) * size_t(m.rank), size_t(m.out) * size_t(m.rank));
   cpu::RowScan sa, sb;
   fill_module(out, m, a, b, sa, sb);
-  const std::string prefix = module_prefix(m.layer, m.proj);
+  const std::string& prefix = t.prefix;
   if (sa.nonfinite || sb.nonfinite) throw std::runtime_error(path + ": non-finite value in '" + prefix + "' LoRA weights");
   // Worst case of one output of the delta, |s| * sum_j |B[o,j]| * sum_k |A[j,k]| |x_k|, for
   // activations up to kActivationHeadroom: it must stay finite in fp32, or the adapter would
@@ -314,7 +357,7 @@ std::shared_ptr<ParsedAdapter> parse_adapter(const std::string& path, const std:
   auto f = SafetensorsFile::open_for_read(path);
   std::set<std::string> used;
   std::vector<LoraModule> modules;
-  std::vector<std::pair<const TensorView*, const TensorView*>> tensors;
+  std::vector<ModuleSource> tensors;
   // Every check that needs no tensor byte first: a bad adapter costs no conversion.
   for (const auto& e : plan) {
     if (e.layer < 0 || e.layer >= model.spec.n_layers || e.proj < 0 || e.proj >= kNumProj)
@@ -322,29 +365,42 @@ std::shared_ptr<ParsedAdapter> parse_adapter(const std::string& path, const std:
     if (e.rank < 1 || e.rank > max_rank)
       throw std::runtime_error(path + ": rank " + std::to_string(e.rank) + " of " + module_prefix(e.layer, e.proj) +
                                " is outside 1.." + std::to_string(max_rank) + " (--max-lora-rank)");
-    const std::string prefix = module_prefix(e.layer, e.proj);
+    FusedSlice fs{nullptr, 0, 0};
+    const bool fused = fused_slice(model, e.proj, fs);
+    std::string prefix = module_prefix(e.layer, e.proj, "model.", fused ? fs.name : nullptr);
+    if (model.spec.multimodal_text) {
+      prefix = module_prefix(e.layer, e.proj, "model.language_model.");
+      const std::string legacy = module_prefix(e.layer, e.proj, "language_model.model.");
+      if (f->tensors().lower_bound(prefix + ".") == f->tensors().end() ||
+          f->tensors().lower_bound(prefix + ".")->first.compare(0, prefix.size() + 1, prefix + ".") != 0)
+        if (auto it = f->tensors().lower_bound(legacy + ".");
+            it != f->tensors().end() && it->first.compare(0, legacy.size() + 1, legacy + ".") == 0)
+          prefix = legacy;
+    }
     const TensorView* a = find_lora(*f, prefix, "lora_A", used);
     const TensorView* b = find_lora(*f, prefix, "lora_B", used);
     if (!a || !b)
       throw std::runtime_error(path + ": missing tensor '" + prefix + (a ? ".lora_B" : ".lora_A") + ".weight'");
     const int in = model.proj_in(e.proj), outw = model.proj_out(e.proj);
+    const int b_rows = fused ? fs.rows_total : outw, b_row0 = fused ? fs.row0 : 0;  // B's rows in the file
     for (const TensorView* t : {a, b}) {
       if (t->dtype != DType::F32 && t->dtype != DType::BF16 && t->dtype != DType::F16)
         throw std::runtime_error(path + ": tensor '" + t->name + "' has unsupported dtype " + dtype_name(t->dtype));
     }
-    const std::vector<int64_t> want_a{e.rank, in}, want_b{outw, e.rank};
+    const std::vector<int64_t> want_a{e.rank, in}, want_b{b_rows, e.rank};
     if (a->shape != want_a)
       throw std::runtime_error(path + ": tensor '" + a->name + "' has shape " + a->shape_str() + ", expected [" +
                                std::to_string(e.rank) + ", " + std::to_string(in) + "] (rank x input width)");
     if (b->shape != want_b)
       throw std::runtime_error(path + ": tensor '" + b->name + "' has shape " + b->shape_str() + ", expected [" +
-                               std::to_string(outw) + ", " + std::to_string(e.rank) + "] (output width x rank)");
+                               std::to_string(b_rows) + ", " + std::to_string(e.rank) + "] (output width x rank)");
     if (!std::isfinite(e.scale))
       throw std::runtime_error(path + ": the scale of '" + prefix + "' is not finite in float32");
     modules.push_back({e.layer, e.proj, e.rank, e.scale, in, outw, 0});
-    tensors.emplace_back(a, b);
+    tensors.push_back({a, b, b_row0, prefix});
   }
   for (const auto& [name, t] : f->tensors()) {
+    if (model.spec.multimodal_text && vision_tensor(name)) continue;
     if (!used.count(name))
       throw std::runtime_error(path + ": tensor '" + name +
                                "' is not a LoRA A/B weight of a module targeted by adapter_config.json");

@@ -2,7 +2,9 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <stdexcept>
 
 namespace loraplex {
@@ -33,7 +35,8 @@ namespace {
 
 void check_spec(const ModelSpec& s) {
   auto bad = [](const std::string& m) { throw std::runtime_error("config.json: " + m); };
-  if (s.arch != "llama" && s.arch != "mistral" && s.arch != "qwen2") bad("unsupported architecture " + s.arch);
+  static const char* kArches[] = {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"};
+  if (std::find(std::begin(kArches), std::end(kArches), s.arch) == std::end(kArches)) bad("unsupported architecture " + s.arch);
   if (s.hidden <= 0 || s.intermediate <= 0 || s.n_layers <= 0 || s.n_heads <= 0 || s.n_kv_heads <= 0 ||
       s.head_dim <= 0 || s.vocab <= 0)
     bad("dimensions must be positive");
@@ -41,6 +44,26 @@ void check_spec(const ModelSpec& s) {
   if (s.n_heads / s.n_kv_heads > 64) bad("more than 64 query heads per KV head is not supported");
   if (s.head_dim % 2 != 0 || s.head_dim > 1024) bad("head_dim must be even and at most 1024");
   if (s.files.empty()) bad("no safetensors files");
+  if (!s.layer_windows.empty() && int(s.layer_windows.size()) != s.n_layers) bad("layer_types must name every layer");
+  if (!s.layer_local_rope.empty() && int(s.layer_local_rope.size()) != s.n_layers) bad("layer_types must name every layer");
+  for (int w : s.layer_windows)
+    if (w < 0) bad("sliding_window must not be negative");
+  if (s.rotary_dim < 0 || s.rotary_dim > s.head_dim || s.rotary_dim % 2 != 0)
+    bad("partial_rotary_factor must give an even number of rotated dimensions up to head_dim");
+  if (s.rope_type == RopeType::LongRope) {
+    const size_t half = size_t(s.rot_dim() / 2);
+    if (s.rope_short_factor.size() != half || s.rope_long_factor.size() != half)
+      bad("rope_scaling short_factor and long_factor must have " + std::to_string(half) + " entries (rotary dimensions / 2)");
+    for (float f : s.rope_short_factor)
+      if (!(f > 0.f) || !std::isfinite(f)) bad("rope_scaling short_factor entries must be positive");
+    for (float f : s.rope_long_factor)
+      if (!(f > 0.f) || !std::isfinite(f)) bad("rope_scaling long_factor entries must be positive");
+    if (s.rope_original_max <= 0) bad("original_max_position_embeddings must be positive");
+  }
+  if (!(s.embed_scale > 0.f) || !std::isfinite(s.embed_scale)) bad("the embedding scale must be positive");
+  if (s.attn_scale < 0.f || s.attn_softcap < 0.f || s.final_softcap < 0.f || !std::isfinite(s.attn_scale) ||
+      !std::isfinite(s.attn_softcap) || !std::isfinite(s.final_softcap))
+    bad("query_pre_attn_scalar and the soft-capping values must be positive");
 }
 
 class TensorIndex {
@@ -100,16 +123,33 @@ std::vector<float> vec_f32(const TensorView& t) {
   return v;
 }
 
+// Default RoPE frequencies over the rotated dimensions: 1 / theta^(2i / rot_dim).
+std::vector<float> default_inv_freq(float theta, int rot_dim) {
+  std::vector<float> f(size_t(rot_dim / 2));
+  for (int i = 0; i < rot_dim / 2; i++) {
+    // fp32 arithmetic, as the reference builds its inv_freq buffer
+    const float e = float(2 * i) / float(rot_dim);
+    f[size_t(i)] = 1.0f / std::pow(theta, e);
+  }
+  return f;
+}
+
 void compute_inv_freq(Model& m) {
   const ModelSpec& s = m.spec;
-  const int half = s.head_dim / 2;
-  m.inv_freq.resize(half);
-  for (int i = 0; i < half; i++) {
-    // fp32 arithmetic, as the reference builds its inv_freq buffer
-    const float e = float(2 * i) / float(s.head_dim);
-    m.inv_freq[i] = 1.0f / std::pow(s.rope_theta, e);
-  }
-  if (s.rope_type == RopeType::Linear) {
+  m.inv_freq = default_inv_freq(s.rope_theta, s.rot_dim());
+  // Gemma 3's sliding layers: their own base, never scaled (scaling applies to global layers).
+  if (s.rope_local_theta > 0.f) m.inv_freq_local = default_inv_freq(s.rope_local_theta, s.rot_dim());
+  if (s.rope_type == RopeType::LongRope) {
+    // inv_freq = 1 / (factor_i * theta^(2i / rot_dim)), in fp32 as the reference builds it; short
+    // factors up to rope_original_max tokens, long ones past it; cos/sin scaled by the attention factor.
+    m.inv_freq_long = m.inv_freq;
+    for (size_t i = 0; i < m.inv_freq.size(); i++) {
+      const float base = std::pow(s.rope_theta, float(2 * i) / float(s.rot_dim()));  // theta^(2i/rot_dim), fp32
+      m.inv_freq[i] = 1.0f / (s.rope_short_factor[i] * base);
+      m.inv_freq_long[i] = 1.0f / (s.rope_long_factor[i] * base);
+    }
+    m.attn_scaling = s.rope_attention_factor;
+  } else if (s.rope_type == RopeType::Linear) {
     for (auto& f : m.inv_freq) f /= s.rope_factor;
   } else if (s.rope_type == RopeType::Llama3) {
     const float old_ctx = float(s.rope_original_max);
@@ -152,23 +192,71 @@ std::shared_ptr<Model> load_model(const ModelSpec& spec, const LoadProgress& pro
   }
   TensorIndex idx(m->files);
   const int64_t H = spec.hidden, I = spec.intermediate, V = spec.vocab;
-  const int64_t QD = m->q_dim(), KD = m->kv_dim();
-  m->embed = weight(idx.get("model.embed_tokens.weight", {V, H}));
+  const int64_t QD = m->q_dim(), KD = m->kv_dim(), HD = spec.head_dim;
+  // The decoder's tensor prefix: "model." for the causal LMs; the language model of a
+  // Gemma3ForConditionalGeneration checkpoint is "model.language_model." as transformers 5 saves it,
+  // "language_model.model." in the released (transformers 4) files. The vision tower is never read.
+  std::string mp = "model.", head_name = "lm_head.weight";
+  if (spec.multimodal_text) {
+    mp = idx.find("language_model.model.embed_tokens.weight") ? "language_model.model." : "model.language_model.";
+    if (mp == "language_model.model.") head_name = "language_model.lm_head.weight";
+  }
+  m->embed = weight(idx.get(mp + "embed_tokens.weight", {V, H}));
   if (spec.tied_embeddings) {
     m->lm_head = m->embed;
   } else {
-    m->lm_head = weight(idx.get("lm_head.weight", {V, H}));
+    m->lm_head = weight(idx.get(head_name, {V, H}));
   }
-  m->final_norm = vec_f32(idx.get("model.norm.weight", {H}));
+  // Gemma's RMSNorm multiplies by (1 + w): fold the 1 in once, in fp32 as HF adds it, so the
+  // norm kernel is the same (x * inv_rms) * w' (bit-identical: HF computes (x * inv_rms) * (1 + w)).
+  const auto norm = [&](const std::string& name, int64_t n) {
+    std::vector<float> w = vec_f32(idx.get(name, {n}));
+    if (spec.norm_plus_one)
+      for (auto& x : w) x = 1.0f + x;
+    return w;
+  };
+  m->final_norm = norm(mp + "norm.weight", H);
   m->layers.resize(spec.n_layers);
   for (int l = 0; l < spec.n_layers; l++) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
+    const std::string p = mp + "layers." + std::to_string(l) + ".";
     Layer& L = m->layers[l];
-    L.attn_norm = vec_f32(idx.get(p + "input_layernorm.weight", {H}));
-    L.mlp_norm = vec_f32(idx.get(p + "post_attention_layernorm.weight", {H}));
+    L.attn_norm = norm(p + "input_layernorm.weight", H);
+    if (spec.sandwich_norm) {
+      // Gemma: post_attention_layernorm normalises the attention output; the MLP's input norm is
+      // pre_feedforward_layernorm, and post_feedforward_layernorm normalises its output.
+      L.post_attn_norm = norm(p + "post_attention_layernorm.weight", H);
+      L.mlp_norm = norm(p + "pre_feedforward_layernorm.weight", H);
+      L.post_mlp_norm = norm(p + "post_feedforward_layernorm.weight", H);
+    } else {
+      L.mlp_norm = norm(p + "post_attention_layernorm.weight", H);
+    }
+    if (spec.qk_norm) {
+      L.q_norm = norm(p + "self_attn.q_norm.weight", HD);
+      L.k_norm = norm(p + "self_attn.k_norm.weight", HD);
+    }
     for (int pr = 0; pr < kNumProj; pr++) {
+      if ((spec.fused_qkv && pr <= kV) || (spec.fused_gate_up && (pr == kGate || pr == kUp))) continue;
       const std::string mod = (pr <= kO ? "self_attn." : "mlp.") + std::string(proj_name(pr));
       L.proj[pr] = weight(idx.get(p + mod + ".weight", {m->proj_out(pr), m->proj_in(pr)}));
+    }
+    // Phi-3's fused projections: row slices of one row-major matrix are contiguous, so q, k and v
+    // (gate and up) are views into it, split exactly where HF slices the fused output.
+    const auto slice = [](const Weight& w, int row0, int rows) {
+      Weight v = w;
+      v.data = static_cast<const uint8_t*>(w.data) + size_t(row0) * size_t(w.cols) * cpu::wtype_size(w.type);
+      v.rows = rows;
+      return v;
+    };
+    if (spec.fused_qkv) {
+      const Weight qkv = weight(idx.get(p + "self_attn.qkv_proj.weight", {QD + 2 * KD, H}));
+      L.proj[kQ] = slice(qkv, 0, int(QD));
+      L.proj[kK] = slice(qkv, int(QD), int(KD));
+      L.proj[kV] = slice(qkv, int(QD + KD), int(KD));
+    }
+    if (spec.fused_gate_up) {
+      const Weight gu = weight(idx.get(p + "mlp.gate_up_proj.weight", {2 * I, H}));
+      L.proj[kGate] = slice(gu, 0, int(I));
+      L.proj[kUp] = slice(gu, int(I), int(I));
     }
     if (spec.attn_bias) {
       L.q_bias = vec_f32(idx.get(p + "self_attn.q_proj.bias", {QD}));
@@ -176,7 +264,6 @@ std::shared_ptr<Model> load_model(const ModelSpec& spec, const LoadProgress& pro
       L.v_bias = vec_f32(idx.get(p + "self_attn.v_proj.bias", {KD}));
     }
   }
-  (void)I;
   compute_inv_freq(*m);
   return m;
 }

@@ -6,6 +6,8 @@
 //   cold     512 requests each on a never-seen adapter against 512 on one resident adapter
 //            (16 streams, 64 tokens), then the three many-adapter targets side by side
 // Usage: npx tsx bench/engine-bench.ts [--model DIR] [--sections decode,lora,paging,cold] [--out FILE]
+//        (other families: make the model with bench/make-model.ts --shape qwen3-0.6b|gemma3-1b
+//        [--family llama for the same-shape Llama baseline], then --model DIR --sections decode)
 //        [--compute-dtype bfloat16] [--kv-cache-dtype bfloat16] [--lora-dtype bfloat16] (engine options)
 import { execFileSync } from 'node:child_process';
 import { copyFileSync, existsSync, linkSync, lstatSync, mkdirSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
@@ -43,6 +45,9 @@ function readBandwidth(): number {
 
 async function ensureModel(): Promise<void> {
   if (existsSync(join(modelDir, 'config.json')) && existsSync(join(modelDir, 'adapters', 'a31'))) return;
+  // A model given with --model (e.g. bench/make-model.ts --shape qwen3-0.6b) is never overwritten:
+  // the decode section needs no adapters.
+  if (args.model && existsSync(join(modelDir, 'config.json'))) return;
   console.error(`generating ${modelDir} (bf16, 32 rank-16 adapters)...`);
   await makeModel({ out: modelDir, dtype: 'bf16', adapters: 32, rank: 16, alpha: 32 });
 }

@@ -1,10 +1,14 @@
 // Generates a random Llama with SmolLM2-135M's shape (plus PEFT LoRA adapters) for benchmarks:
 // realistic sizes and memory traffic without downloading anything. The weights are seeded
 // normal(0, 0.02) noise, so the text it produces is meaningless; the tokenizer is a small BPE
-// trained on the demo corpus (its ids are a subset of the config's 49152-entry vocabulary).
+// trained on the demo corpus (its ids are a subset of the config's vocabulary).
+// --shape qwen3-0.6b | gemma3-1b writes a Qwen3ForCausalLM / Gemma3ForCausalLM of those releases'
+// dimensions instead; --family llama keeps those dimensions but writes a Llama (the same-shape
+// baseline the family is compared against).
 //
 //   npx tsx bench/make-model.ts --out DIR [--dtype bf16|f16|f32] [--adapters N] [--rank 16]
-//                               [--alpha 32] [--seed 1]
+//                               [--alpha 32] [--seed 1] [--shape smollm2-135m|qwen3-0.6b|gemma3-1b]
+//                               [--family llama]
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -28,6 +32,34 @@ export const SMOLLM2_135M_SHAPE = {
   maxPositionEmbeddings: 8192,
 } as const;
 
+export type Family = 'llama' | 'qwen3' | 'gemma3';
+export interface ModelShape {
+  family: Family;
+  hiddenSize: number;
+  intermediateSize: number;
+  numLayers: number;
+  numHeads: number;
+  numKvHeads: number;
+  headDim: number;
+  vocabSize: number;
+  ropeTheta: number;
+  rmsNormEps: number;
+  maxPositionEmbeddings: number;
+}
+
+/** The released models' dimensions (their config.json files). */
+export const SHAPES: Record<string, ModelShape> = {
+  'smollm2-135m': { family: 'llama', ...SMOLLM2_135M_SHAPE, headDim: SMOLLM2_135M_SHAPE.hiddenSize / SMOLLM2_135M_SHAPE.numHeads },
+  'qwen3-0.6b': {
+    family: 'qwen3', hiddenSize: 1024, intermediateSize: 3072, numLayers: 28, numHeads: 16, numKvHeads: 8, headDim: 128,
+    vocabSize: 151936, ropeTheta: 1000000, rmsNormEps: 1e-6, maxPositionEmbeddings: 40960,
+  },
+  'gemma3-1b': {
+    family: 'gemma3', hiddenSize: 1152, intermediateSize: 6912, numLayers: 26, numHeads: 4, numKvHeads: 1, headDim: 256,
+    vocabSize: 262144, ropeTheta: 1000000, rmsNormEps: 1e-6, maxPositionEmbeddings: 32768,
+  },
+};
+
 export const LORA_TARGET_MODULES = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] as const;
 
 export interface MakeModelOptions {
@@ -37,6 +69,8 @@ export interface MakeModelOptions {
   rank?: number;
   alpha?: number;
   seed?: number;
+  shape?: string; // a key of SHAPES (default smollm2-135m)
+  family?: Family; // overrides the shape's family (llama: the same dimensions as a Llama)
 }
 
 export interface MadeModel {
@@ -54,15 +88,13 @@ const DTYPES: Record<NonNullable<MakeModelOptions['dtype']>, { st: SafetensorsDt
 };
 
 /** Shapes of one layer's seven projections, [out, in], keyed by module name. */
-function projectionShapes(): Record<(typeof LORA_TARGET_MODULES)[number], [number, number]> {
-  const s = SMOLLM2_135M_SHAPE;
-  const headDim = s.hiddenSize / s.numHeads;
-  const kv = s.numKvHeads * headDim;
+function projectionShapes(s: ModelShape = SHAPES['smollm2-135m']): Record<(typeof LORA_TARGET_MODULES)[number], [number, number]> {
+  const kv = s.numKvHeads * s.headDim, q = s.numHeads * s.headDim;
   return {
-    q_proj: [s.hiddenSize, s.hiddenSize],
+    q_proj: [q, s.hiddenSize],
     k_proj: [kv, s.hiddenSize],
     v_proj: [kv, s.hiddenSize],
-    o_proj: [s.hiddenSize, s.hiddenSize],
+    o_proj: [s.hiddenSize, q],
     gate_proj: [s.intermediateSize, s.hiddenSize],
     up_proj: [s.intermediateSize, s.hiddenSize],
     down_proj: [s.hiddenSize, s.intermediateSize],
@@ -85,8 +117,9 @@ export async function makeModel(options: MakeModelOptions): Promise<MadeModel> {
     if (!Number.isInteger(v) || v < (name === 'rank' ? 1 : 0)) throw new Error(`--${name} must be a non-negative integer, got ${v}`);
   }
   if (!(alpha > 0)) throw new Error(`--alpha must be positive, got ${alpha}`);
-
-  const s = SMOLLM2_135M_SHAPE;
+  const shape = SHAPES[options.shape ?? 'smollm2-135m'];
+  if (!shape) throw new Error(`--shape must be one of ${Object.keys(SHAPES).join(', ')}, got ${options.shape}`);
+  const s: ModelShape = { ...shape, family: options.family ?? shape.family };
   const modelDir = options.out;
   await mkdir(modelDir, { recursive: true });
 
@@ -99,13 +132,24 @@ export async function makeModel(options: MakeModelOptions): Promise<MadeModel> {
   const bos = idOf(SPECIAL_TOKENS.bos);
   const eos = [idOf(SPECIAL_TOKENS.eos), idOf(SPECIAL_TOKENS.eot)];
 
+  const family: Record<string, unknown> =
+    s.family === 'qwen3'
+      ? { architectures: ['Qwen3ForCausalLM'], model_type: 'qwen3', use_sliding_window: false }
+      : s.family === 'gemma3'
+        ? {
+            architectures: ['Gemma3ForCausalLM'], model_type: 'gemma3_text', hidden_act: undefined,
+            hidden_activation: 'gelu_pytorch_tanh', query_pre_attn_scalar: 256, sliding_window: 512,
+            sliding_window_pattern: 6, rope_local_base_freq: 10000, final_logit_softcapping: null,
+            attn_logit_softcapping: null,
+          }
+        : {};
   const config = {
     architectures: ['LlamaForCausalLM'],
     attention_bias: false,
     attention_dropout: 0.0,
     bos_token_id: bos,
     eos_token_id: eos,
-    head_dim: s.hiddenSize / s.numHeads,
+    head_dim: s.headDim,
     hidden_act: 'silu',
     hidden_size: s.hiddenSize,
     initializer_range: WEIGHT_STD,
@@ -124,6 +168,7 @@ export async function makeModel(options: MakeModelOptions): Promise<MadeModel> {
     torch_dtype: dtype.torch,
     use_cache: true,
     vocab_size: s.vocabSize,
+    ...family,
   };
   await writeJson(join(modelDir, 'config.json'), config);
   await writeJson(join(modelDir, 'generation_config.json'), { bos_token_id: bos, eos_token_id: eos });
@@ -142,11 +187,15 @@ export async function makeModel(options: MakeModelOptions): Promise<MadeModel> {
     data: () => new SeededRandom(seed, name).normalArray(shape.reduce((a, b) => a * b, 1), WEIGHT_STD),
   });
   const ones = (name: string, n: number): TensorSpec => ({ name, dtype: dtype.st, shape: [n], data: () => new Float32Array(n).fill(1) });
-  const shapes = projectionShapes();
+  const shapes = projectionShapes(s);
   const tensors: TensorSpec[] = [random('model.embed_tokens.weight', [s.vocabSize, s.hiddenSize])];
   for (let l = 0; l < s.numLayers; l++) {
     const p = `model.layers.${l}`;
     tensors.push(ones(`${p}.input_layernorm.weight`, s.hiddenSize), ones(`${p}.post_attention_layernorm.weight`, s.hiddenSize));
+    if (s.family === 'gemma3')
+      tensors.push(ones(`${p}.pre_feedforward_layernorm.weight`, s.hiddenSize), ones(`${p}.post_feedforward_layernorm.weight`, s.hiddenSize));
+    if (s.family !== 'llama')
+      tensors.push(ones(`${p}.self_attn.q_norm.weight`, s.headDim), ones(`${p}.self_attn.k_norm.weight`, s.headDim));
     for (const m of LORA_TARGET_MODULES) tensors.push(random(`${p}.${moduleParent(m)}.${m}.weight`, shapes[m]));
   }
   tensors.push(ones('model.norm.weight', s.hiddenSize));
@@ -156,16 +205,16 @@ export async function makeModel(options: MakeModelOptions): Promise<MadeModel> {
   const adapterIds: string[] = [];
   for (let i = 0; i < numAdapters; i++) {
     const id = `a${i}`;
-    await writeAdapter(join(adapterDir, id), { seed: seed * 1000003 + i, rank, alpha });
+    await writeAdapter(join(adapterDir, id), { seed: seed * 1000003 + i, rank, alpha, shape: s });
     adapterIds.push(id);
   }
   return { modelDir, adapterDir, adapterIds };
 }
 
 /** One PEFT LoRA adapter on all seven projections of every layer, fp32 as PEFT saves it. */
-async function writeAdapter(dir: string, o: { seed: number; rank: number; alpha: number }): Promise<void> {
+async function writeAdapter(dir: string, o: { seed: number; rank: number; alpha: number; shape: ModelShape }): Promise<void> {
   await mkdir(dir, { recursive: true });
-  const shapes = projectionShapes();
+  const shapes = projectionShapes(o.shape);
   const tensors: TensorSpec[] = [];
   // B is random too (PEFT initialises it to zero): a "trained" adapter that changes the output.
   const random = (name: string, shape: [number, number]): TensorSpec => ({
@@ -174,7 +223,7 @@ async function writeAdapter(dir: string, o: { seed: number; rank: number; alpha:
     shape,
     data: () => new SeededRandom(o.seed, name).normalArray(shape[0] * shape[1], WEIGHT_STD),
   });
-  for (let l = 0; l < SMOLLM2_135M_SHAPE.numLayers; l++) {
+  for (let l = 0; l < o.shape.numLayers; l++) {
     for (const m of LORA_TARGET_MODULES) {
       const [outDim, inDim] = shapes[m];
       const prefix = `base_model.model.model.layers.${l}.${moduleParent(m)}.${m}`;
@@ -223,6 +272,8 @@ async function main(): Promise<void> {
       rank: { type: 'string', default: '16' },
       alpha: { type: 'string', default: '32' },
       seed: { type: 'string', default: '1' },
+      shape: { type: 'string', default: 'smollm2-135m' },
+      family: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
     strict: true,
@@ -241,6 +292,8 @@ async function main(): Promise<void> {
     rank: Number(values.rank),
     alpha: Number(values.alpha),
     seed: Number(values.seed),
+    shape: values.shape,
+    family: values.family as Family | undefined,
   });
   const secs = ((performance.now() - started) / 1000).toFixed(1);
   console.log(`wrote ${made.modelDir} (${values.dtype}) and ${made.adapterIds.length} adapter(s) in ${made.adapterDir} in ${secs}s`);

@@ -26,6 +26,21 @@ static inline void softmax_rows(float* scores, int n, int group, const float* mx
   }
 }
 
+// Soft-capping (Gemma 2) of each of `group` score rows in place, s -> cap * tanh(s / cap), in the
+// order HF applies it (after the scale, before the mask and softmax); mx[h] becomes the capped max.
+static inline void softcap_rows(float* scores, int n, int group, float cap, float* mx) {
+  for (int h = 0; h < group; h++) {
+    float* sc = scores + size_t(h) * n;
+    float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+    for (int j = 0; j < n; j++) {
+      sc[j] = tanh_fast(sc[j] / cap) * cap;
+      m = sc[j] > m ? sc[j] : m;
+    }
+    mx[h] = m;
+  }
+}
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
@@ -46,7 +61,7 @@ static inline __m512 load_kv(const uint8_t* row, size_t i) {
 // covered (the portable loop below then runs).
 template <int C, int G, bool BF16>
 static void attend_item(const uint8_t* pool, const KvLayout& L, int layer, const int32_t* bt, int lo, int pos, int g,
-                        const float* qg, float scale, float* og, float* scores) {
+                        const float* qg, float scale, float cap, float* og, float* scores) {
   const int bs = L.block_size;
   // bytes between consecutive keys in a block
   const size_t row = size_t(L.n_kv_heads) * L.head_dim * (BF16 ? 2 : 4);
@@ -71,6 +86,7 @@ static void attend_item(const uint8_t* pool, const KvLayout& L, int layer, const
       }
     }
   }
+  if (cap > 0.f) softcap_rows(scores, n, G, cap, mx);
   float inv[G];
   softmax_rows(scores, n, G, mx, inv);
   __m512 o[G][C];
@@ -94,8 +110,8 @@ static void attend_item(const uint8_t* pool, const KvLayout& L, int layer, const
   }
 }
 
-using AttendFn = void (*)(const uint8_t*, const KvLayout&, int, const int32_t*, int, int, int, const float*, float, float*,
-                          float*);
+using AttendFn = void (*)(const uint8_t*, const KvLayout&, int, const int32_t*, int, int, int, const float*, float, float,
+                          float*, float*);
 
 template <int C, bool BF16>
 static AttendFn pick_group(int group) {
@@ -168,7 +184,7 @@ void paged_attention(const uint8_t* pool, const KvLayout& L, int layer, const At
       const int32_t* bt = B.block_tables + size_t(it.s) * B.max_blocks;
 #if defined(__AVX512F__)
       if (fast) {
-        fast(pool, L, layer, bt, lo, it.pos, g, qg, scale, out + (size_t(it.t) * n_heads + size_t(g) * group) * hd, scores.data());
+        fast(pool, L, layer, bt, lo, it.pos, g, qg, scale, B.softcap, out + (size_t(it.t) * n_heads + size_t(g) * group) * hd, scores.data());
         continue;
       }
 #endif
@@ -186,6 +202,7 @@ void paged_attention(const uint8_t* pool, const KvLayout& L, int layer, const At
           mx[h] = std::max(mx[h], d);
         }
       }
+      if (B.softcap > 0.f) softcap_rows(scores.data(), n, group, B.softcap, mx);
       float inv[64];
       softmax_rows(scores.data(), n, group, mx, inv);
       for (int h = 0; h < group; h++) {

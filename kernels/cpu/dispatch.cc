@@ -75,15 +75,21 @@ bool set_isa(const char* name) {
     default: return generic::fn(__VA_ARGS__);         \
   }
 
-void embed(const int32_t* ids, int T, const void* table, WType wt, int H, float* out) { LP_DISPATCH(embed, ids, T, table, wt, H, out) }
+void embed(const int32_t* ids, int T, const void* table, WType wt, int H, float* out, float scale) {
+  LP_DISPATCH(embed, ids, T, table, wt, H, scale, out)
+}
 void rmsnorm(const float* x, const float* w, int T, int H, float eps, float* y) { LP_DISPATCH(rmsnorm, x, w, T, H, eps, y) }
 void rope_table(const int32_t* positions, int T, const float* inv_freq, int half, float attn_scale, float* cs, float* sn) {
   LP_DISPATCH(rope_table, positions, T, inv_freq, half, attn_scale, cs, sn)
 }
-void rope_apply(float* x, int T, int n_heads, int head_dim, const float* cs, const float* sn) {
-  LP_DISPATCH(rope_apply, x, T, n_heads, head_dim, cs, sn)
+void rope_apply(float* x, int T, int n_heads, int head_dim, const float* cs, const float* sn, int rot_dim) {
+  LP_DISPATCH(rope_apply, x, T, n_heads, head_dim, rot_dim > 0 ? rot_dim : head_dim, cs, sn)
 }
 void silu_mul(const float* gate, const float* up, int T, int I, float* act) { LP_DISPATCH(silu_mul, gate, up, T, I, act) }
+void gelu_tanh_mul(const float* gate, const float* up, int T, int I, float* act) {
+  LP_DISPATCH(gelu_tanh_mul, gate, up, T, I, act)
+}
+void softcap(float* x, size_t n, float cap) { LP_DISPATCH(softcap, x, n, cap) }
 void kv_write(uint8_t* pool, const KvLayout& L, int layer, const AttnBatch& B, const float* k, const float* v) {
   LP_DISPATCH(kv_write, pool, L, layer, B, k, v)
 }

@@ -10,12 +10,14 @@
 
 #define LP_DECLARE_ISA_KERNELS(NS)                                                                                   \
   namespace loraplex::cpu::NS {                                                                                      \
-  void embed(const int32_t* ids, int T, const void* table, WType wt, int H, float* out);                            \
+  void embed(const int32_t* ids, int T, const void* table, WType wt, int H, float scale, float* out);               \
   void rmsnorm(const float* x, const float* w, int T, int H, float eps, float* y);                                  \
   void rope_table(const int32_t* positions, int T, const float* inv_freq, int half, float attn_scale, float* cs,    \
                   float* sn);                                                                                        \
-  void rope_apply(float* x, int T, int n_heads, int head_dim, const float* cs, const float* sn);                    \
+  void rope_apply(float* x, int T, int n_heads, int head_dim, int rot_dim, const float* cs, const float* sn);       \
   void silu_mul(const float* gate, const float* up, int T, int I, float* act);                                      \
+  void gelu_tanh_mul(const float* gate, const float* up, int T, int I, float* act);                                 \
+  void softcap(float* x, size_t n, float cap);                                                                      \
   void kv_write(uint8_t* pool, const KvLayout& L, int layer, const AttnBatch& B, const float* k, const float* v);   \
   void paged_attention(const uint8_t* pool, const KvLayout& L, int layer, const AttnBatch& B, const float* q,       \
                        int n_heads, float scale, float* out);                                                        \

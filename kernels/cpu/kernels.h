@@ -39,8 +39,9 @@ void matmul_bf16_pairs(const float* x, int T, int K, const uint16_t* P, int N, c
 // y[T, H] = x / rms(x) * w, rms over H with eps (HF LlamaRMSNorm: fp32 variance).
 void rmsnorm(const float* x, const float* w, int T, int H, float eps, float* y);
 
-// out[T, H] = embedding rows of ids, converted to fp32.
-void embed(const int32_t* ids, int T, const void* table, WType wt, int H, float* out);
+// out[T, H] = embedding rows of ids, converted to fp32, times `scale` in fp32 (Gemma multiplies by
+// sqrt(hidden) as an fp32 scalar; 1 leaves the rows exact).
+void embed(const int32_t* ids, int T, const void* table, WType wt, int H, float* out, float scale = 1.0f);
 
 // Which SIMD build the dispatched kernels use ("avx512", "avx2", "generic"); set_isa() switches
 // (false if this CPU cannot run it). Default: the best the CPU has, or LORAPLEX_ISA.
@@ -50,8 +51,10 @@ bool set_isa(const char* name);
 // cos/sin tables [T, half] for the positions (shared by every layer and by q and k in one step).
 void rope_table(const int32_t* positions, int T, const float* inv_freq, int half, float attn_scale, float* cs,
                 float* sn);
-// In-place rotation of x [T, n_heads, head_dim] with those tables.
-void rope_apply(float* x, int T, int n_heads, int head_dim, const float* cs, const float* sn);
+// In-place rotation of x [T, n_heads, head_dim] with those tables. Partial rotary (Phi-3/Phi-4):
+// only the first rot_dim dimensions of each head rotate (pairs i, i + rot_dim/2; tables [T, rot_dim/2]),
+// the rest pass through; rot_dim 0 means head_dim.
+void rope_apply(float* x, int T, int n_heads, int head_dim, const float* cs, const float* sn, int rot_dim = 0);
 
 // In-place rotary embedding (rotate-half convention, as HF Llama/Qwen2/Mistral).
 // x: [T, n_heads, head_dim]; inv_freq: [head_dim/2]; scale multiplies cos and sin.
@@ -60,6 +63,14 @@ void rope(float* x, int T, int n_heads, int head_dim, const int32_t* positions, 
 
 // act[T, I] = silu(gate[T, I]) * up[T, I]  (gate_up: [T, 2, I] is not used; two buffers)
 void silu_mul(const float* gate, const float* up, int T, int I, float* act);
+// act[T, I] = gelu_tanh(gate) * up (GeGLU, Gemma's gelu_pytorch_tanh):
+// gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))).
+void gelu_tanh_mul(const float* gate, const float* up, int T, int I, float* act);
+// In place x[n] = cap * tanh(x / cap) (Gemma 2's final-logit soft-capping); cap > 0.
+void softcap(float* x, size_t n, float cap);
+// Plain-loop oracles of the two above (std::tanh).
+void gelu_tanh_mul_ref(const float* gate, const float* up, size_t n, float* act);
+void softcap_ref(float* x, size_t n, float cap);
 
 // Paged KV-cache layout inside one page (one block of `block_size` tokens, all layers):
 //   [layer][k|v][block_size][n_kv_heads][head_dim], fp32 or (CPU, --kv-cache-dtype bfloat16) BF16.
@@ -79,12 +90,14 @@ struct AttnBatch {
   const int32_t* block_tables;  // [S, max_blocks]
   int max_blocks;
   int sliding_window;           // 0 = none; else attend to keys in (p - window, p]
+  float softcap = 0.f;          // 0 = none; else scores s -> softcap * tanh(s / softcap) before softmax (Gemma 2)
 };
 
 // Writes k, v ([T, n_kv, hd]) of layer `layer` into their pages.
 void kv_write(uint8_t* pool, const KvLayout& L, int layer, const AttnBatch& B, const float* k, const float* v);
 
-// out[T, n_heads, hd] = causal softmax(q k^T * scale) v over the paged cache of each sequence.
+// out[T, n_heads, hd] = causal softmax(q k^T * scale) v over the paged cache of each sequence (scores
+// soft-capped first when B.softcap > 0; keys limited to B.sliding_window when set).
 void paged_attention(const uint8_t* pool, const KvLayout& L, int layer, const AttnBatch& B, const float* q,
                      int n_heads, float scale, float* out);
 void paged_attention_ref(const uint8_t* pool, const KvLayout& L, int layer, const AttnBatch& B,

@@ -10,9 +10,16 @@
 
 namespace loraplex::cpu::LP_ISA_NS {
 
-void embed(const int32_t* ids, int T, const void* table, WType wt, int H, float* out) {
+void embed(const int32_t* ids, int T, const void* table, WType wt, int H, float scale, float* out) {
 #pragma omp parallel for schedule(static) if (T > 8)
-  for (int t = 0; t < T; t++) convert_row(table, wt, size_t(ids[t]) * H, H, out + size_t(t) * H);
+  for (int t = 0; t < T; t++) {
+    float* o = out + size_t(t) * H;
+    convert_row(table, wt, size_t(ids[t]) * H, H, o);
+    if (scale != 1.0f) {
+#pragma omp simd
+      for (int i = 0; i < H; i++) o[i] *= scale;
+    }
+  }
 }
 
 void rmsnorm(const float* x, const float* w, int T, int H, float eps, float* y) {
@@ -43,8 +50,8 @@ void rope_table(const int32_t* positions, int T, const float* inv_freq, int half
   }
 }
 
-void rope_apply(float* x, int T, int n_heads, int head_dim, const float* cs, const float* sn) {
-  const int half = head_dim / 2;
+void rope_apply(float* x, int T, int n_heads, int head_dim, int rot_dim, const float* cs, const float* sn) {
+  const int half = rot_dim / 2;  // dimensions past rot_dim pass through
 #pragma omp parallel for schedule(static) if (T > 8)
   for (int t = 0; t < T; t++) {
     const float* c = cs + size_t(t) * half;
@@ -85,6 +92,45 @@ void silu_mul(const float* gate, const float* up, int T, int I, float* act) {
     const size_t i0 = std::min(n, id * chunk), i1 = std::min(n, i0 + chunk);
     silu_mul_range(gate, up, i0, i1, act);
   }
+}
+
+// Element-wise ops of n floats: in one thread up to 64K elements (a decode step), else split into
+// contiguous 16-aligned chunks, one per thread (the `if` clause on `parallel for simd` made GCC
+// emit the SIMD body only for the parallel case; see silu_mul).
+template <typename F>
+static void split_elementwise(size_t n, F&& range) {
+  if (n <= 65536) return range(size_t(0), n);
+#pragma omp parallel
+  {
+    const size_t nt = size_t(omp_get_num_threads()), id = size_t(omp_get_thread_num());
+    const size_t chunk = (n + nt - 1) / nt / 16 * 16 + 16;
+    const size_t i0 = std::min(n, id * chunk), i1 = std::min(n, i0 + chunk);
+    range(i0, i1);
+  }
+}
+
+static void gelu_tanh_mul_range(const float* gate, const float* up, size_t i0, size_t i1, float* act) {
+  // sqrt(2/pi) and the cubic coefficient of the tanh approximation, in fp32 as PyTorch uses them.
+  const float beta = 0.7978845608028654f, kappa = 0.044715f;
+#pragma omp simd
+  for (size_t i = i0; i < i1; i++) {
+    const float g = gate[i];
+    const float inner = beta * (g + kappa * (g * g * g));
+    act[i] = 0.5f * g * (1.0f + tanh_fast(inner)) * up[i];
+  }
+}
+
+void gelu_tanh_mul(const float* gate, const float* up, int T, int I, float* act) {
+  split_elementwise(size_t(T) * I, [&](size_t i0, size_t i1) { gelu_tanh_mul_range(gate, up, i0, i1, act); });
+}
+
+static void softcap_range(float* x, size_t i0, size_t i1, float cap) {
+#pragma omp simd
+  for (size_t i = i0; i < i1; i++) x[i] = tanh_fast(x[i] / cap) * cap;
+}
+
+void softcap(float* x, size_t n, float cap) {
+  split_elementwise(n, [&](size_t i0, size_t i1) { softcap_range(x, i0, i1, cap); });
 }
 
 }  // namespace loraplex::cpu::LP_ISA_NS

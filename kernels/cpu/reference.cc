@@ -25,8 +25,10 @@ void paged_attention_ref(const uint8_t* pool, const KvLayout& L, int layer, cons
         const uint8_t* kv = kv_row(pool, L, layer, page, j % L.block_size, 0);
         float d = 0.f;
         for (int i = 0; i < hd; i++) d += qv[i] * kv_at(kv, size_t(g) * hd + i, L.bf16);
-        scores[j - lo] = d * scale;
-        mx = std::max(mx, scores[j - lo]);
+        float sc = d * scale;
+        if (B.softcap > 0.f) sc = float(std::tanh(double(sc) / B.softcap) * B.softcap);
+        scores[j - lo] = sc;
+        mx = std::max(mx, sc);
       }
       float sum = 0.f;
       for (auto& x : scores) { x = std::exp(x - mx); sum += x; }
@@ -40,6 +42,18 @@ void paged_attention_ref(const uint8_t* pool, const KvLayout& L, int layer, cons
       }
     }
   });
+}
+
+void gelu_tanh_mul_ref(const float* gate, const float* up, size_t n, float* act) {
+  const double beta = std::sqrt(2.0 / 3.141592653589793), kappa = 0.044715;
+  for (size_t i = 0; i < n; i++) {
+    const double g = gate[i];
+    act[i] = float(0.5 * g * (1.0 + std::tanh(beta * (g + kappa * g * g * g))) * up[i]);
+  }
+}
+
+void softcap_ref(float* x, size_t n, float cap) {
+  for (size_t i = 0; i < n; i++) x[i] = float(std::tanh(double(x[i]) / cap) * cap);
 }
 
 void lora_ref(const uint8_t* pool, const LoraRef* refs, const int32_t* token_slot, int T, const float* x, int in,

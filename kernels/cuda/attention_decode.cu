@@ -64,7 +64,11 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const uint8_t* __
     float d = 0.f;
     for (int i = lane; i < hd; i += 32) d += qs[i] * kr[i];
     d = warp_sum(d);
-    if (lane == 0) scores[j - k_begin] = d * scale;
+    if (lane == 0) {
+      float sc = d * scale;
+      if (B.softcap > 0.f) sc = tanhf(sc / B.softcap) * B.softcap;  // Gemma 2: before the softmax
+      scores[j - k_begin] = sc;
+    }
   }
   __syncthreads();
   const int n = k_end - k_begin;

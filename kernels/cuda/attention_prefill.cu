@@ -84,7 +84,9 @@ __global__ void __launch_bounds__(kThreads) attn_prefill_kernel(const uint8_t* _
       float d = 0.f;
       for (int i = 0; i < hd; i++) d += Qs[row * ld + i] * Ks[kk * ld + i];
       const bool ok = valid && j <= my_pos && j >= my_lo && j <= k_hi;
-      sc[mi] = ok ? d * scale : -INFINITY;
+      float s = d * scale;
+      if (B.softcap > 0.f) s = tanhf(s / B.softcap) * B.softcap;  // Gemma 2: before the mask and softmax
+      sc[mi] = ok ? s : -INFINITY;
       tmax = fmaxf(tmax, sc[mi]);
     }
     // Row statistics over the row's 8 lanes. Every lane of the warp takes part in each shuffle

@@ -22,18 +22,19 @@ namespace loraplex::cuda {
 
 // ------------------------------------------------------------------------------------------------
 // Element-wise and row-wise ops (embed.cu, rmsnorm.cu, residual_add.cu, rope.cu, silu_mul.cu,
-// gather_rows.cu)
+// gelu_tanh_mul.cu, softcap.cu, gather_rows.cu)
 
-// out[t, :] = table[ids[t], :] converted to fp32.
+// out[t, :] = table[ids[t], :] converted to fp32, times `scale` (Gemma: sqrt(hidden); 1 = exact rows).
 void embed(const int32_t* ids,  // [T] token ids, each in [0, V)
            int T,
            const void* table,   // [V, H] in dtype wt
            int wt, int H,
            float* out,          // [T, H]
-           cudaStream_t stream);
+           cudaStream_t stream, float scale = 1.0f);
 
 // If delta: x += delta (the residual add, written back to x). Then y = x / rms(x) * w, rms over H
-// with eps (HF LlamaRMSNorm, fp32). y may alias x.
+// with eps (HF LlamaRMSNorm, fp32). y may alias x. Also the per-head q/k norm (Qwen3, Gemma 3):
+// T * heads rows of head_dim, in place. Gemma's (1 + w) is folded into w at load (model.cc).
 void rmsnorm(float* x,            // [T, H]
              const float* delta,  // [T, H] or nullptr
              const float* w,      // [H]
@@ -48,14 +49,18 @@ void residual_add(float* x,            // [n]
 
 // In-place rotary embedding (rotate-half) of q and k with the same positions. inv_freq already
 // carries the model's rope scaling (none / linear / llama3: Model::inv_freq); cos and sin are
-// multiplied by attn_scale. k may be nullptr (n_k_heads ignored).
+// multiplied by attn_scale. k may be nullptr (n_k_heads ignored). Partial rotary (Phi-3): only the
+// first rot_dim dimensions of each head rotate (pairs i, i + rot_dim/2); 0 means head_dim.
+// LongRoPE (Phi-3): tokens with token_alt[t] != 0 rotate with inv_freq_alt (the long factors).
 void rope(float* q,                  // [T, n_q_heads, head_dim]
           int n_q_heads,
           float* k,                  // [T, n_k_heads, head_dim] or nullptr
           int n_k_heads, int T, int head_dim,
           const int32_t* positions,  // [T]
-          const float* inv_freq,     // [head_dim / 2]
-          float attn_scale, cudaStream_t stream);
+          const float* inv_freq,     // [rot_dim / 2]
+          float attn_scale, cudaStream_t stream, int rot_dim = 0,
+          const float* inv_freq_alt = nullptr,  // [rot_dim / 2] or nullptr
+          const int32_t* token_alt = nullptr);  // [T] or nullptr
 
 // act = silu(gate) * up over n floats (n = T * I).
 void silu_mul(const float* gate,  // [T, I]
@@ -63,6 +68,18 @@ void silu_mul(const float* gate,  // [T, I]
               size_t n,
               float* act,         // [T, I]
               cudaStream_t stream);
+
+// act = gelu_tanh(gate) * up over n floats (GeGLU, Gemma's gelu_pytorch_tanh):
+// gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))).
+void gelu_tanh_mul(const float* gate,  // [T, I]
+                   const float* up,    // [T, I]
+                   size_t n,
+                   float* act,         // [T, I]
+                   cudaStream_t stream);
+
+// In place x = cap * tanh(x / cap) over n floats (Gemma 2's final-logit soft-capping), cap > 0.
+void softcap(float* x,  // [n]
+             size_t n, float cap, cudaStream_t stream);
 
 // out[i, :] = x[rows[i], :]  (the last token of each sampled sequence).
 void gather_rows(const float* x,       // [T, H]
@@ -115,6 +132,7 @@ struct AttnBatch {
   const int32_t* token_seq;     // [T] the sequence of each token
   int max_blocks;
   int sliding_window;           // 0 = none; else keys j with pos - window < j <= pos
+  float softcap = 0.f;          // 0 = none; else scores s -> softcap * tanh(s / softcap) before softmax
 };
 
 // Writes this step's k, v of layer `layer` into their pages.

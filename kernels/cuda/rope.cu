@@ -10,12 +10,16 @@ namespace {
 __global__ void __launch_bounds__(128) rope_kernel(float* __restrict__ q,                  // [T, n_q, hd]
                                                    int n_q,
                                                    float* __restrict__ k,                  // [T, n_k, hd] or null
-                                                   int n_k, int hd,
+                                                   int n_k, int hd, int rot,
                                                    const int32_t* __restrict__ positions,  // [T]
-                                                   const float* __restrict__ inv_freq,     // [hd/2]
-                                                   float attn_scale) {
-  const int t = blockIdx.x, half = hd / 2;
+                                                   const float* __restrict__ inv_freq,     // [rot/2]
+                                                   float attn_scale,
+                                                   const float* __restrict__ inv_freq_alt,  // [rot/2] or null
+                                                   const int32_t* __restrict__ token_alt) { // [T] or null
+  // Dimensions at and past `rot` (partial rotary) pass through untouched.
+  const int t = blockIdx.x, half = rot / 2;
   const float pos = float(positions[t]);
+  if (token_alt && token_alt[t]) inv_freq = inv_freq_alt;  // LongRoPE: this token's sequence is past the original context
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
     // One cos/sin per (token, frequency), reused by every head. The angle is the fp32 product the
     // reference computes; cosf/sinf (not __cosf) because angles reach 1e5 rad at long positions.
@@ -40,12 +44,14 @@ __global__ void __launch_bounds__(128) rope_kernel(float* __restrict__ q,       
 }  // namespace
 
 void rope(float* q, int n_q_heads, float* k, int n_k_heads, int T, int head_dim, const int32_t* positions,
-          const float* inv_freq, float attn_scale, cudaStream_t stream) {
+          const float* inv_freq, float attn_scale, cudaStream_t stream, int rot_dim, const float* inv_freq_alt,
+          const int32_t* token_alt) {
   if (T <= 0) return;
+  const int rot = rot_dim > 0 ? rot_dim : head_dim;
   // Threads over frequencies: for each head, consecutive threads touch consecutive floats.
-  const int threads = head_dim / 2 >= 128 ? 128 : ((head_dim / 2 + 31) / 32) * 32;
-  LP_LAUNCH(rope_kernel, dim3(T), dim3(threads), 0, stream, q, n_q_heads, k, n_k_heads, head_dim, positions, inv_freq,
-            attn_scale);
+  const int threads = rot / 2 >= 128 ? 128 : ((rot / 2 + 31) / 32) * 32;
+  LP_LAUNCH(rope_kernel, dim3(T), dim3(threads), 0, stream, q, n_q_heads, k, n_k_heads, head_dim, rot, positions,
+            inv_freq, attn_scale, inv_freq_alt, inv_freq_alt ? token_alt : nullptr);
   check_launch("rope");
 }
 

@@ -26,8 +26,33 @@ export interface AdapterPlan {
 
 export { AdapterError };
 
-function moduleKey(layer: number, proj: number): string {
-  return `model.layers.${layer}.${proj <= 3 ? 'self_attn' : 'mlp'}.${PROJ_NAMES[proj]}`;
+/** A LoRA-able linear module of a layer: its name and the projections (PROJ_NAMES indices) whose
+ *  outputs it produces. Phi-3's fused qkv_proj and gate_up_proj produce several: one LoRA on them
+ *  is one A and a B whose rows cover q | k | v (gate | up), which the plan and the native parser
+ *  split into per-projection modules sharing A, sliced exactly where HF slices the fused output. */
+interface LinearModule {
+  name: string;
+  parent: 'self_attn' | 'mlp';
+  projs: number[];
+}
+
+const SEPARATE: LinearModule[] = PROJ_NAMES.map((name, p) => ({ name, parent: p <= 3 ? 'self_attn' : 'mlp', projs: [p] }));
+const PHI3: LinearModule[] = [
+  { name: 'qkv_proj', parent: 'self_attn', projs: [0, 1, 2] },
+  { name: 'o_proj', parent: 'self_attn', projs: [3] },
+  { name: 'gate_up_proj', parent: 'mlp', projs: [4, 5] },
+  { name: 'down_proj', parent: 'mlp', projs: [6] },
+];
+
+function linearModules(model: ModelInfo): LinearModule[] {
+  return model.spec.fusedQkv ? PHI3 : SEPARATE;
+}
+
+/** The module's name as PEFT matches it: `model.layers.N...`, or in a multimodal checkpoint's
+ *  language model (Gemma3ForConditionalGeneration) `model.language_model.layers.N...`. */
+function moduleKey(model: ModelInfo, layer: number, m: LinearModule): string {
+  const prefix = model.spec.multimodalText ? 'model.language_model.' : 'model.';
+  return `${prefix}layers.${layer}.${m.parent}.${m.name}`;
 }
 
 /**
@@ -218,6 +243,13 @@ function* planSteps(cfg: Record<string, unknown>, model: ModelInfo, maxLoraRank:
     for (const t of list) {
       if (/(^|\.)(embed_tokens|lm_head|wte|embed)$/.test(t)) fail('target_modules', `target module ${t}: embedding and lm_head LoRA are not supported`);
     }
+    // A module name of the separate projections on a fused model (Phi-3 has qkv_proj and
+    // gate_up_proj, no q_proj or gate_proj): an adapter trained for another architecture.
+    if (model.spec.fusedQkv) {
+      const missing = list.filter((t) => /(^|\.)(q_proj|k_proj|v_proj|gate_proj|up_proj)$/.test(t));
+      if (missing.length)
+        fail('target_modules', `target module ${missing[0]} does not exist in this ${model.spec.arch} model (its projections are qkv_proj, o_proj, gate_up_proj, down_proj)`);
+    }
     exact = (k) => list.includes(k);
     suffix = (k) => list.some((t) => k.endsWith(`.${t}`));
   } else {
@@ -239,8 +271,8 @@ function* planSteps(cfg: Record<string, unknown>, model: ModelInfo, maxLoraRank:
   const modules: LoraModulePlan[] = [];
   const targets = new Set<string>();
   for (let layer = 0; layer < model.spec.numLayers; layer++) {
-    for (let proj = 0; proj < PROJ_NAMES.length; proj++) {
-      const key = moduleKey(layer, proj);
+    for (const mod of linearModules(model)) {
+      const key = moduleKey(model, layer, mod);
       if (!matches(key, layer)) continue;
       const mr = (yield* patternValue(rankPattern, key, 'rank_pattern')) ?? rank;
       const ma = (yield* patternValue(alphaPattern, key, 'alpha_pattern')) ?? alpha;
@@ -254,9 +286,9 @@ function* planSteps(cfg: Record<string, unknown>, model: ModelInfo, maxLoraRank:
           `adapter_config.json: the LoRA scale of ${key} (${field} ${ma} / ${rsLora ? 'sqrt(r)' : 'r'} with r ${mr}) is ${scale}; |scale| must be at most ${MAX_LORA_SCALE}`,
           400, field);
       }
-      modules.push({ layer, proj, rank: mr, alpha: ma, scale });
+      for (const proj of mod.projs) modules.push({ layer, proj, rank: mr, alpha: ma, scale });
       yield;
-      targets.add(PROJ_NAMES[proj]);
+      targets.add(mod.name);
     }
   }
   if (modules.length === 0) fail('target_modules', 'target_modules matches no projection of the base model');

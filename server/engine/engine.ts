@@ -165,7 +165,11 @@ export class Engine {
     this.adapters.onReplaced = (digest) => this.prefix.dropAdapter(digest);
     this.scheduler = new Scheduler(
       this.paging,
-      { maxNumSeqs: opts.maxNumSeqs ?? 64, maxBatchTokens: opts.maxBatchTokens ?? 2048, maxLorasPerBatch: opts.maxLorasPerBatch ?? 0, skipAheadMs: opts.loraSkipAheadMs ?? 1000 },
+      {
+        maxNumSeqs: opts.maxNumSeqs ?? 64, maxBatchTokens: opts.maxBatchTokens ?? 2048, maxLorasPerBatch: opts.maxLorasPerBatch ?? 0,
+        skipAheadMs: opts.loraSkipAheadMs ?? 1000,
+        longRopeOriginalMax: model.spec.ropeScaling.type === 'longrope' ? model.spec.ropeScaling.originalMaxPositionEmbeddings : 0,
+      },
       (seq) => this.adapters.admit(seq),
       (pages, keep) => this.reclaimPool(pages, keep?.adapterId ?? null),
       (seq) =>
@@ -579,6 +583,8 @@ export class Engine {
       }
     });
     queryStart[S] = T;
+    // LongRoPE: which sequences rotate with the long factors (the scheduler decides, per sequence).
+    if (this.model.spec.ropeScaling.type === 'longrope') b.ropeLong = Uint8Array.from(plan.map((p) => (p.seq.ropeLong ? 1 : 0)));
     if (lpRows.length) {
       b.promptLpRows = Int32Array.from(lpRows);
       b.promptLpTargets = Int32Array.from(lpTargets);

@@ -64,7 +64,9 @@ export class PrefixCache {
   }
 
   private rootOf(seq: Sequence, adapterDigest: string): string {
-    return createHash('sha256').update(this.rootKey).update('\0').update(adapterDigest).update('\0').update(seq.cacheSalt ?? '').digest('base64');
+    // LongRoPE: blocks computed with the long factors are another regime's bytes (seq.ropeLong).
+    return createHash('sha256').update(this.rootKey).update('\0').update(adapterDigest).update('\0').update(seq.cacheSalt ?? '')
+      .update(seq.ropeLong ? '\0longrope' : '').digest('base64');
   }
 
   /**

@@ -14,6 +14,8 @@ export interface SchedulerLimits {
   maxLorasPerBatch?: number;
   /** Longest a request may be passed over while its adapter is not ready (0 = strict FCFS; default 1000). */
   skipAheadMs?: number;
+  /** LongRoPE models (Phi-3): original_max_position_embeddings; 0 / absent for every other RoPE. */
+  longRopeOriginalMax?: number;
 }
 
 export interface ScheduledSeq {
@@ -73,6 +75,7 @@ export class Scheduler {
     // 1. Running sequences first, oldest first: decode tokens and unfinished prefill chunks.
     for (let i = 0; i < this.running.length && budget > 0; i++) {
       const seq = this.running[i];
+      this.switchLongRope(seq);
       const numNew = Math.min(seq.numTokens - seq.numComputed, budget);
       // A constrained sequence whose next mask is still being computed sits this step out.
       if (!seq.canSample && seq.numComputed + numNew === seq.numTokens) continue;
@@ -108,7 +111,11 @@ export class Scheduler {
         continue;
       }
       // Cached leading blocks are referenced (so no reclaim can take them), not allocated; the
-      // rest must fit.
+      // rest must fit. (The RoPE regime first: it is part of what a cached block means.)
+      const orig = this.limits.longRopeOriginalMax ?? 0;
+      const long = orig > 0 && seq.numTokens > orig;
+      if (long !== seq.ropeLong) seq.blockKeys.length = 0;
+      seq.ropeLong = long;
       this.matchPrefix(seq);
       const need = this.paging.blocksFor(seq.numTokens) - seq.blocks.length;
       if (!this.paging.canAllocate(need)) this.reclaim(need - this.paging.freePages, seq);
@@ -135,6 +142,23 @@ export class Scheduler {
       budget -= numNew;
     }
     return plan;
+  }
+
+  /**
+   * LongRoPE, as HF computes it: a forward over L tokens rotates every position with the short
+   * factors while L <= original_max_position_embeddings and with the long ones beyond (HF's
+   * generate drops its KV cache once, when a sequence crosses). A running sequence that crosses
+   * therefore recomputes: its pages go, and every position is prefilled again with the long factors.
+   */
+  private switchLongRope(seq: Sequence): void {
+    const orig = this.limits.longRopeOriginalMax ?? 0;
+    if (orig <= 0 || seq.ropeLong || seq.numTokens <= orig) return;
+    seq.ropeLong = true;
+    seq.blockKeys.length = 0; // prefix-cache keys carry the regime
+    if (seq.numComputed > 0 || seq.blocks.length > 0) {
+      this.freeBlocks(seq);
+      seq.numComputed = 0;
+    }
   }
 
   private overLoraCap(seq: Sequence): boolean {

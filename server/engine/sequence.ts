@@ -72,6 +72,9 @@ export class Sequence {
   cachedTokens = 0;
   /** Requests share cached blocks only when their salts are equal (cache_salt). */
   cacheSalt: string | null = null;
+  /** LongRoPE (Phi-3): its KV is (being) computed with the long factors (it has more tokens than
+   *  original_max_position_embeddings). Flips once; the scheduler then recomputes every position. */
+  ropeLong = false;
   /** Prompt logprobs need every prompt position computed: never skip cached blocks. */
   get noPrefixMatch(): boolean {
     return this.params.promptLogprobs !== null;

@@ -8,7 +8,7 @@ import { fileURLToPath } from 'node:url';
 import { applyOpenMpWaitDefault } from '../engine/cpu-threads.js';
 
 export interface NativeModelSpec {
-  arch: 'llama' | 'mistral' | 'qwen2';
+  arch: 'llama' | 'mistral' | 'qwen2' | 'qwen3' | 'gemma2' | 'gemma3' | 'phi3';
   hiddenSize: number;
   intermediateSize: number;
   numLayers: number;
@@ -19,15 +19,36 @@ export interface NativeModelSpec {
   rmsNormEps: number;
   ropeTheta: number;
   ropeScaling: {
-    type: 'none' | 'linear' | 'llama3';
+    type: 'none' | 'linear' | 'llama3' | 'longrope';
     factor: number;
     lowFreqFactor: number;
     highFreqFactor: number;
     originalMaxPositionEmbeddings: number;
+    // longrope: per-frequency divisors [rotaryDim / 2] up to / past originalMaxPositionEmbeddings,
+    // and the cos/sin scale
+    shortFactor?: number[];
+    longFactor?: number[];
+    attentionFactor?: number;
   };
   tiedEmbeddings: boolean;
   attentionBias: boolean;
-  slidingWindow: number;
+  slidingWindow: number; // the largest window of any layer (0 = none)
+  // Family features (addon/model.h ModelSpec); absent = the Llama behaviour.
+  layerWindows?: number[]; // [numLayers] attention window per layer, 0 = full
+  layerLocalRope?: number[]; // [numLayers] 1 = the local RoPE base (Gemma 3 sliding layers)
+  ropeLocalTheta?: number; // 0 = one RoPE for every layer
+  rotaryDim?: number; // rotated dimensions per head (partial rotary); 0 = headDim
+  qkNorm?: boolean; // per-head RMSNorm of q and k before RoPE
+  normPlusOne?: boolean; // RMSNorm multiplies by (1 + w) (Gemma)
+  sandwichNorm?: boolean; // post-attention, pre- and post-feedforward norms (Gemma)
+  activation?: 'silu' | 'gelu_tanh';
+  embedScale?: number; // embeddings times this (Gemma: sqrt(hidden), in fp32)
+  attnScale?: number; // attention scores' scale; 0 = 1/sqrt(headDim)
+  attnSoftcap?: number; // 0 = none
+  finalSoftcap?: number; // 0 = none
+  multimodalText?: boolean; // Gemma3ForConditionalGeneration: the language model only
+  fusedQkv?: boolean; // Phi-3: qkv_proj holds q | k | v rows
+  fusedGateUp?: boolean; // Phi-3: gate_up_proj holds gate | up rows
   files: string[];
 }
 
@@ -102,6 +123,7 @@ export interface NativeStepBatch {
   masks?: Int32Array; // [rows * maskWords], bit t set = token t allowed
   /** Prompt logprobs: token indices (in [0, T)) whose logits are scored against the next prompt token. */
   promptLpRows?: Int32Array; // [R]
+  ropeLong?: Uint8Array; // [S] LongRoPE models: 1 = this sequence rotates with the long factors
   promptLpTargets?: Int32Array; // [R] the token each row should have predicted
   promptLpTop?: Int32Array; // [R] top-N alternatives to report (0..20)
 }

@@ -13,7 +13,9 @@ export async function modelRoutes(app: FastifyInstance, deps: ModelRouteDeps): P
   const { engine } = deps;
   const now = () => Math.floor(Date.now() / 1000);
   // `root` names the model, never where it lives on the server.
-  const baseCard = (created: number) => ({ id: engine.model.name, object: 'model', created, owned_by: 'loraplex', root: engine.model.name, parent: null, max_model_len: engine.maxModelLen });
+  // A multimodal checkpoint served as text only says so (`input_modalities`, `note`).
+  const textOnly = engine.model.note ? { input_modalities: ['text'], note: engine.model.note } : {};
+  const baseCard = (created: number) => ({ id: engine.model.name, object: 'model', created, owned_by: 'loraplex', root: engine.model.name, parent: null, max_model_len: engine.maxModelLen, ...textOnly });
   const adapterCard = (id: string, created: number) => ({ id, object: 'model', created, owned_by: 'loraplex', root: id, parent: engine.model.name });
 
   app.get('/v1/models', async () => {

@@ -227,6 +227,103 @@ void test_elementwise(Rng& rng) {
         expect_close(what + " k", dk.host().data(), wk.data(), wk.size(), {1e-5, 1e-5});
         expect_guard(what, dq);
       }
+  // embed times Gemma's sqrt(hidden): the fp32 product of each converted weight and the scale.
+  for (int wt : {0, 1}) {
+    const int V = 30, H = 48, T = 7;
+    const float sc = float(std::sqrt(48.0));
+    const Weights table = random_weights(rng, wt, size_t(V) * H);
+    const DevWeights dt(table);
+    std::vector<int32_t> ids(T);
+    for (auto& i : ids) i = rng.below(V);
+    std::vector<float> want(size_t(T) * H);
+    cpu::embed(ids.data(), T, table.data(), cpu::WType(wt), H, want.data(), sc);
+    Dev<int32_t> d_ids(ids);
+    Dev<float> out(want.size());
+    cu::embed(d_ids.p(), T, dt.p, wt, H, out.p(), g_stream, sc);
+    sync();
+    expect_close(fmt("embed scaled %s", wname(wt)), out.host().data(), want.data(), want.size(), kExact);
+    expect_guard("embed scaled", out);
+  }
+  // q/k norm (Qwen3, Gemma 3): rmsnorm over head_dim with T * heads rows, in place.
+  for (auto [heads, hd] : std::vector<std::pair<int, int>>{{16, 128}, {4, 256}, {3, 24}})
+    for (int T : {1, 9}) {
+      const int rows = T * heads;
+      const std::vector<float> x = rng.vec(size_t(rows) * hd, -4.f, 4.f), w = rng.vec(hd, 0.5f, 1.5f);
+      std::vector<float> want(x.size());
+      cpu::rmsnorm(x.data(), w.data(), rows, hd, 1e-6f, want.data());
+      Dev<float> dx(x), dw(w);
+      cu::rmsnorm(dx.p(), nullptr, dw.p(), rows, hd, 1e-6f, dx.p(), g_stream);
+      sync();
+      const std::string what = fmt("qk_norm T=%d heads=%d hd=%d", T, heads, hd);
+      expect_close(what, dx.host().data(), want.data(), want.size(), {1e-5, 2e-5});
+      expect_guard(what, dx);
+    }
+  // Partial rotary (Phi-3 / Phi-4-mini): the first rot_dim dimensions rotate, the rest pass through.
+  for (auto [hd, rot] : std::vector<std::pair<int, int>>{{16, 12}, {96, 72}, {128, 96}, {64, 64}}) {
+    const int T = 7, nq = 4, nk = 2, half = rot / 2;
+    std::vector<float> inv(half);
+    for (int i = 0; i < half; i++) inv[i] = 1.0f / std::pow(10000.f, float(2 * i) / float(rot));
+    std::vector<int32_t> pos(T);
+    for (int t = 0; t < T; t++) pos[t] = rng.below(8192);
+    const std::vector<float> q = rng.vec(size_t(T) * nq * hd), k = rng.vec(size_t(T) * nk * hd);
+    std::vector<float> wq = q, wk = k, cs(size_t(T) * half), sn(size_t(T) * half);
+    cpu::rope_table(pos.data(), T, inv.data(), half, 1.0f, cs.data(), sn.data());
+    cpu::rope_apply(wq.data(), T, nq, hd, cs.data(), sn.data(), rot);
+    cpu::rope_apply(wk.data(), T, nk, hd, cs.data(), sn.data(), rot);
+    Dev<float> dq(q), dk(k), dinv(inv);
+    Dev<int32_t> dpos(pos);
+    cu::rope(dq.p(), nq, dk.p(), nk, T, hd, dpos.p(), dinv.p(), 1.0f, g_stream, rot);
+    sync();
+    const std::string what = fmt("rope partial hd=%d rot=%d", hd, rot);
+    expect_close(what + " q", dq.host().data(), wq.data(), wq.size(), {1e-5, 1e-5});
+    expect_close(what + " k", dk.host().data(), wk.data(), wk.size(), {1e-5, 1e-5});
+    expect_guard(what, dq);
+  }
+  // LongRoPE: per-token choice of the long frequencies (token_alt), partial rotary 12 of 16.
+  {
+    const int T = 6, nq = 3, nk = 1, hd = 16, rot = 12, half = rot / 2;
+    std::vector<float> inv(half), inv_long(half);
+    for (int i = 0; i < half; i++) inv[i] = 1.0f / std::pow(10000.f, float(2 * i) / float(rot)), inv_long[i] = inv[i] / (1.f + i);
+    std::vector<int32_t> pos(T), alt = {0, 1, 1, 0, 1, 0};
+    for (int t = 0; t < T; t++) pos[t] = rng.below(4096);
+    const std::vector<float> q = rng.vec(size_t(T) * nq * hd), k = rng.vec(size_t(T) * nk * hd);
+    std::vector<float> wq = q, wk = k, cs(size_t(T) * half), sn(size_t(T) * half), cl(cs.size()), sl(sn.size());
+    cpu::rope_table(pos.data(), T, inv.data(), half, 1.18f, cs.data(), sn.data());
+    cpu::rope_table(pos.data(), T, inv_long.data(), half, 1.18f, cl.data(), sl.data());
+    for (int t = 0; t < T; t++)
+      if (alt[t])
+        for (int i = 0; i < half; i++) cs[size_t(t) * half + i] = cl[size_t(t) * half + i], sn[size_t(t) * half + i] = sl[size_t(t) * half + i];
+    cpu::rope_apply(wq.data(), T, nq, hd, cs.data(), sn.data(), rot);
+    cpu::rope_apply(wk.data(), T, nk, hd, cs.data(), sn.data(), rot);
+    Dev<float> dq(q), dk(k), dinv(inv), dlong(inv_long);
+    Dev<int32_t> dpos(pos), dalt(alt);
+    cu::rope(dq.p(), nq, dk.p(), nk, T, hd, dpos.p(), dinv.p(), 1.18f, g_stream, rot, dlong.p(), dalt.p());
+    sync();
+    expect_close("rope longrope per-token q", dq.host().data(), wq.data(), wq.size(), {1e-5, 1e-5});
+    expect_close("rope longrope per-token k", dk.host().data(), wk.data(), wk.size(), {1e-5, 1e-5});
+    expect_guard("rope longrope", dq);
+  }
+  // GeGLU and logit soft-capping (Gemma): CPU tanh_fast vs device tanhf.
+  for (size_t n : {size_t(1), size_t(1000), size_t(70001)}) {
+    const std::vector<float> g = rng.vec(n, -8.f, 8.f), u = rng.vec(n);
+    std::vector<float> want(n);
+    cpu::gelu_tanh_mul(g.data(), u.data(), 1, int(n), want.data());
+    Dev<float> dg(g), du(u), da(n);
+    cu::gelu_tanh_mul(dg.p(), du.p(), n, da.p(), g_stream);
+    sync();
+    expect_close(fmt("gelu_tanh_mul n=%zu", n), da.host().data(), want.data(), n, {2e-6, 1e-5});
+    expect_guard(fmt("gelu_tanh_mul n=%zu", n), da);
+    for (float cap : {30.f, 0.5f}) {
+      const std::vector<float> x = rng.vec(n, -3 * cap, 3 * cap);
+      std::vector<float> wx = x;
+      cpu::softcap(wx.data(), n, cap);
+      Dev<float> dx(x);
+      cu::softcap(dx.p(), n, cap, g_stream);
+      sync();
+      expect_close(fmt("softcap n=%zu cap=%g", n, cap), dx.host().data(), wx.data(), n, {2e-6 * cap, 1e-5});
+      expect_guard(fmt("softcap n=%zu cap=%g", n, cap), dx);
+    }
+  }
   // silu * up, residual add, gather rows.
   for (size_t n : {size_t(1), size_t(1000), size_t(70001)}) {
     const std::vector<float> g = rng.vec(n, -30.f, 30.f), u = rng.vec(n);
@@ -349,14 +446,15 @@ struct AttnCase {
   const char* mix;  // prefill, decode, mixed
   std::vector<int> ctx;
   float q_amp = 1.f;
+  float softcap = 0.f;  // Gemma 2's attention logit soft-capping (0 = none)
 };
 
 void run_attention_case(Rng& rng, const AttnCase& c) {
   const int n_layers = 2, layer = 1, n_kv = 2, n_heads = n_kv * c.group, hd = c.head_dim, bs = c.block_size;
   const std::vector<int>& ctx = c.ctx;
   const int S = int(ctx.size());
-  const std::string tag = fmt("attention bs=%d group=%d hd=%d window=%d mix=%s q_amp=%g ctx=%d..%d", bs, c.group, hd,
-                              c.window, c.mix, c.q_amp, ctx.front(), ctx.back());
+  const std::string tag = fmt("attention bs=%d group=%d hd=%d window=%d mix=%s q_amp=%g softcap=%g ctx=%d..%d", bs,
+                              c.group, hd, c.window, c.mix, c.q_amp, c.softcap, ctx.front(), ctx.back());
   std::vector<int> n_new(S);
   for (int s = 0; s < S; s++) {
     const std::string m = c.mix;
@@ -431,13 +529,13 @@ void run_attention_case(Rng& rng, const AttnCase& c) {
     }
   const std::vector<float> q = rng.vec(size_t(T) * n_heads * hd, -c.q_amp, c.q_amp);
   const float scale = 1.0f / std::sqrt(float(hd));
-  const cpu::AttnBatch B{S, query_start.data(), context_lens.data(), block_tables.data(), max_blocks, c.window};
+  const cpu::AttnBatch B{S, query_start.data(), context_lens.data(), block_tables.data(), max_blocks, c.window, c.softcap};
   std::vector<float> want(q.size());
   cpu::paged_attention(pool, L, layer, B, q.data(), n_heads, scale, want.data());
 
   Dev<int32_t> dqs(query_start), dcl(context_lens), dts(token_seq);
   Dev<float> dq(q);
-  const cu::AttnBatch DB{S, dqs.p(), dcl.p(), dbt.p(), dts.p(), max_blocks, c.window};
+  const cu::AttnBatch DB{S, dqs.p(), dcl.p(), dbt.p(), dts.p(), max_blocks, c.window, c.softcap};
   const Tol tol{2e-5 * std::max(1.f, c.q_amp), 1e-4};
   {  // decode kernel (any batch), with the step's number of splits and with forced extra splits
     for (int extra : {0, 2}) {
@@ -482,6 +580,11 @@ void test_attention(Rng& rng) {
   }
   run_attention_case(rng, {16, 2, 64, 100, "mixed", g_quick ? std::vector<int>{260, 5} : std::vector<int>{1500, 40}});
   for (int bs : {1, 16}) run_attention_case(rng, {bs, 2, 64, 0, "mixed", short_ctx, 30.f});
+  // Soft-capped scores (Gemma 2), large enough that the cap clips; Gemma's head_dim 256 among them.
+  for (int hd : {24, 64, 256})
+    for (int window : {0, 8})
+      for (const char* mix : {"prefill", "decode", "mixed"})
+        run_attention_case(rng, {16, 2, hd, window, mix, short_ctx, 30.f, 2.5f});
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -699,6 +802,52 @@ TinyModel make_tiny_model(Rng& rng, const std::string& arch, int wt, int hidden,
   return tm;
 }
 
+// The family features of issue #16 on top of a tiny model (model.h ModelSpec): "qk-norm" (Qwen3),
+// "gemma2" (sandwich norms, GeGLU, embed scale, query_pre_attn_scalar, both soft-caps, alternating
+// windows), "gemma3" (q/k norm, sandwich norms, GeGLU, pattern windows, a local RoPE base),
+// "partial-rotary" (half the head rotates).
+void add_family(Rng& rng, TinyModel& tm, const std::string& fam) {
+  Model& m = *tm.model;
+  ModelSpec& s = m.spec;
+  const int hd = s.head_dim;
+  if (fam == "qk-norm" || fam == "gemma3") {
+    s.qk_norm = true;
+    for (Layer& L : m.layers) L.q_norm = rng.vec(hd, 0.8f, 1.2f), L.k_norm = rng.vec(hd, 0.8f, 1.2f);
+  }
+  if (fam == "gemma2" || fam == "gemma3") {
+    s.sandwich_norm = true;
+    s.act = Activation::GeluTanh;
+    s.embed_scale = float(std::sqrt(double(s.hidden)));
+    s.attn_scale = float(std::pow(24.0, -0.5));
+    for (Layer& L : m.layers) L.post_attn_norm = rng.vec(s.hidden, 0.8f, 1.2f), L.post_mlp_norm = rng.vec(s.hidden, 0.8f, 1.2f);
+    s.layer_windows.clear();
+    for (int l = 0; l < s.n_layers; l++)
+      s.layer_windows.push_back(fam == "gemma2" ? ((l + 1) % 2 ? 6 : 0) : ((l + 1) % 3 ? 6 : 0));
+    s.sliding_window = 6;
+  }
+  if (fam == "gemma2") s.attn_softcap = 5.f, s.final_softcap = 8.f;
+  if (fam == "gemma3") {
+    s.rope_local_theta = 10000.f;
+    for (int l = 0; l < s.n_layers; l++) s.layer_local_rope.push_back(s.layer_windows[l] != 0);
+    m.inv_freq_local.resize(hd / 2);
+    for (int i = 0; i < hd / 2; i++) m.inv_freq_local[i] = 1.0f / std::pow(10000.f, float(2 * i) / float(hd));
+    for (auto& f : m.inv_freq) f *= 0.01f;  // a different global base
+  }
+  if (fam == "partial-rotary" || fam == "phi3-longrope") {
+    s.rotary_dim = fam == "phi3-longrope" ? hd * 3 / 4 : hd / 2;
+    const int half = s.rotary_dim / 2;
+    m.inv_freq.resize(half);
+    for (int i = 0; i < half; i++) m.inv_freq[i] = 1.0f / std::pow(s.rope_theta, float(2 * i) / float(s.rotary_dim));
+  }
+  if (fam == "phi3-longrope") {  // the long factors for some sequences of a step (StepBatch::rope_long)
+    s.rope_type = RopeType::LongRope;
+    s.sliding_window = 7;
+    m.inv_freq_long = m.inv_freq;
+    for (size_t i = 0; i < m.inv_freq_long.size(); i++) m.inv_freq_long[i] /= 1.0f + float(i);
+    m.attn_scaling = 1.18f;
+  }
+}
+
 std::shared_ptr<ParsedAdapter> make_adapter(Rng& rng, const Model& m, size_t page_bytes, const std::vector<int>& projs,
                                             int rank, int skip_layer = -1) {
   std::vector<LoraModuleF32> mods;
@@ -809,6 +958,8 @@ void run_backend_case(Rng& rng, const std::string& name, TinyModel& tm) {
     b.n_seqs = int(script[st].size());
     b.max_blocks = max_blocks + 1;
     b.block_tables.assign(size_t(b.n_seqs) * b.max_blocks, 0);
+    if (!m.inv_freq_long.empty())  // LongRoPE: sequences 1 and 4 past the original context
+      for (auto [i, n] : script[st]) b.rope_long.push_back(i == 1 || i == 4);
     for (int s = 0; s < b.n_seqs; s++) {
       const SeqState& sq = seqs[script[st][s].first];
       std::copy(sq.pages.begin(), sq.pages.end(), b.block_tables.begin() + size_t(s) * b.max_blocks);
@@ -843,6 +994,15 @@ void test_backend(Rng& rng) {
     {
       TinyModel tm = make_tiny_model(rng, "mistral", wt, 32, 64, 3, 2, 2, 24, 50, false, false, 6, RopeType::None);
       run_backend_case(rng, fmt("backend mistral-window %s", wname(wt)), tm);
+    }
+    // The families of issue #16, on the same scripted steps.
+    for (const char* fam : {"qk-norm", "gemma2", "gemma3", "partial-rotary", "phi3-longrope"}) {
+      const std::string f = fam;
+      const std::string arch = f == "qk-norm" ? "qwen3" : f == "partial-rotary" ? "llama" : f == "phi3-longrope" ? "phi3" : f;
+      TinyModel tm = make_tiny_model(rng, arch, wt, 48, 80, 3, 4, 2, 16, 61, f != "partial-rotary" && f != "phi3-longrope", false, 0,
+                                     f == "gemma3" ? RopeType::Linear : RopeType::None);
+      add_family(rng, tm, f);
+      run_backend_case(rng, fmt("backend %s %s", fam, wname(wt)), tm);
     }
   }
 }

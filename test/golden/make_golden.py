@@ -6,7 +6,10 @@ Run from anywhere:
     python3 test/golden/make_golden.py
 
 Everything is written under test/golden/fixtures/ (the directory is wiped and
-rebuilt).  With --prompt-logprobs-only it only (re)writes the teacher-forced
+rebuilt).  With --families NAME[,NAME...] it builds only those model
+families' fixtures (qwen3, gemma2, gemma3: see FAMILY_SPECS), replacing only
+their own files, so the committed fixtures of the other models stay as they
+are.  With --prompt-logprobs-only it only (re)writes the teacher-forced
 fixtures/<name>.prompt-logprobs.json files, from the committed models, adapters
 and cases, and touches nothing else:
 
@@ -51,9 +54,17 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 warnings.filterwarnings("ignore")
@@ -295,12 +306,13 @@ def write_json(path, obj):
         f.write("\n")
 
 
-def randomize_model(model, seed, n_real_vocab, std, emb_std, bias_std=0.1):
+def randomize_model(model, seed, n_real_vocab, std, emb_std, bias_std=0.1, norm_centre=1.0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():  # tied weights appear once
             if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+                # Gemma's RMSNorm multiplies by (1 + w): centre its weights on 0, not 1.
+                p.copy_(norm_centre + 0.1 * torch.randn(p.shape, generator=g))
             elif name.endswith(".bias"):
                 p.copy_(bias_std * torch.randn(p.shape, generator=g))
             elif "embed_tokens" in name or "lm_head" in name:
@@ -459,7 +471,14 @@ def build_model(spec, hf_tok, n_vocab, bos_id, eot_id):
     # std 0.15 for the projections: with tied embeddings and smaller values the
     # residual stream is dominated by the input embedding and greedy decoding
     # degenerates into repeating one token.
-    randomize_model(model, spec["seed"], n_vocab, std=spec.get("std", 0.15), emb_std=spec.get("emb_std", 0.2))
+    randomize_model(
+        model,
+        spec["seed"],
+        n_vocab,
+        std=spec.get("std", 0.15),
+        emb_std=spec.get("emb_std", 0.2),
+        norm_centre=spec.get("norm_centre", 1.0),
+    )
     model.generation_config = GenerationConfig(
         bos_token_id=bos_id, eos_token_id=spec.get("gen_eos", eot_id), pad_token_id=None
     )
@@ -468,13 +487,17 @@ def build_model(spec, hf_tok, n_vocab, bos_id, eot_id):
     if "max_shard_size" in spec:
         kw["max_shard_size"] = spec["max_shard_size"]
     model.save_pretrained(model_dir, safe_serialization=True, **kw)
-    legacy_rope_keys(os.path.join(model_dir, "config.json"))
+    spec.get("legacy_keys", legacy_rope_keys)(os.path.join(model_dir, "config.json"))
     save_tokenizer(hf_tok, model_dir)
 
     # Sanity: the reloaded config means what we asked for.
     intended = config.rope_parameters
     re_model = load_fp32(model_dir)
-    assert re_model.config.rope_parameters == intended, (re_model.config.rope_parameters, intended)
+    # (A legacy rope_scaling "type" key is kept next to "rope_type" by transformers: same meaning.)
+    got = {k: v for k, v in re_model.config.rope_parameters.items() if k != "type"}
+    assert got == intended, (re_model.config.rope_parameters, intended)
+    if getattr(config, "layer_types", None) is not None:
+        assert re_model.config.layer_types == config.layer_types, (re_model.config.layer_types, config.layer_types)
     if "max_shard_size" in spec:
         shards = [f for f in os.listdir(model_dir) if f.startswith("model-") and f.endswith(".safetensors")]
         assert len(shards) >= 2 and os.path.exists(os.path.join(model_dir, "model.safetensors.index.json"))
@@ -595,6 +618,290 @@ ADAPTERS = {
 }
 
 LORA_STD = 0.15
+
+
+# --------------------------------------------------------------------------
+# 3b. Model families beyond Llama (issue #16): one fixture each, written by
+#     `--families`, which leaves every other fixture untouched.
+# --------------------------------------------------------------------------
+
+
+def gemma2_legacy_keys(config_path):
+    """Released Gemma 2 configs carry rope_theta and no layer_types (HF then
+    alternates: even layers slide).  Write that spelling."""
+    legacy_rope_keys(config_path)
+    with open(config_path) as f:
+        cfg = json.load(f)
+    del cfg["layer_types"]
+    write_json(config_path, cfg)
+
+
+def gemma3_legacy_keys(config_path):
+    """Released Gemma 3 configs carry sliding_window_pattern instead of
+    layer_types, and rope_theta (global) + rope_local_base_freq (sliding) +
+    rope_scaling (global layers only) instead of per-layer-type
+    rope_parameters.  Write that spelling; the reload check in build_model
+    proves transformers derives the same layer types and RoPE settings."""
+    with open(config_path) as f:
+        cfg = json.load(f)
+    rp = cfg.pop("rope_parameters")
+    full = dict(rp["full_attention"])
+    cfg["rope_theta"] = full.pop("rope_theta")
+    cfg["rope_local_base_freq"] = rp["sliding_attention"]["rope_theta"]
+    cfg["rope_scaling"] = full if full.get("rope_type", "default") != "default" else None
+    del cfg["layer_types"]
+    cfg.pop("_sliding_window_pattern", None)
+    if "dtype" in cfg:
+        cfg["torch_dtype"] = cfg["dtype"]
+    write_json(config_path, cfg)
+
+
+def phi3_legacy_keys(config_path):
+    """Released Phi-3.5 / Phi-4-mini configs: rope_theta, partial_rotary_factor and
+    original_max_position_embeddings at the top level, rope_scaling holding
+    {type: longrope, short_factor, long_factor}.  Write that spelling."""
+    with open(config_path) as f:
+        cfg = json.load(f)
+    rp = dict(cfg.pop("rope_parameters"))
+    cfg["rope_theta"] = rp.pop("rope_theta")
+    cfg["partial_rotary_factor"] = rp.pop("partial_rotary_factor")
+    rp.pop("original_max_position_embeddings", None)
+    rp["type"] = rp.pop("rope_type")
+    cfg["rope_scaling"] = rp
+    if "dtype" in cfg:
+        cfg["torch_dtype"] = cfg["dtype"]
+    write_json(config_path, cfg)
+
+
+def family_specs(n_vocab, bos_id, eot_id):
+    V = pad8(n_vocab)
+    common = dict(vocab_size=V, bos_token_id=bos_id, eos_token_id=eot_id, pad_token_id=None)
+    return [
+        dict(
+            # Qwen3: q_norm / k_norm, head_dim 16 != hidden / heads (12), tied embeddings.
+            name="qwen3-tied",
+            cls=Qwen3ForCausalLM,
+            config=Qwen3Config(
+                hidden_size=48,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                tie_word_embeddings=True,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                rms_norm_eps=1e-6,
+                max_position_embeddings=256,
+                **common,
+            ),
+            save_dtype=torch.float32,
+            seed=606,
+        ),
+        dict(
+            # Gemma 2: sqrt(hidden) embeddings, (1 + w) norms, four norms per layer, GeGLU,
+            # query_pre_attn_scalar (24, not head_dim), soft-capping small enough to clip (attention
+            # 4, logits 6), sliding window 8 on the even layers (shorter than every prompt).
+            name="gemma2",
+            cls=Gemma2ForCausalLM,
+            config=Gemma2Config(
+                hidden_size=48,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                query_pre_attn_scalar=24,
+                sliding_window=8,
+                attn_logit_softcapping=4.0,
+                final_logit_softcapping=6.0,
+                hidden_activation="gelu_pytorch_tanh",
+                tie_word_embeddings=True,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                rms_norm_eps=1e-6,
+                max_position_embeddings=256,
+                **common,
+            ),
+            save_dtype=torch.float32,
+            seed=707,
+            norm_centre=0.0,
+            legacy_keys=gemma2_legacy_keys,
+            softcap_check=True,
+        ),
+        dict(
+            # Gemma 3 (text): Gemma 2 plus q/k norm, sliding_window_pattern 3 (layers 0 and 1 slide,
+            # layer 2 is global), a local RoPE base for sliding layers and linear scaling on the
+            # global one; no soft-capping.
+            name="gemma3",
+            cls=Gemma3ForCausalLM,
+            config=Gemma3TextConfig(
+                hidden_size=48,
+                intermediate_size=96,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                head_dim=16,
+                query_pre_attn_scalar=24,
+                sliding_window=8,
+                sliding_window_pattern=3,
+                hidden_activation="gelu_pytorch_tanh",
+                tie_word_embeddings=True,
+                rope_parameters={
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                    "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                },
+                rms_norm_eps=1e-6,
+                max_position_embeddings=256,
+                **common,
+            ),
+            save_dtype=torch.float32,
+            seed=808,
+            norm_centre=0.0,
+            legacy_keys=gemma3_legacy_keys,
+            multimodal_check=True,
+        ),
+        dict(
+            # Phi-3 / Phi-4-mini: fused qkv_proj and gate_up_proj, partial rotary 0.75 (12 of 16
+            # dimensions), longrope with original_max_position_embeddings 32 (prompts of 32 and 41
+            # tokens start past it, the 19-token one crosses it while generating), sliding window
+            # 24 on every layer, tied embeddings as Phi-4-mini.
+            name="phi3",
+            cls=Phi3ForCausalLM,
+            config=Phi3Config(
+                hidden_size=48,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=3,
+                num_key_value_heads=1,
+                max_position_embeddings=128,
+                original_max_position_embeddings=32,
+                sliding_window=24,
+                tie_word_embeddings=True,
+                rope_parameters={
+                    "rope_type": "longrope",
+                    "rope_theta": 10000.0,
+                    "partial_rotary_factor": 0.75,
+                    "short_factor": [1.0, 1.05, 1.1, 1.3, 1.6, 2.0],
+                    "long_factor": [1.0, 1.5, 2.5, 4.0, 7.0, 12.0],
+                    "original_max_position_embeddings": 32,
+                },
+                rms_norm_eps=1e-5,
+                **common,
+            ),
+            save_dtype=torch.float32,
+            seed=909,
+            legacy_keys=phi3_legacy_keys,
+            phi3_check=True,
+        ),
+    ]
+
+
+FAMILY_ADAPTERS = {
+    "qwen3-tied": [
+        dict(name="r8-all", lora=dict(r=8, lora_alpha=16, target_modules=ALL7)),
+        dict(
+            name="r4-attn-patterns",
+            lora=dict(
+                r=4,
+                lora_alpha=8,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                rank_pattern={"k_proj": 2},
+                alpha_pattern={"model.layers.1.self_attn.o_proj": 12},
+            ),
+        ),
+    ],
+    "gemma2": [
+        dict(name="r8-all", lora=dict(r=8, lora_alpha=16, target_modules=ALL7)),
+        dict(name="r4-mlp-rslora", lora=dict(r=4, lora_alpha=6, target_modules=["gate_proj", "up_proj", "down_proj"], use_rslora=True)),
+    ],
+    "phi3": [
+        dict(name="r8-fused", lora=dict(r=8, lora_alpha=16, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])),
+        dict(
+            name="r4-qkv-gate-up-patterns",
+            lora=dict(
+                r=4,
+                lora_alpha=8,
+                target_modules=["qkv_proj", "gate_up_proj"],
+                rank_pattern={"gate_up_proj": 2},
+                alpha_pattern={"model.layers.1.self_attn.qkv_proj": 12},
+            ),
+        ),
+    ],
+    "gemma3": [
+        dict(name="r8-all", lora=dict(r=8, lora_alpha=16, target_modules=ALL7)),
+        dict(
+            name="r16-qv-layer2",
+            lora=dict(r=16, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"down_proj": 4}),
+        ),
+    ],
+}
+ADAPTERS.update(FAMILY_ADAPTERS)
+
+
+def multimodal_text_check(model_dir, seq):
+    """Gemma3ForConditionalGeneration (the 4B-27B releases) on text is its language
+    model: build one around this fixture's weights (a tiny random SigLIP vision
+    tower) and require HF's logits to equal Gemma3ForCausalLM's exactly, so this
+    fixture's outputs are also the multimodal checkpoint's (the loraplex test
+    renames the tensors into that layout, test/golden/gemma3-multimodal.test.ts)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    causal = load_fp32(model_dir)
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    cfg = Gemma3Config(text_config=causal.config.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    mm = Gemma3ForConditionalGeneration(cfg).eval()
+    lm = {k[len("model."):]: v for k, v in causal.state_dict().items() if k.startswith("model.")}
+    mm.model.language_model.load_state_dict(lm, strict=True)
+    x = torch.tensor([seq])
+    with torch.no_grad():
+        d = (mm(input_ids=x).logits - causal(x).logits).abs().max().item()
+    assert d == 0.0, ("Gemma3ForConditionalGeneration text logits differ from Gemma3ForCausalLM", d)
+    return True
+
+
+def phi3_check(model_dir, tok):
+    """Do longrope's two factor sets and the sliding window really act here?  The
+    same weights with long_factor = short_factor (a prompt past the original
+    context) and without the window must give different logits; and a prompt
+    within the original context must not depend on long_factor."""
+    base = load_fp32(model_dir)
+    long_ids = tok(BASE_PROMPTS[3], add_special_tokens=True)["input_ids"]
+    short_ids = tok(BASE_PROMPTS[1], add_special_tokens=True)["input_ids"]
+    assert len(long_ids) > base.config.rope_parameters["original_max_position_embeddings"] >= len(short_ids)
+    out = {}
+    with torch.no_grad():
+        a_long, a_short = base(torch.tensor([long_ids])).logits[0], base(torch.tensor([short_ids])).logits[0]
+        cfg = transformers.AutoConfig.from_pretrained(model_dir)
+        cfg.rope_parameters = dict(cfg.rope_parameters, long_factor=list(cfg.rope_parameters["short_factor"]))
+        m = AutoModelForCausalLM.from_pretrained(model_dir, config=cfg, dtype=torch.float32, attn_implementation="eager").eval()
+        out["long_factor_changes_long_prompt"] = f9((m(torch.tensor([long_ids])).logits[0] - a_long).abs().max().item())
+        assert out["long_factor_changes_long_prompt"] > 1e-2
+        assert torch.equal(m(torch.tensor([short_ids])).logits[0], a_short), "long_factor acted within the original context"
+        cfg = transformers.AutoConfig.from_pretrained(model_dir)
+        cfg.sliding_window = None
+        m = AutoModelForCausalLM.from_pretrained(model_dir, config=cfg, dtype=torch.float32, attn_implementation="eager").eval()
+        out["sliding_window_changes_long_prompt"] = f9((m(torch.tensor([long_ids])).logits[0] - a_long).abs().max().item())
+        assert out["sliding_window_changes_long_prompt"] > 1e-3
+    return out
+
+
+def softcap_check(model_dir, seq):
+    """Does soft-capping actually clip in this fixture?  The same weights with
+    each cap removed must give visibly different logits."""
+    capped = load_fp32(model_dir)
+    x = torch.tensor([seq])
+    with torch.no_grad():
+        a = capped(x).logits[0]
+        out = {}
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            cfg = transformers.AutoConfig.from_pretrained(model_dir)
+            setattr(cfg, key, None)
+            m = AutoModelForCausalLM.from_pretrained(model_dir, config=cfg, dtype=torch.float32, attn_implementation="eager").eval()
+            d = (m(x).logits[0] - a).abs().max().item()
+            assert d > 1e-2, (key, "does not clip", d)
+            out[key] = f9(d)
+    return out
 
 
 def lora_tensors(model):
@@ -813,7 +1120,14 @@ def record_prompt_logprobs(name):
         n = len(c["prompt_ids"])
         # Sanity: the teacher-forced continuation is the recorded greedy decoding
         # (same chosen logprobs up to fp32 reduction order).
+        # LongRoPE (phi3): a forward over L tokens uses the long factors iff L > the original
+        # context, so greedy step k (a forward over n + k tokens) and this one forward over all
+        # n + 16 agree only where both are on the same side of it.
+        rp = getattr(base.config, "rope_parameters", None) or {}
+        orig = rp.get("original_max_position_embeddings") if rp.get("rope_type") == "longrope" else None
         for k, step in enumerate(c["steps"]):
+            if orig is not None and (n + k > orig) != (len(ids) > orig):
+                continue
             p = pos[n + k]
             assert p["logprob"] is not None
             diff = abs(p["logprob"] - step["top"][0][1])
@@ -842,6 +1156,80 @@ def record_prompt_logprobs(name):
 
 
 # --------------------------------------------------------------------------
+
+
+def build_fixture(spec, raw_tok, hf_tok, n_vocab, bos_id, eot_id, seed, notes, summary):
+    """One model's fixture: the model, its adapters, <name>.json and
+    <name>.prompt-logprobs.json.  Returns the last adapter seed used."""
+    name = spec["name"]
+    model_dir, model = build_model(spec, hf_tok, n_vocab, bos_id, eot_id)
+    tok, tokenize, chat = check_tokenizer(raw_tok, hf_tok, model_dir)
+    if name == "qwen2-tied":
+        qwen_bias_check(model)
+    cls_name, auto_len, bad = auto_tokenizer_diff(model_dir, tokenize)
+    if auto_len != n_vocab or bad:
+        notes.append(
+            f"{name}: AutoTokenizer resolves to {cls_name} with {auto_len} tokens "
+            f"(tokenizer.json has {n_vocab}); ids differ on {len(bad)} fixture texts {bad!r}"
+        )
+    out = {
+        "model": rel(model_dir),
+        "weights_dtype": str(spec["save_dtype"]).replace("torch.", ""),
+    }
+    if spec.get("phi3_check"):
+        out["phi3_checks"] = phi3_check(model_dir, tok)
+    if spec.get("multimodal_check"):
+        long_ids = tok(BASE_PROMPTS[3], add_special_tokens=True)["input_ids"]
+        out["conditional_generation_text_equal"] = multimodal_text_check(model_dir, long_ids)
+    if spec.get("softcap_check"):
+        long_ids = tok(BASE_PROMPTS[3], add_special_tokens=True)["input_ids"]
+        out["softcap_clips"] = softcap_check(model_dir, long_ids)
+    if name == "mistral-sharded":
+        long_ids = tok(BASE_PROMPTS[3], add_special_tokens=True)["input_ids"] + list(range(100, 120))
+        assert len(long_ids) > 2 * spec["config"].sliding_window
+        applied = sliding_window_check(model_dir, long_ids)
+        out["sliding_window_applied"] = applied
+        out["sliding_window_semantics"] = (
+            "query at position i attends to key positions j with i - sliding_window < j <= i "
+            "(the current token plus the sliding_window - 1 previous ones)"
+        )
+        if not applied:
+            notes.append("mistral-sharded: transformers ignored sliding_window")
+    out["tokenize"] = tokenize
+    out["chat"] = chat
+
+    cases = run_cases(model, tok, BASE_PROMPTS, None, n_vocab)
+    base_by_prompt = {c["prompt"]: c["greedy_ids"] for c in cases}
+    adapter_info = []
+    for ai, aspec in enumerate(ADAPTERS[name]):
+        seed += 1
+        adir, pm, ranks, n_mod = build_adapter(name, model_dir, aspec, seed, notes)
+        prompts = [BASE_PROMPTS[1 + ai % 3], EXTRA_PROMPTS[(seed + ai) % len(EXTRA_PROMPTS)]]
+        acases = run_cases(pm, tok, prompts, rel(adir), n_vocab)
+        differs = 0
+        for c in acases:
+            if c["prompt"] not in base_by_prompt:
+                bg, _ = greedy(model, c["prompt_ids"])
+                base_by_prompt[c["prompt"]] = bg
+            differs += c["greedy_ids"] != base_by_prompt[c["prompt"]]
+        adapter_info.append((aspec["name"], n_mod, differs, sorted(set(v[:2] for v in ranks.values()))))
+        cases.extend(acases)
+    out["cases"] = cases
+    write_json(os.path.join(FIX, f"{name}.json"), out)
+    record_prompt_logprobs(name)
+
+    margins = [s["margin"] for c in cases for s in c["steps"]]
+    summary[name] = {
+        "min_margin": min(margins),
+        "frac_margin_gt_1e-2": sum(m > 1e-2 for m in margins) / len(margins),
+        "adapters": adapter_info,
+        "sliding_window_applied": out.get("sliding_window_applied"),
+    }
+    print(f"{name}: min margin {min(margins):.3g}, "
+          f"{summary[name]['frac_margin_gt_1e-2']:.0%} of steps with margin > 1e-2")
+    for an, nm, d, ra in adapter_info:
+        print(f"    adapter {an}: {nm} LoRA modules, (r, alpha) {ra}, greedy differs from base on {d}/2 prompts")
+    return seed
 
 
 def versions():
@@ -881,73 +1269,18 @@ def main():
     summary = {}
     seed = 1000
     for spec in model_specs(n_vocab, bos_id, eot_id, eot_alt_id):
-        name = spec["name"]
-        model_dir, model = build_model(spec, hf_tok, n_vocab, bos_id, eot_id)
-        tok, tokenize, chat = check_tokenizer(raw_tok, hf_tok, model_dir)
-        if name == "qwen2-tied":
-            qwen_bias_check(model)
-        cls_name, auto_len, bad = auto_tokenizer_diff(model_dir, tokenize)
-        if auto_len != n_vocab or bad:
-            notes.append(
-                f"{name}: AutoTokenizer resolves to {cls_name} with {auto_len} tokens "
-                f"(tokenizer.json has {n_vocab}); ids differ on {len(bad)} fixture texts {bad!r}"
-            )
-        out = {
-            "model": rel(model_dir),
-            "weights_dtype": str(spec["save_dtype"]).replace("torch.", ""),
-        }
-        if name == "mistral-sharded":
-            long_ids = tok(BASE_PROMPTS[3], add_special_tokens=True)["input_ids"] + list(range(100, 120))
-            assert len(long_ids) > 2 * spec["config"].sliding_window
-            applied = sliding_window_check(model_dir, long_ids)
-            out["sliding_window_applied"] = applied
-            out["sliding_window_semantics"] = (
-                "query at position i attends to key positions j with i - sliding_window < j <= i "
-                "(the current token plus the sliding_window - 1 previous ones)"
-            )
-            if not applied:
-                notes.append("mistral-sharded: transformers ignored sliding_window")
-        out["tokenize"] = tokenize
-        out["chat"] = chat
-
-        cases = run_cases(model, tok, BASE_PROMPTS, None, n_vocab)
-        base_by_prompt = {c["prompt"]: c["greedy_ids"] for c in cases}
-        adapter_info = []
-        for ai, aspec in enumerate(ADAPTERS[name]):
-            seed += 1
-            adir, pm, ranks, n_mod = build_adapter(name, model_dir, aspec, seed, notes)
-            prompts = [BASE_PROMPTS[1 + ai % 3], EXTRA_PROMPTS[(seed + ai) % len(EXTRA_PROMPTS)]]
-            acases = run_cases(pm, tok, prompts, rel(adir), n_vocab)
-            differs = 0
-            for c in acases:
-                if c["prompt"] not in base_by_prompt:
-                    bg, _ = greedy(model, c["prompt_ids"])
-                    base_by_prompt[c["prompt"]] = bg
-                differs += c["greedy_ids"] != base_by_prompt[c["prompt"]]
-            adapter_info.append((aspec["name"], n_mod, differs, sorted(set(v[:2] for v in ranks.values()))))
-            cases.extend(acases)
-        out["cases"] = cases
-        write_json(os.path.join(FIX, f"{name}.json"), out)
-        record_prompt_logprobs(name)
-
-        margins = [s["margin"] for c in cases for s in c["steps"]]
-        summary[name] = {
-            "min_margin": min(margins),
-            "frac_margin_gt_1e-2": sum(m > 1e-2 for m in margins) / len(margins),
-            "adapters": adapter_info,
-            "sliding_window_applied": out.get("sliding_window_applied"),
-        }
-        print(f"{name}: min margin {min(margins):.3g}, "
-              f"{summary[name]['frac_margin_gt_1e-2']:.0%} of steps with margin > 1e-2")
-        for an, nm, d, ra in adapter_info:
-            print(f"    adapter {an}: {nm} LoRA modules, (r, alpha) {ra}, greedy differs from base on {d}/2 prompts")
+        seed = build_fixture(spec, raw_tok, hf_tok, n_vocab, bos_id, eot_id, seed, notes, summary)
+    # The families of issue #16 (also written alone by --families); their adapters' seeds are
+    # their own, so adding a family never moves the others' numbers.
+    for i, spec in enumerate(family_specs(n_vocab, bos_id, eot_id)):
+        build_fixture(spec, raw_tok, hf_tok, n_vocab, bos_id, eot_id, 5000 + 100 * i, notes, summary)
 
     total = 0
     for root, _, files in os.walk(FIX):
         for fn in files:
             total += os.path.getsize(os.path.join(root, fn))
     print(f"fixtures total: {total / 1e6:.2f} MB")
-    assert total < 4 * 1024 * 1024, "fixtures exceed 4 MB"
+    assert total < 6 * 1024 * 1024, "fixtures exceed 6 MB"
     for n in notes:
         print("NOTE:", n)
     print(f"done in {time.time() - t0:.1f}s")
@@ -975,10 +1308,51 @@ def main_prompt_logprobs_only():
     print(f"done in {time.time() - t0:.1f}s")
 
 
+def main_families(names):
+    """Build only the named families' fixtures (FAMILY_SPECS), replacing their
+    own model, adapters and reference files and nothing else.  The tokenizer
+    is rebuilt and must equal the committed one byte for byte."""
+    t0 = time.time()
+    vers = versions()
+    with open(os.path.join(FIX, "versions.json")) as f:
+        recorded = json.load(f)
+    if recorded != vers:
+        print("NOTE: library versions differ from fixtures/versions.json:", json.dumps(recorded))
+    raw_tok, hf_tok = build_tokenizer()
+    committed = Tokenizer.from_file(os.path.join(FIX, "models", "llama-gqa", "tokenizer.json"))
+    assert committed.to_str() == raw_tok.to_str(), "the rebuilt tokenizer differs from the committed one"
+    n_vocab = len(hf_tok)
+    bos_id = raw_tok.token_to_id(BOS)
+    eot_id = raw_tok.token_to_id(EOT)
+    specs = family_specs(n_vocab, bos_id, eot_id)
+    known = [sp["name"] for sp in specs]
+    for n in names:
+        if n not in known:
+            sys.exit(f"unknown family fixture {n!r} (known: {', '.join(known)})")
+    notes, summary = [], {}
+    for i, spec in enumerate(specs):
+        name = spec["name"]
+        if name not in names:
+            continue
+        for path in (os.path.join(FIX, "models", name), os.path.join(FIX, "adapters", name)):
+            if os.path.exists(path):
+                shutil.rmtree(path)
+        build_fixture(spec, raw_tok, hf_tok, n_vocab, bos_id, eot_id, 5000 + 100 * i, notes, summary)
+        for root, _, files in os.walk(os.path.join(FIX, "models", name)):
+            for fn in files:
+                size = os.path.getsize(os.path.join(root, fn))
+                assert size < 512 * 1024, (fn, size, "keep family fixtures small")
+    for n in notes:
+        print("NOTE:", n)
+    print(f"done in {time.time() - t0:.1f}s")
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--prompt-logprobs-only"]:
         main_prompt_logprobs_only()
+    elif len(sys.argv) == 3 and sys.argv[1] == "--families":
+        main_families(sys.argv[2].split(","))
     elif sys.argv[1:]:
-        sys.exit(f"usage: {sys.argv[0]} [--prompt-logprobs-only]")
+        sys.exit(f"usage: {sys.argv[0]} [--prompt-logprobs-only | --families NAME[,NAME...]]")
     else:
         main()

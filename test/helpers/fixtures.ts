@@ -5,7 +5,7 @@ import { fileURLToPath } from 'node:url';
 
 export const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 export const FIXTURES = join(ROOT, 'test', 'golden', 'fixtures');
-export const MODEL_NAMES = ['llama-gqa', 'qwen2-tied', 'llama3-bf16', 'mistral-sharded', 'llama-f16'] as const;
+export const MODEL_NAMES = ['llama-gqa', 'qwen2-tied', 'llama3-bf16', 'mistral-sharded', 'llama-f16', 'qwen3-tied', 'gemma2', 'gemma3', 'phi3'] as const;
 
 export interface GoldenStep {
   top: Array<[number, number]>;

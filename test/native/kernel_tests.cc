@@ -293,6 +293,7 @@ struct AttnCase {
   const char* mix;  // "prefill" (all tokens new), "decode" (one new token), "mixed" (incl. chunked prefill)
   float q_amp = 1;  // large values give scores far beyond exp()'s fp32 range: the max must be subtracted
   bool kv_bf16 = false;  // KV cache in BF16 (--kv-cache-dtype bfloat16)
+  float softcap = 0;     // Gemma 2's attention logit soft-capping (0 = none)
 };
 
 void run_attention_case(Rng& rng, const AttnCase& c) {
@@ -300,8 +301,8 @@ void run_attention_case(Rng& rng, const AttnCase& c) {
   const std::vector<int> ctx = {1, 15, 16, 17, 70};
   const int S = int(ctx.size());
   const std::string tag =
-      fmt("attention bs=%d group=%d hd=%d window=%d mix=%s q_amp=%g kv=%s", bs, c.group, hd, c.window, c.mix, c.q_amp,
-          c.kv_bf16 ? "bf16" : "f32");
+      fmt("attention bs=%d group=%d hd=%d window=%d mix=%s q_amp=%g kv=%s softcap=%g", bs, c.group, hd, c.window, c.mix,
+          c.q_amp, c.kv_bf16 ? "bf16" : "f32", c.softcap);
 
   // New tokens per sequence this step; the rest of the context was written by an earlier step.
   std::vector<int> n_new(S);
@@ -369,7 +370,7 @@ void run_attention_case(Rng& rng, const AttnCase& c) {
   std::vector<int32_t> qs_hist, cl_hist, query_start, context_lens;
   write_step(true, qs_hist, cl_hist);
   write_step(false, query_start, context_lens);
-  const AttnBatch B{S, query_start.data(), context_lens.data(), block_tables.data(), max_blocks, c.window};
+  const AttnBatch B{S, query_start.data(), context_lens.data(), block_tables.data(), max_blocks, c.window, c.softcap};
   const int T = query_start[S];
 
   // kv_write against the documented page layout [layer][k|v][block_size][n_kv_heads][head_dim].
@@ -412,6 +413,7 @@ void run_attention_case(Rng& rng, const AttnCase& c) {
           double d = 0;
           for (int i = 0; i < hd; i++) d += double(qv[i]) * K[s][j * row + g * hd + i];
           w[j] = d * scale;
+          if (c.softcap > 0) w[j] = std::tanh(w[j] / c.softcap) * c.softcap;
           mx = std::max(mx, w[j]);
         }
         for (int j = 0; j <= pos; j++) {
@@ -450,6 +452,16 @@ void test_attention(Rng& rng) {
       for (int hd : {40, 64, 128})
         for (const char* mix : {"prefill", "decode", "mixed"}) run_attention_case(rng, {bs, group, hd, 0, mix, 1.f, true});
   run_attention_case(rng, {16, 2, 64, 8, "mixed", 300.f, true});
+  // Soft-capped scores (Gemma 2: cap 50 on the scaled scores): with q_amp 30 many scores clip, so a
+  // missing cap, one applied before the scale or after the softmax misses by whole units. The
+  // AVX-512 paths (64, 128), the portable one (40) and Gemma's head_dim 256.
+  for (int hd : {40, 64, 128, 256})
+    for (int window : {0, 8})
+      for (const char* mix : {"prefill", "decode", "mixed"}) {
+        run_attention_case(rng, {5, 2, hd, window, mix, 30.f, false, 2.5f});
+        run_attention_case(rng, {16, 1, hd, window, mix, 1.f, false, 0.5f});
+      }
+  run_attention_case(rng, {16, 4, 64, 8, "mixed", 30.f, true, 2.5f});
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -740,6 +752,99 @@ void test_ops(Rng& rng) {
     silu_mul(gate.data(), up.data(), T, I, got.data());
     expect_close(what, got.data(), want.data(), n);
     expect_guard(what, got);
+  }
+
+  // gelu_tanh_mul (GeGLU) against the fp64 tanh formula, incl. saturated and tiny gates, and a size
+  // that takes the parallel path; softcap (final logits) likewise, with values far past the cap.
+  for (auto [T, I] : std::vector<std::pair<int, int>>{{1, 1}, {3, 17}, {4, 1000}, {3, 30000}}) {
+    const size_t n = size_t(T) * I;
+    std::vector<float> gate = rng.vec(n, -8.f, 8.f), up = rng.vec(n, -2.f, 2.f), want(n);
+    const float special[] = {-100.f, 100.f, -1e-4f, 0.f, -0.f, 1e-3f, 0.3f, -0.3f, 3.f};
+    for (size_t i = 0; i < std::size(special) && i < n; i++) gate[i] = special[i];
+    gelu_tanh_mul_ref(gate.data(), up.data(), n, want.data());
+    const std::string what = fmt("gelu_tanh_mul T=%d I=%d", T, I);
+    Guarded got(n);
+    gelu_tanh_mul(gate.data(), up.data(), T, I, got.data());
+    expect_close(what, got.data(), want.data(), n);
+    expect_guard(what, got);
+
+    for (float cap : {30.f, 50.f, 0.5f}) {
+      std::vector<float> x = rng.vec(n, -3.f * cap, 3.f * cap);
+      for (size_t i = 0; i < std::size(special) && i < n; i++) x[i] = special[i] * cap;
+      std::vector<float> ref = x;
+      softcap_ref(ref.data(), n, cap);
+      const std::string w2 = fmt("softcap n=%zu cap=%g", n, cap);
+      Guarded g2(n, x.data());
+      softcap(g2.data(), n, cap);
+      expect_close(w2, g2.data(), ref.data(), n);
+      expect_guard(w2, g2);
+    }
+  }
+
+  // Partial rotary (Phi-3/Phi-4-mini): the first rot_dim dimensions of each head rotate in pairs
+  // (i, i + rot_dim/2), the rest pass through unchanged.
+  for (int T : {1, 6})
+    for (auto [hd, rot] : std::vector<std::pair<int, int>>{{16, 12}, {64, 48}, {96, 32}, {128, 128}}) {
+      const int n_heads = 3, half = rot / 2;
+      std::vector<float> inv_freq(half);
+      for (int i = 0; i < half; i++) inv_freq[i] = float(std::pow(10000.0, -2.0 * i / rot));
+      std::vector<int32_t> pos(T);
+      for (int t = 0; t < T; t++) pos[t] = int32_t(rng.below(4096));
+      const std::vector<float> x = rng.vec(size_t(T) * n_heads * hd);
+      std::vector<float> want = x;
+      for (int t = 0; t < T; t++)
+        for (int h = 0; h < n_heads; h++) {
+          const float* v = &x[(size_t(t) * n_heads + h) * hd];
+          float* o = &want[(size_t(t) * n_heads + h) * hd];
+          for (int i = 0; i < half; i++) {
+            const float theta = float(pos[t]) * inv_freq[i];
+            const double cs = std::cos(double(theta)), sn = std::sin(double(theta));
+            o[i] = float(v[i] * cs - v[i + half] * sn);
+            o[i + half] = float(v[i + half] * cs + v[i] * sn);
+          }
+        }
+      std::vector<float> cs(size_t(T) * half), sn(size_t(T) * half);
+      rope_table(pos.data(), T, inv_freq.data(), half, 1.0f, cs.data(), sn.data());
+      const std::string what = fmt("rope partial T=%d hd=%d rot=%d", T, hd, rot);
+      Guarded got(x.size(), x.data());
+      rope_apply(got.data(), T, n_heads, hd, cs.data(), sn.data(), rot);
+      expect_close(what, got.data(), want.data(), x.size());
+      expect_guard(what, got);
+    }
+
+  // q/k norm (Qwen3, Gemma 3): RMSNorm over head_dim of every head, i.e. rmsnorm with T * heads
+  // rows, in place on q [T, heads, head_dim] as the backend calls it.
+  for (int T : {1, 5, 11})
+    for (auto [heads, hd] : std::vector<std::pair<int, int>>{{16, 128}, {4, 256}, {3, 24}}) {
+      const int rows = T * heads;
+      std::vector<float> x = rng.vec(size_t(rows) * hd, -4.f, 4.f), w = rng.vec(hd, 0.5f, 1.5f), want(x.size());
+      for (int r = 0; r < rows; r++) {
+        double ss = 0;
+        for (int i = 0; i < hd; i++) ss += double(x[size_t(r) * hd + i]) * x[size_t(r) * hd + i];
+        const double inv = 1.0 / std::sqrt(ss / hd + 1e-6);
+        for (int i = 0; i < hd; i++) want[size_t(r) * hd + i] = float(w[i] * (x[size_t(r) * hd + i] * inv));
+      }
+      const std::string what = fmt("qk_norm T=%d heads=%d hd=%d", T, heads, hd);
+      Guarded got(x.size(), x.data());
+      rmsnorm(got.data(), w.data(), rows, hd, 1e-6f, got.data());
+      expect_close(what, got.data(), want.data(), x.size());
+      expect_guard(what, got);
+    }
+
+  // embed with Gemma's sqrt(hidden) scale: the fp32 product of each decoded weight and the scale.
+  {
+    const int H = 48, T = 12, Vv = 20;
+    const float sc = float(std::sqrt(48.0));
+    const Weights table = random_weights(rng, WType::BF16, size_t(Vv) * H);
+    std::vector<int32_t> ids(T);
+    for (int t = 0; t < T; t++) ids[t] = rng.below(Vv);
+    std::vector<float> want(size_t(T) * H);
+    for (int t = 0; t < T; t++)
+      for (int i = 0; i < H; i++) want[size_t(t) * H + i] = float(table.at(size_t(ids[t]) * H + i)) * sc;
+    Guarded got(want.size());
+    embed(ids.data(), T, table.data(), WType::BF16, H, got.data(), sc);
+    expect_close("embed scaled", got.data(), want.data(), want.size(), kExact);
+    expect_guard("embed scaled", got);
   }
 
   // embed: gathered rows decoded independently; exact.
