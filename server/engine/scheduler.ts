@@ -93,6 +93,9 @@ export class Scheduler {
     //    what the prefix cache already holds); skip ahead of those whose adapter is not ready.
     const now = performance.now();
     const bound = this.limits.skipAheadMs ?? 1000;
+    // Requests skipped in this pass because their adapter was not ready: each one is passed over
+    // from the moment someone behind it is admitted (merely waiting deep in the queue is not).
+    const skipped: Sequence[] = [];
     let i = 0;
     while (i < this.waiting.length && budget > 0 && this.running.length < this.limits.maxNumSeqs) {
       const seq = this.waiting[i];
@@ -105,8 +108,8 @@ export class Scheduler {
       if (this.overLoraCap(seq) || !this.canAdmit(seq)) {
         // Its adapter is still loading, or there is no slot or room for it yet. Later requests
         // may go first, until it has been passed over for `bound` ms.
-        seq.passedOverSince ??= now;
-        if (now - seq.passedOverSince >= bound) break;
+        if (bound <= 0 || (seq.passedOverSince !== null && now - seq.passedOverSince >= bound)) break;
+        skipped.push(seq);
         i++;
         continue;
       }
@@ -135,6 +138,7 @@ export class Scheduler {
       seq.state = SeqState.Running;
       seq.passedOverSince = null;
       seq.admittedAt = now;
+      for (const q of skipped) q.passedOverSince ??= now;
       this.running.push(seq);
       this.grow(seq, seq.numComputed + numNew);
       plan.push({ seq, numNew, sample: seq.numComputed + numNew === seq.numTokens });

@@ -8,7 +8,10 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SeededRandom } from '../../server/demo/seeded-random.js';
 import { Engine } from '../../server/engine/engine.js';
-import type { Sequence } from '../../server/engine/sequence.js';
+import { PagingManager } from '../../server/engine/paging-manager.js';
+import { makeSamplingParams } from '../../server/engine/sampling-params.js';
+import { Scheduler } from '../../server/engine/scheduler.js';
+import { Sequence } from '../../server/engine/sequence.js';
 import { writeRandomAdapter, type ModelDims } from '../helpers/adapters.js';
 import { adapterRoot, modelDir } from '../helpers/fixtures.js';
 import { startTestServer } from '../helpers/server.js';
@@ -129,6 +132,32 @@ describe('skip-ahead', () => {
     const { head, behind } = await scenario(0);
     expect(behind.filter((s) => s.admittedAt! < head.admittedAt!)).toEqual([]);
   }, 30_000);
+
+  it('waiting deep in the queue is not being passed over: the bound starts when someone behind it is admitted', async () => {
+    const ready = new Set<number>();
+    const sched = new Scheduler(new PagingManager(64, PAGE, 16), { maxNumSeqs: 2, maxBatchTokens: 512, skipAheadMs: 20 }, (q) => ready.has(q.id));
+    const seq = (id: number) => new Sequence(id, [1, 2, 3], makeSamplingParams({ maxTokens: 4 }), `x${id}`, 0);
+    const [a, b, c] = [seq(1), seq(2), seq(3)];
+    ready.add(1);
+    sched.add(a);
+    sched.add(b); // not ready, nobody behind it
+    expect(sched.schedule().map((p) => p.seq.id)).toEqual([1]);
+    expect(b.passedOverSince).toBeNull();
+    await new Promise((r) => setTimeout(r, 40)); // longer than the bound
+    ready.add(3);
+    sched.add(c);
+    expect(sched.schedule().map((p) => p.seq.id)).toEqual([1, 3]); // b never was passed over before now
+    expect(b.passedOverSince).toBe(c.admittedAt);
+    await new Promise((r) => setTimeout(r, 40));
+    sched.remove(a);
+    sched.remove(c);
+    const d = seq(4);
+    ready.add(4);
+    sched.add(d);
+    expect(sched.schedule().map((p) => p.seq.id)).toEqual([]); // b has now been passed over too long: d waits
+    ready.add(2);
+    expect(sched.schedule().map((p) => p.seq.id)).toEqual([2, 4]);
+  });
 
   it('a request behind one whose adapter is still loading runs first', async () => {
     const e = await Engine.create({ model: MODEL, adapterDir: dir, memoryBudget: 400 * PAGE, maxNumSeqs: 4 });
