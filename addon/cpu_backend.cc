@@ -134,16 +134,20 @@ class CpuBackend final : public Backend {
     InstalledAdapter& ia = installed_[slot];
     ia.rows.resize(placement.size());
     size_t r = 0;
-    for (const auto& m : a.modules) {
+    std::vector<size_t> a_first(a.modules.size());  // index of each module's first A row in ia.rows
+    for (size_t mi = 0; mi < a.modules.size(); mi++) {
+      const LoraModule& m = a.modules[mi];
+      if (m.a_from >= int(mi)) throw std::runtime_error("adapter module shares the A rows of a later module");
       const size_t in = m.a.size() / m.rank, out = m.bt.size() / m.rank;
-      const size_t first = r;
-      for (int j = 0; j < m.rank; j++, r++) copy_row(ia.rows[r], placement[r], pages, m.a.data() + j * in, in);
+      a_first[mi] = m.a_from >= 0 ? a_first[size_t(m.a_from)] : r;
+      for (size_t j = 0; j < m.a_rows_placed(); j++, r++) copy_row(ia.rows[r], placement[r], pages, m.a.data() + j * in, in);
+      const size_t b_first = r;
       for (int j = 0; j < m.rank; j++, r++) copy_row(ia.rows[r], placement[r], pages, m.bt.data() + j * out, out);
       cpu::LoraRef& ref = ref_at(m.layer, m.proj, slot);
       ref.rank = m.rank;
       ref.scale = m.scale;
-      ref.a_rows = ia.rows.data() + first;
-      ref.b_rows = ia.rows.data() + first + m.rank;
+      ref.a_rows = ia.rows.data() + a_first[mi];  // shared rows of a fused target's first projection
+      ref.b_rows = ia.rows.data() + b_first;
       ref.bf16 = lora_bf16_;
     }
   }

@@ -421,19 +421,23 @@ void CudaBackend::install_adapter(int slot, const ParsedAdapter& a, const std::v
 
   // Rows into the pool, module by module: A rows, then B^T rows (place_rows order).
   size_t r = 0;
-  for (const auto& mod : a.modules) {
+  std::vector<size_t> a_first(a.modules.size());  // each module's first A row (shared: its a_from's)
+  for (size_t mi = 0; mi < a.modules.size(); mi++) {
+    const LoraModule& mod = a.modules[mi];
+    if (mod.a_from >= int(mi)) throw std::runtime_error("adapter module shares the A rows of a later module");
     const size_t in = mod.a.size() / mod.rank, out = mod.bt.size() / mod.rank;
-    const size_t first = r;
-    for (int j = 0; j < mod.rank; j++, r++)
+    a_first[mi] = mod.a_from >= 0 ? a_first[size_t(mod.a_from)] : r;
+    for (size_t j = 0; j < mod.a_rows_placed(); j++, r++)
       ring_.stage(copy_, pool_ + sl.rows[r], mod.a.data() + j * in, in * sizeof(float));
+    const size_t b_first = r;
     for (int j = 0; j < mod.rank; j++, r++)
       ring_.stage(copy_, pool_ + sl.rows[r], mod.bt.data() + j * out, out * sizeof(float));
     const int idx = mod.layer * kNumProj + mod.proj;
     cuda::LoraRef& ref = h_refs_[size_t(slot) * ref_stride_ + idx];
     ref.rank = mod.rank;
     ref.scale = mod.scale;
-    ref.a_rows = sl.d_rows.as<int64_t>() + first;
-    ref.b_rows = sl.d_rows.as<int64_t>() + first + mod.rank;
+    ref.a_rows = sl.d_rows.as<int64_t>() + a_first[mi];
+    ref.b_rows = sl.d_rows.as<int64_t>() + b_first;
     sl.ranks[idx] = mod.rank;
     sl.max_rank = std::max(sl.max_rank, mod.rank);
   }

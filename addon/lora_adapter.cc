@@ -120,7 +120,7 @@ std::shared_ptr<ParsedAdapter> parse_adapter(const std::string& path, const std:
       throw std::runtime_error(path + ": tensor '" + b->name + "' has shape " + b->shape_str() + ", expected [" +
                                std::to_string(b_rows) + ", " + std::to_string(e.rank) + "] (output width x rank)");
     LoraModule m{e.layer, e.proj, e.rank, e.scale, std::vector<float>(size_t(e.rank) * in),
-                 std::vector<float>(size_t(e.rank) * outw)};
+                 std::vector<float>(size_t(e.rank) * outw), -1};
     to_f32(*a, m.a.data());
     std::vector<float> bw_all(size_t(b_rows) * e.rank);
     to_f32(*b, bw_all.data());
@@ -145,6 +145,19 @@ std::shared_ptr<ParsedAdapter> parse_adapter(const std::string& path, const std:
       throw std::runtime_error(path + ": the LoRA weights of '" + prefix + "' are too large (max |A| " +
                                std::to_string(amax[0]) + ", max |B| " + std::to_string(amax[1]) + ", scale " +
                                std::to_string(e.scale) + "): the update would overflow float32");
+    // A later projection of a fused module (k, v after q; up after gate) shares the first one's A.
+    if (fused && fs.row0 > 0)
+      for (int i = int(out->modules.size()) - 1; i >= 0; i--) {
+        const LoraModule& o = out->modules[size_t(i)];
+        FusedSlice ofs{nullptr, 0, 0};
+        if (o.layer == e.layer && o.a_from < 0 && fused_slice(model, o.proj, ofs) && ofs.row0 == 0 &&
+            std::string(ofs.name) == fs.name && o.rank == e.rank && o.a == m.a) {
+          m.a_from = i;
+          m.a.clear();
+          m.a.shrink_to_fit();
+          break;
+        }
+      }
     out->bytes += (m.a.size() + m.bt.size()) * sizeof(float);
     out->max_rank = std::max(out->max_rank, e.rank);
     out->modules.push_back(std::move(m));
@@ -176,7 +189,7 @@ std::vector<RowPlacement> place_rows(const ParsedAdapter& a, size_t page_bytes, 
   };
   for (const auto& m : a.modules) {
     const size_t in = m.a.size() / m.rank, out = m.bt.size() / m.rank;
-    for (int j = 0; j < m.rank; j++) place(in * elem_bytes);
+    for (size_t j = 0; j < m.a_rows_placed(); j++) place(in * elem_bytes);
     for (int j = 0; j < m.rank; j++) place(out * elem_bytes);
   }
   return rows;

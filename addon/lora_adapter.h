@@ -21,8 +21,13 @@ struct LoraPlanEntry {
 struct LoraModule {
   int layer, proj, rank;
   float scale;
-  std::vector<float> a;   // [rank, in]
+  std::vector<float> a;   // [rank, in]; empty when a_from >= 0
   std::vector<float> bt;  // [rank, out] (B transposed: rows of the output width)
+  // A fused target (Phi-3's qkv_proj, gate_up_proj) is one A for several projections: the second
+  // and later ones take the A rows of module a_from (an earlier index) instead of their own, so
+  // the pool holds A once and each projection's B^T rows are its slice of the fused B.
+  int a_from = -1;
+  size_t a_rows_placed() const { return a_from >= 0 ? 0 : size_t(rank); }
 };
 
 struct ParsedAdapter {
@@ -36,8 +41,9 @@ struct ParsedAdapter {
 std::shared_ptr<ParsedAdapter> parse_adapter(const std::string& path, const std::vector<LoraPlanEntry>& plan,
                                              const Model& model, int max_rank);
 
-// Where each row goes: rows are packed in module order, A rows then B^T rows; a row never
-// straddles a page, so waste is below one row (+64-byte alignment) per page.
+// Where each row goes: rows are packed in module order, A rows (none for a module sharing another's
+// A, LoraModule::a_from) then B^T rows; a row never straddles a page, so waste is below one row
+// (+64-byte alignment) per page.
 struct RowPlacement {
   int page_index;     // index into the adapter's page list
   size_t offset;      // byte offset inside that page

@@ -841,6 +841,7 @@ void add_family(Rng& rng, TinyModel& tm, const std::string& fam) {
   }
   if (fam == "phi3-longrope") {  // the long factors for some sequences of a step (StepBatch::rope_long)
     s.rope_type = RopeType::LongRope;
+    s.fused_qkv = s.fused_gate_up = true;  // adapters share A across q/k/v and gate/up (run_backend_case)
     s.sliding_window = 7;
     m.inv_freq_long = m.inv_freq;
     for (size_t i = 0; i < m.inv_freq_long.size(); i++) m.inv_freq_long[i] /= 1.0f + float(i);
@@ -882,6 +883,20 @@ void run_backend_case(Rng& rng, const std::string& name, TinyModel& tm) {
   ads.push_back(make_adapter(rng, m, {kQ, kV}, 8));
   ads.push_back(make_adapter(rng, m, {kQ, kK, kV, kO, kGate, kUp, kDown}, 33, 1));
   ads.push_back(make_adapter(rng, m, {kO, kDown}, 1));
+  // Fused targets (Phi-3): k and v take q's A rows, up takes gate's (LoraModule::a_from).
+  if (m.spec.fused_qkv)
+    for (auto& a : ads)
+      for (size_t i = 0; i < a.modules.size(); i++) {
+        LoraModule& mod = a.modules[i];
+        const int lead = mod.proj == kK || mod.proj == kV ? kQ : mod.proj == kUp ? kGate : -1;
+        for (size_t j = 0; lead >= 0 && j < i; j++)
+          if (a.modules[j].layer == mod.layer && a.modules[j].proj == lead && a.modules[j].a_from < 0) {
+            a.bytes -= mod.a.size() * 4;
+            mod.a.clear();
+            mod.a_from = int(j);
+            break;
+          }
+      }
   int num_pages = 0;
   std::vector<std::vector<int32_t>> ad_pages;
   for (auto& a : ads) {
