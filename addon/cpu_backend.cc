@@ -143,8 +143,8 @@ class CpuBackend final : public Backend {
       cpu::LoraRef& ref = ref_at(m.layer, m.proj, slot);
       ref.rank = m.rank;
       ref.scale = m.scale;
-      ref.a_rows = ia.rows.data() + m.first_row;
-      ref.b_rows = ia.rows.data() + m.first_row + m.rank;
+      ref.a_rows = ia.rows.data() + m.a_row0;  // a fused target's later projections share the first's
+      ref.b_rows = ia.rows.data() + m.b_row0;
       ref.bf16 = lora_bf16_;
     }
   }

@@ -423,13 +423,12 @@ void CudaBackend::install_adapter(int slot, const ParsedAdapter& a, const std::v
   for (int i = 0; i < a.num_pages(); i++)
     ring_.stage(copy_, pool_ + int64_t(pages[i]) * int64_t(pool_info_.page_bytes), a.page(i), a.page_used[i]);
   for (const auto& mod : a.modules) {
-    const size_t first = mod.first_row;
     const int idx = mod.layer * kNumProj + mod.proj;
     cuda::LoraRef& ref = h_refs_[size_t(slot) * ref_stride_ + idx];
     ref.rank = mod.rank;
     ref.scale = mod.scale;
-    ref.a_rows = sl.d_rows.as<int64_t>() + first;
-    ref.b_rows = sl.d_rows.as<int64_t>() + first + mod.rank;
+    ref.a_rows = sl.d_rows.as<int64_t>() + mod.a_row0;  // a fused target's later projections share the first's
+    ref.b_rows = sl.d_rows.as<int64_t>() + mod.b_row0;
     sl.ranks[idx] = mod.rank;
     sl.max_rank = std::max(sl.max_rank, mod.rank);
   }

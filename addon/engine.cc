@@ -368,6 +368,15 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
         const auto pick = [&](const std::string& v, bool auto_bf16) { return v == "bfloat16" || (v == "auto" && auto_bf16); };
         const CpuOptions cpu_opts{pick(lora_dtype, model_bf16), pick(compute_dtype, model_bf16 && cpu::has_bf16_dot()),
                                   pick(kv_dtype, model_bf16)};
+        // HF multiplies Gemma's embeddings by torch.tensor(sqrt(hidden), dtype=activations): a BF16
+        // model run in BF16 scales by the BF16-rounded scalar (fp32 compute keeps the fp32 one, as
+        // HF does on an fp32 upcast). Only the CPU backend computes in BF16.
+        if (cpu_opts.compute_bf16 && model->embed.type == cpu::WType::BF16 && model->spec.embed_scale != 1.f
+#if LORAPLEX_WITH_CUDA
+            && !(device == "cuda" || (device.empty() && cuda_device_available()))
+#endif
+        )
+          model->spec.embed_scale = cpu::bf16_to_f32(cpu::f32_to_bf16(model->spec.embed_scale));
         // The budget in pages of the KV dtype the backend will use (CUDA: fp32).
         const auto pages_for = [&](size_t kv_elem_bytes) {
           const size_t page = kv_page_bytes(spec, block_size, kv_elem_bytes);
@@ -649,6 +658,7 @@ class ParseWorker : public Napi::AsyncWorker {
     o.Set("maxRank", result_->max_rank);
     o.Set("numModules", double(result_->modules.size()));
     o.Set("pages", result_->num_pages());
+    o.Set("rowBytes", double(result_->row_bytes));
     o.Set("parseMs", ms_);
     // What identifies the file read (its digest for the prefix cache; see adapter-cache.ts).
     const FileIdentity& id = result_->file;

@@ -179,14 +179,18 @@ void fill_module(const ParsedAdapter& out, const LoraModule& m, const Source& a,
   const bool bf16 = out.elem_bytes == 2;
   const size_t esz = a.type == cpu::WType::BF16 ? 2 : 4;
   auto row = [&](size_t r) { return const_cast<uint8_t*>(out.row(r)); };
+  // A shared with an earlier module (a fused target): its rows are written there; scanned here
+  // (into a scratch row) for this module's overflow check.
+  thread_local std::vector<uint8_t> discard;
+  if (m.a_from >= 0 && discard.size() < size_t(m.in) * 4) discard.resize(size_t(m.in) * 4);
   for (int j = 0; j < m.rank; j++)
     cpu::lora_pack_rows(static_cast<const uint8_t*>(a.p) + size_t(j) * m.in * esz, a.type, size_t(m.in),
-                        row(m.first_row + j), bf16, sa);
+                        m.a_from >= 0 ? discard.data() : row(m.a_row0 + j), bf16, sa);
   void* rows[1024];
   std::vector<void*> many;
   void** dst = rows;
   if (m.rank > 1024) many.resize(m.rank), dst = many.data();
-  for (int j = 0; j < m.rank; j++) dst[j] = row(m.first_row + m.rank + j);
+  for (int j = 0; j < m.rank; j++) dst[j] = row(m.b_row0 + j);
   cpu::lora_pack_transposed(b.p, b.type, m.out, m.rank, dst, bf16, sb);
 }
 
@@ -213,9 +217,18 @@ std::vector<RowPlacement> place_rows(std::vector<LoraModule>& modules, size_t pa
     rows.push_back({page, start});
     used = start + bytes;
   };
-  for (auto& m : modules) {
-    m.first_row = rows.size();
-    for (int j = 0; j < m.rank; j++) place(size_t(m.in) * elem_bytes);
+  for (size_t i = 0; i < modules.size(); i++) {
+    LoraModule& m = modules[i];
+    if (m.a_from >= 0) {
+      if (size_t(m.a_from) >= i || modules[size_t(m.a_from)].a_from >= 0 || modules[size_t(m.a_from)].rank != m.rank ||
+          modules[size_t(m.a_from)].in != m.in)
+        throw std::runtime_error("adapter module shares the A rows of a module that cannot lend them");
+      m.a_row0 = modules[size_t(m.a_from)].a_row0;
+    } else {
+      m.a_row0 = rows.size();
+      for (int j = 0; j < m.rank; j++) place(size_t(m.in) * elem_bytes);
+    }
+    m.b_row0 = rows.size();
     for (int j = 0; j < m.rank; j++) place(size_t(m.out) * elem_bytes);
   }
   if (page_used && !rows.empty()) page_used->push_back(used);
@@ -233,6 +246,8 @@ std::shared_ptr<ParsedAdapter> layout(std::vector<LoraModule> modules, size_t pa
   for (const auto& m : modules) out->max_rank = std::max(out->max_rank, m.rank);
   out->modules = std::move(modules);
   out->bytes = size_t(out->num_pages()) * page_bytes;
+  for (const auto& m : out->modules)
+    out->row_bytes += size_t(m.rank) * (size_t(m.a_from >= 0 ? 0 : m.in) + size_t(m.out)) * elem_bytes;
   out->image = new_image(out->bytes);
   return out;
 }
@@ -396,7 +411,17 @@ std::shared_ptr<ParsedAdapter> parse_adapter(const std::string& path, const std:
                                std::to_string(b_rows) + ", " + std::to_string(e.rank) + "] (output width x rank)");
     if (!std::isfinite(e.scale))
       throw std::runtime_error(path + ": the scale of '" + prefix + "' is not finite in float32");
-    modules.push_back({e.layer, e.proj, e.rank, e.scale, in, outw, 0});
+    LoraModule mod{e.layer, e.proj, e.rank, e.scale, in, outw};
+    // A later projection of a fused module (k, v after q; up after gate) reads the same A tensor:
+    // it shares the first projection's A rows.
+    if (fused && b_row0 > 0)
+      for (size_t i = 0; i < modules.size(); i++)
+        if (modules[i].layer == e.layer && modules[i].a_from < 0 && tensors[i].a == a && tensors[i].b_row0 == 0 &&
+            modules[i].rank == e.rank) {
+          mod.a_from = int(i);
+          break;
+        }
+    modules.push_back(mod);
     tensors.push_back({a, b, b_row0, prefix});
   }
   for (const auto& [name, t] : f->tensors()) {
@@ -444,19 +469,23 @@ std::shared_ptr<ParsedAdapter> pack_adapter(const std::vector<LoraModuleF32>& mo
                                             size_t elem_bytes) {
   std::vector<LoraModule> modules;
   for (const auto& m : mods) {
-    if (m.rank < 1 || m.a.size() % size_t(m.rank) || m.bt.size() % size_t(m.rank))
+    const auto& am = m.a_from >= 0 && size_t(m.a_from) < mods.size() ? mods[size_t(m.a_from)] : m;
+    if (m.rank < 1 || am.a.empty() || am.a.size() % size_t(m.rank) || m.bt.size() % size_t(m.rank))
       throw std::runtime_error("pack_adapter: module rows do not match its rank");
-    modules.push_back({m.layer, m.proj, m.rank, m.scale, int(m.a.size() / size_t(m.rank)),
-                       int(m.bt.size() / size_t(m.rank)), 0});
+    LoraModule mod{m.layer, m.proj, m.rank, m.scale, int(am.a.size() / size_t(m.rank)), int(m.bt.size() / size_t(m.rank))};
+    mod.a_from = m.a_from;
+    modules.push_back(mod);
   }
   auto out = layout(std::move(modules), page_bytes, elem_bytes);
   for (size_t i = 0; i < mods.size(); i++) {
     const LoraModule& m = out->modules[i];
     cpu::RowScan sc;
-    for (int j = 0; j < 2 * m.rank; j++) {
-      const float* src = j < m.rank ? mods[i].a.data() + size_t(j) * m.in : mods[i].bt.data() + size_t(j - m.rank) * m.out;
-      const size_t n = size_t(j < m.rank ? m.in : m.out);
-      cpu::lora_pack_rows(src, cpu::WType::F32, n, const_cast<uint8_t*>(out->row(m.first_row + j)), elem_bytes == 2, sc);
+    for (int j = 0; j < m.rank; j++) {
+      if (m.a_from < 0)
+        cpu::lora_pack_rows(mods[i].a.data() + size_t(j) * m.in, cpu::WType::F32, size_t(m.in),
+                            const_cast<uint8_t*>(out->row(m.a_row0 + j)), elem_bytes == 2, sc);
+      cpu::lora_pack_rows(mods[i].bt.data() + size_t(j) * m.out, cpu::WType::F32, size_t(m.out),
+                          const_cast<uint8_t*>(out->row(m.b_row0 + j)), elem_bytes == 2, sc);
     }
   }
   return out;

@@ -24,13 +24,16 @@ struct LoraPlanEntry {
   float scale;
 };
 
-// One targeted module: its rows are [first_row, first_row + rank) (A rows, `in` wide) then
-// [first_row + rank, first_row + 2 rank) (B^T rows, `out` wide).
+// One targeted module: its A rows are [a_row0, a_row0 + rank) (`in` wide), its B^T rows
+// [b_row0, b_row0 + rank) (`out` wide). A fused target (Phi-3's qkv_proj, gate_up_proj) is one A
+// for several projections: the later ones (k, v; up) set a_from to the first one's index and share
+// its A rows, so the pool holds A once; each projection's B^T rows are its slice of the fused B.
 struct LoraModule {
   int layer, proj, rank;
   float scale;
   int in, out;
-  size_t first_row;
+  int a_from = -1;
+  size_t a_row0 = 0, b_row0 = 0;
 };
 
 // Where each row goes: rows are packed in module order, A rows then B^T rows; a row never
@@ -48,6 +51,7 @@ struct ParsedAdapter {
   size_t elem_bytes = 4;  // 4: fp32 rows, 2: BF16 rows (the backend's Backend::lora_elem_bytes())
   int max_rank = 0;
   size_t bytes = 0;               // host memory held: num_pages() * page_bytes
+  size_t row_bytes = 0;           // bytes of rows in it (without alignment and page tails)
   std::shared_ptr<uint8_t> image;  // num_pages() pages of page_bytes, as they go into the pool
   FileIdentity file;               // the safetensors file it was read from (parse_adapter)
 
@@ -62,16 +66,19 @@ struct ParsedAdapter {
 std::shared_ptr<ParsedAdapter> parse_adapter(const std::string& path, const std::vector<LoraPlanEntry>& plan,
                                              const Model& model, int max_rank, size_t page_bytes, size_t elem_bytes);
 
-// An adapter from fp32 A [rank, in] and B^T [rank, out] rows (tests and benchmarks).
+// An adapter from fp32 A [rank, in] and B^T [rank, out] rows (tests and benchmarks); a_from >= 0:
+// A is module a_from's (and `a` is empty).
 struct LoraModuleF32 {
   int layer, proj, rank;
   float scale;
   std::vector<float> a, bt;
+  int a_from = -1;
 };
 std::shared_ptr<ParsedAdapter> pack_adapter(const std::vector<LoraModuleF32>& modules, size_t page_bytes,
                                             size_t elem_bytes);
 
-// Row placement for modules (in, out, rank set); fills first_row. Throws if a row exceeds a page.
+// Row placement for modules (in, out, rank, a_from set); fills a_row0 and b_row0. Throws if a row
+// exceeds a page or a_from does not name an earlier module of the same rank and input width.
 std::vector<RowPlacement> place_rows(std::vector<LoraModule>& modules, size_t page_bytes, size_t elem_bytes,
                                      std::vector<size_t>* page_used);
 

@@ -124,8 +124,9 @@ interface RopeSpec {
   theta: number | null; // rope_theta inside the rope block, if any
 }
 
-/** One RoPE block (rope_scaling or rope_parameters) -> the native scaling spec. */
-function parseRope(ropeCfg: Json | null, where: string): RopeSpec {
+/** One RoPE block (rope_scaling or rope_parameters) -> the native scaling spec. Errors name the
+ *  file and the block (`field`: rope_scaling, rope_parameters.full_attention, ...). */
+function parseRope(ropeCfg: Json | null, file: string, field = 'rope_scaling'): RopeSpec {
   const spec: NativeModelSpec['ropeScaling'] = {
     type: 'none',
     factor: 1,
@@ -134,20 +135,21 @@ function parseRope(ropeCfg: Json | null, where: string): RopeSpec {
     originalMaxPositionEmbeddings: 8192,
   };
   if (!ropeCfg) return { spec, theta: null };
+  const where = `${file} ${field}`;
   const type = String(ropeCfg.rope_type ?? ropeCfg.type ?? 'default');
   if (type === 'linear' || type === 'llama3') {
     spec.type = type;
     spec.factor = num(ropeCfg, 'factor', where, 1);
-    if (!(spec.factor > 0)) throw new ModelLoadError(`${where}: factor must be positive`);
+    if (!(spec.factor > 0)) throw new ModelLoadError(`${file}: ${field}.factor must be positive`);
     if (type === 'llama3') {
       spec.lowFreqFactor = num(ropeCfg, 'low_freq_factor', where, 1);
       spec.highFreqFactor = num(ropeCfg, 'high_freq_factor', where, 4);
       spec.originalMaxPositionEmbeddings = int(ropeCfg, 'original_max_position_embeddings', where);
       if (spec.highFreqFactor === spec.lowFreqFactor)
-        throw new ModelLoadError(`${where}: high_freq_factor must differ from low_freq_factor`);
+        throw new ModelLoadError(`${file}: ${field} high_freq_factor must differ from low_freq_factor`);
     }
   } else if (type !== 'default' && type !== 'none') {
-    throw new ModelLoadError(`${where}: rope type ${JSON.stringify(type)} is not supported (none, linear, llama3)`);
+    throw new ModelLoadError(`${file}: ${field} type ${JSON.stringify(type)} is not supported (none, linear, llama3)`);
   }
   const theta = ropeCfg.rope_theta;
   if (theta != null && (typeof theta !== 'number' || !(theta > 0))) throw new ModelLoadError(`${where}: rope_theta must be a positive number`);
@@ -286,17 +288,17 @@ export function readModelDir(dirArg: string, servedName?: string): ModelInfo {
   const perType = rp !== null && typeof rp.full_attention === 'object' && rp.full_attention !== null;
   if (arch === 'gemma3') {
     const full = perType ? (rp.full_attention as Json) : (rs ?? (rp && !perType ? rp : null));
-    rope = parseRope(full, `${where} rope_parameters.full_attention`);
+    rope = parseRope(full, where, perType ? 'rope_parameters.full_attention' : 'rope_scaling');
     ropeTheta = rope.theta ?? num(cfg, 'rope_theta', where, 1_000_000);
     const slide = perType && typeof rp.sliding_attention === 'object' ? (rp.sliding_attention as Json) : null;
-    const local = parseRope(slide, `${where} rope_parameters.sliding_attention`);
+    const local = parseRope(slide, where, 'rope_parameters.sliding_attention');
     if (local.spec.type !== 'none')
       throw new ModelLoadError(`${where}: scaled RoPE on sliding layers (rope_parameters.sliding_attention) is not supported`);
     ropeLocalTheta = local.theta ?? num(cfg, 'rope_local_base_freq', where, 10_000);
   } else if (arch === 'phi3') {
     ({ rope, ropeTheta } = parsePhi3Rope(cfg, rs ?? rp, where, headDim));
   } else {
-    rope = parseRope(rs ?? rp, `${where} rope_scaling`);
+    rope = parseRope(rs ?? rp, where);
     ropeTheta = num(cfg, 'rope_theta', where, typeof rp?.rope_theta === 'number' ? rp.rope_theta : 10000);
     if (rope.theta !== null) ropeTheta = rope.theta;
   }

@@ -152,6 +152,8 @@ export interface NativeAdapter {
   numModules: number;
   /** Pool pages it takes. */
   pages: number;
+  /** Bytes of its rows (A and B^T; a fused target's shared A once), without page padding. */
+  rowBytes: number;
   /** Time the worker thread spent reading, checking and converting it. */
   parseMs: number;
   /** Identity of the safetensors file read: "dev:ino:size:mtime_ns:ctime_ns". */

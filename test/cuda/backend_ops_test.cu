@@ -841,6 +841,7 @@ void add_family(Rng& rng, TinyModel& tm, const std::string& fam) {
   }
   if (fam == "phi3-longrope") {  // the long factors for some sequences of a step (StepBatch::rope_long)
     s.rope_type = RopeType::LongRope;
+    s.fused_qkv = s.fused_gate_up = true;  // adapters share A across q/k/v and gate/up (run_backend_case)
     s.sliding_window = 7;
     m.inv_freq_long = m.inv_freq;
     for (size_t i = 0; i < m.inv_freq_long.size(); i++) m.inv_freq_long[i] /= 1.0f + float(i);
@@ -848,15 +849,19 @@ void add_family(Rng& rng, TinyModel& tm, const std::string& fam) {
   }
 }
 
+// fused: k and v share q's A rows, up shares gate's (when the adapter has the lead projection).
 std::shared_ptr<ParsedAdapter> make_adapter(Rng& rng, const Model& m, size_t page_bytes, const std::vector<int>& projs,
-                                            int rank, int skip_layer = -1) {
+                                            int rank, int skip_layer = -1, bool fused = false) {
   std::vector<LoraModuleF32> mods;
   for (int l = 0; l < m.spec.n_layers; l++) {
     if (l == skip_layer) continue;
     for (int p : projs) {
       LoraModuleF32 mod;
       mod.layer = l, mod.proj = p, mod.rank = rank, mod.scale = rng.uniform(0.5f, 2.f);
-      mod.a = rng.vec(size_t(rank) * m.proj_in(p), -0.3f, 0.3f);
+      const int lead = fused ? (p == kK || p == kV ? kQ : p == kUp ? kGate : -1) : -1;
+      for (size_t j = 0; lead >= 0 && j < mods.size(); j++)
+        if (mods[j].layer == l && mods[j].proj == lead && mods[j].a_from < 0) mod.a_from = int(j);
+      if (mod.a_from < 0) mod.a = rng.vec(size_t(rank) * m.proj_in(p), -0.3f, 0.3f);
       mod.bt = rng.vec(size_t(rank) * m.proj_out(p), -0.3f, 0.3f);
       mods.push_back(std::move(mod));
     }
@@ -878,9 +883,11 @@ void run_backend_case(Rng& rng, const std::string& name, TinyModel& tm) {
   // Pages: 3 adapters, then KV. Adapter pages come from the pool like KV pages do.
   const size_t page_bytes = kv_page_bytes(m.spec, block_size);
   std::vector<std::shared_ptr<ParsedAdapter>> ads;
-  ads.push_back(make_adapter(rng, m, page_bytes, {kQ, kV}, 8));
-  ads.push_back(make_adapter(rng, m, page_bytes, {kQ, kK, kV, kO, kGate, kUp, kDown}, 33, 1));
-  ads.push_back(make_adapter(rng, m, page_bytes, {kO, kDown}, 1));
+  // Fused targets (Phi-3): k and v take q's A rows, up takes gate's (LoraModule::a_from).
+  const bool fused = m.spec.fused_qkv;
+  ads.push_back(make_adapter(rng, m, page_bytes, {kQ, kV}, 8, -1, fused));
+  ads.push_back(make_adapter(rng, m, page_bytes, {kQ, kK, kV, kO, kGate, kUp, kDown}, 33, 1, fused));
+  ads.push_back(make_adapter(rng, m, page_bytes, {kO, kDown}, 1, -1, fused));
   int num_pages = 0;
   std::vector<std::vector<int32_t>> ad_pages;
   for (auto& a : ads) {

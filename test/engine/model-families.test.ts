@@ -5,7 +5,8 @@ import { copyFileSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { planFromConfig } from '../../server/engine/adapter-config.js';
+import { planFromConfig, toNativePlan } from '../../server/engine/adapter-config.js';
+import type { NativeEngine } from '../../server/native/addon.js';
 import { readModelDir, type ModelInfo } from '../../server/engine/model-config.js';
 import { Engine } from '../../server/engine/engine.js';
 import { adapterRoot, modelDir } from '../helpers/fixtures.js';
@@ -133,6 +134,22 @@ describe('adapters on the new families', () => {
     expect(p.targetModules.sort()).toEqual(['gate_up_proj', 'qkv_proj']);
     const l0 = p.modules.filter((m) => m.layer === 0).map((m) => [m.proj, m.rank, m.scale]);
     expect(l0).toEqual([[0, 4, 2], [1, 4, 2], [2, 4, 2], [4, 2, 4], [5, 2, 4]]);
+  });
+
+  it('Phi-3: a fused target holds its A once (k and v take q\'s rows, up takes gate\'s), B split per projection', async () => {
+    const engine = await Engine.create({ model: modelDir('phi3'), memoryBudget: 8 << 20, device: 'cpu', loraDtype: 'float32' });
+    try {
+      const dir = join(adapterRoot('phi3'), 'r8-fused');
+      const p = planFromConfig(JSON.parse(readFileSync(join(dir, 'adapter_config.json'), 'utf8')) as Json, engine.model, 64);
+      const native = (engine as unknown as { native: NativeEngine }).native;
+      const parsed = await native.parseAdapter(join(dir, 'adapter_model.safetensors'), toNativePlan(p), 64);
+      expect(parsed.numModules).toBe(2 * 7); // q, k, v, o, gate, up, down in each of 2 layers
+      // Per layer, fp32: A of qkv_proj, o_proj, gate_up_proj (8 x 48 each) and down_proj (8 x 64),
+      // once; B^T rows 8 x (80 | 48 | 128 | 48) (qkv = 48 + 16 + 16, gate_up = 2 x 64).
+      expect(parsed.rowBytes).toBe(4 * 2 * (3 * 8 * 48 + 8 * 64 + 8 * (80 + 48 + 128 + 48)));
+    } finally {
+      await engine.close();
+    }
   });
 
   it('Phi-3: an adapter naming q_proj (which Phi-3 does not have) is a one-line 400 naming the field', () => {
