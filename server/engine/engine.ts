@@ -581,7 +581,8 @@ export class Engine {
       b.frequencyPenalty[j] = sp.frequencyPenalty;
       b.topK[j] = sp.topK;
       b.numLogprobs[j] = sp.logprobs ?? -1; // -1: skip the vocabulary-wide log-sum-exp
-      b.suppressEos[j] = !sp.ignoreEos && seq.outputIds.length < sp.minTokens ? 1 : 0;
+      // min_tokens does not hold back EOS where a grammar allows nothing else (the grammar wins).
+      b.suppressEos[j] = !sp.ignoreEos && !seq.grammar && seq.outputIds.length < sp.minTokens ? 1 : 0;
     });
     // Grammar bitmasks of the constrained samples, one row each.
     const masked = samples.filter((si) => plan[si].seq.grammar !== null);

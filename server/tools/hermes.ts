@@ -7,6 +7,7 @@ const CALL = /<tool_call>\s*([\s\S]*?)\s*<\/tool_call>/g;
 
 export const hermesParser: ToolCallParser = {
   name: 'hermes',
+  trigger: '<tool_call>',
   structuralTag(tools: ToolDef[]) {
     return {
       type: 'structural_tag',

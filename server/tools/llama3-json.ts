@@ -5,6 +5,7 @@ import type { ToolDef } from './tools.js';
 
 export const llama3JsonParser: ToolCallParser = {
   name: 'llama3_json',
+  trigger: '{"name": ',
   structuralTag(tools: ToolDef[]) {
     return {
       type: 'structural_tag',

@@ -6,6 +6,7 @@ const TAG = '[TOOL_CALLS]';
 
 export const mistralParser: ToolCallParser = {
   name: 'mistral',
+  trigger: TAG,
   structuralTag(tools: ToolDef[]) {
     return {
       type: 'structural_tag',

@@ -15,6 +15,8 @@ export interface ParsedOutput {
 
 export interface ToolCallParser {
   readonly name: 'hermes' | 'llama3_json' | 'mistral';
+  /** The text that starts a call: streamed content stops before it. */
+  readonly trigger: string;
   /**
    * XGrammar structural tag for `auto`: free text until a trigger, then a call whose arguments
    * follow the named tool's schema (parameters already checked by json-schema-support.ts).
