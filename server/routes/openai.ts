@@ -34,6 +34,11 @@ function tokenStr(engine: Engine, id: number): string {
   return engine.tokenizer.decode([id], false);
 }
 
+/** A token the grammar masked has logprob -inf, which JSON cannot hold: -9999.0, as vLLM reports it. */
+function lpOut(x: number): number {
+  return x === -Infinity ? -9999 : x;
+}
+
 function bytesOf(s: string): number[] {
   return [...Buffer.from(s, 'utf8')];
 }
@@ -56,7 +61,7 @@ function completionLogprobs(engine: Engine, tokens: TokenEvent[], offset0: numbe
     const s = tokenStr(engine, t.token);
     out.tokens.push(s);
     out.token_logprobs.push(t.logprob);
-    const top = Object.fromEntries((t.top ?? []).map(([id, lp]) => [tokenStr(engine, id), lp]));
+    const top = Object.fromEntries((t.top ?? []).map(([id, lp]) => [tokenStr(engine, id), lpOut(lp)]));
     top[s] ??= t.logprob;
     out.top_logprobs.push(top);
     out.text_offset.push(off);
@@ -110,7 +115,7 @@ function chatLogprobs(engine: Engine, tokens: TokenEvent[]) {
         bytes: bytesOf(s),
         top_logprobs: (t.top ?? []).map(([id, lp]) => {
           const ts = tokenStr(engine, id);
-          return { token: ts, logprob: lp, bytes: bytesOf(ts) };
+          return { token: ts, logprob: lpOut(lp), bytes: bytesOf(ts) };
         }),
       };
     }),

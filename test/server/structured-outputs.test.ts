@@ -115,6 +115,21 @@ describe('structured outputs (response_format, structured_outputs, guided_*)', (
     else expect(grammar.choices[0].text).toMatch(/^<[ab]*$/);
   });
 
+  it('logprobs of a constrained request are over the tokens the grammar allows (vLLM v1)', async () => {
+    const r = await client.chat.completions.create({
+      model: 'r8-all', messages: [{ role: 'user', content: 'pick' }], max_tokens: 10, logprobs: true, top_logprobs: 20,
+      response_format: { type: 'json_schema', json_schema: { name: 'c', schema: { enum: ['yes', 'no'] } } },
+    } as never) as OpenAI.ChatCompletion;
+    const first = r.choices[0].logprobs!.content![0];
+    // The mask comes before the log-softmax: the allowed tokens (a handful) hold all the mass;
+    // masked ones are reported as -9999, as vLLM clamps -inf.
+    const mass = first.top_logprobs.reduce((m, t) => m + Math.exp(t.logprob), 0);
+    expect(mass).toBeCloseTo(1, 3);
+    expect(first.top_logprobs.some((t) => t.logprob === -9999)).toBe(true);
+    const free = await client.chat.completions.create({ model: 'r8-all', messages: [{ role: 'user', content: 'pick' }], max_tokens: 1, logprobs: true, top_logprobs: 20 });
+    expect(free.choices[0].logprobs!.content![0].top_logprobs.reduce((m, t) => m + Math.exp(t.logprob), 0)).toBeLessThan(0.9);
+  });
+
   it('streams a constrained answer whose concatenation validates', async () => {
     const stream = await client.chat.completions.create({
       model: 'r64-qv-rslora', messages: [{ role: 'user', content: 'Describe someone' }], max_tokens: 200, seed: 11, stream: true,
