@@ -84,6 +84,8 @@ export interface GenerateOptions {
 }
 
 const MiB = 1024 * 1024;
+/** Longest the loop waits for grammar masks before stepping without the late sequences. */
+const MASK_WAIT_MS = 100;
 
 /** Which sequence and prompt position a prompt-logprob row of a step belongs to. */
 interface PromptLpOwner {
@@ -439,14 +441,18 @@ export class Engine {
   }
 
   /**
-   * Waits for the masks in flight, unless the grammar worker is busy compiling a new grammar: then
-   * the step goes ahead without the sequences whose masks wait behind it.
+   * Waits for the masks in flight, unless the grammar worker is busy compiling a new grammar, and
+   * at most MASK_WAIT_MS: past that the step goes ahead without the sequences whose masks are late
+   * (a grammar whose masks are slow delays its own sequences, never the others').
    */
   private async settleMasks(): Promise<void> {
     this.requestMasks();
-    if (!this.masksInFlight || this.grammarService?.compiling) return;
+    const inFlight = this.masksInFlight;
+    if (!inFlight || this.grammarService?.compiling) return;
     const t0 = performance.now();
-    await this.masksInFlight;
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([inFlight, new Promise<void>((r) => (timer = setTimeout(r, MASK_WAIT_MS)))]);
+    clearTimeout(timer);
     this.maskStats.waits++;
     this.maskStats.waitMs += performance.now() - t0;
     this.requestMasks(); // sequences that finished their mask-less step meanwhile
