@@ -6,11 +6,12 @@ import type { ToolDef } from './tools.js';
 export const llama3JsonParser: ToolCallParser = {
   name: 'llama3_json',
   trigger: '{"name": ',
-  structuralTag(tools: ToolDef[]) {
+  structuralTag(tools: ToolDef[], parallel: boolean) {
     return {
       type: 'structural_tag',
       format: {
         type: 'triggered_tags',
+        stop_after_first: !parallel,
         triggers: ['{"name": '],
         tags: tools.map((t) => ({
           type: 'tag',

@@ -92,6 +92,19 @@ describe('grammar-constrained decoding (engine)', () => {
     expect(new Ajv().validate(params, JSON.parse(calls[0].arguments)), r.text).toBe(true);
   });
 
+  it('each tool-call parser\'s structural tag compiles and decodes (auto tool choice)', async () => {
+    const params = { type: 'object', properties: { n: { type: 'integer', minimum: 0, maximum: 9 } }, required: ['n'], additionalProperties: false };
+    for (const parser of ['hermes', 'llama3_json', 'mistral'] as const) {
+      for (const parallel of [true, false]) {
+        const plan = toolPlan({ tools: [{ type: 'function', function: { name: 'f', parameters: params } }], parallel_tool_calls: parallel }, { enableAutoToolChoice: true, toolCallParser: parser })!;
+        const ref = await e.grammars.prepare(toolGrammar(plan)!, 'tools');
+        const r = await text(e, e.tokenizer.encode('Hi'), { maxTokens: 12, temperature: 1, seed: 1, grammar: ref });
+        expect(r.ids.length).toBeGreaterThan(0);
+        for (const c of parseToolOutput(plan, r.text).calls) expect(new Ajv().validate(params, JSON.parse(c.arguments))).toBe(true);
+      }
+    }
+  });
+
   it('refuses what XGrammar cannot compile with a 400 naming the parameter, and keeps working', async () => {
     const err = await e.grammars.prepare({ kind: 'json_schema', schema: '{"type": 5}' }, 'response_format.json_schema.schema').catch((x) => x);
     expect(err).toBeInstanceOf(LoraplexError);

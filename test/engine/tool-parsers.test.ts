@@ -46,7 +46,8 @@ describe('tool-call parsers', () => {
   it('structural tags trigger on each family\'s start and hold one tag per tool', () => {
     const tools = [{ name: 'a', schema: { type: 'object' } }, { name: 'b', schema: { type: 'object' } }];
     for (const [p, trigger] of [[hermesParser, '<tool_call>'], [llama3JsonParser, '{"name": '], [mistralParser, '[TOOL_CALLS]']] as const) {
-      const tag = p.structuralTag(tools) as { format: { triggers: string[]; tags: Array<{ begin: string }> } };
+      const tag = p.structuralTag(tools, false) as { format: { triggers: string[]; stop_after_first: boolean; tags: Array<{ begin: string }> } };
+      expect(tag.format.stop_after_first).toBe(true);
       expect(tag.format.triggers).toEqual([trigger]);
       expect(tag.format.tags.map((t) => t.begin.startsWith(trigger))).toEqual([true, true]);
     }
