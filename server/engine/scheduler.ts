@@ -82,11 +82,17 @@ export class Scheduler {
 
     // 2. Admit waiting sequences in arrival order while the pool holds their whole prompt (less
     //    what the prefix cache already holds).
-    while (this.waiting.length > 0 && budget > 0 && this.running.length < this.limits.maxNumSeqs) {
-      const seq = this.waiting[0];
+    //    A constrained sequence whose first grammar mask is still being computed is passed over
+    //    (it keeps its place); everything else is strictly FCFS.
+    let wi = 0;
+    while (wi < this.waiting.length && budget > 0 && this.running.length < this.limits.maxNumSeqs) {
+      const seq = this.waiting[wi];
+      if (!seq.canSample) {
+        wi++;
+        continue;
+      }
       if (this.overLoraCap(seq)) break; // FCFS: wait until a running adapter's sequences finish
       if (!this.canAdmit(seq)) break; // its adapter is still loading, or no room for it yet
-      if (!seq.canSample) break; // its first grammar mask is on its way
       // Cached leading blocks are referenced (so no reclaim can take them), not allocated; the
       // rest must fit.
       this.matchPrefix(seq);
@@ -97,14 +103,14 @@ export class Scheduler {
         seq.numComputed = 0;
         if (this.running.length === 0 && plan.length === 0) {
           // Nothing else holds pages that could come back: this request can never fit.
-          this.waiting.shift();
+          this.waiting.splice(wi, 1);
           this.onUnfittable(seq);
           continue;
         }
         break; // FCFS: nobody overtakes the head; KV comes back as others finish
       }
       const numNew = Math.min(seq.numTokens - seq.numComputed, budget);
-      this.waiting.shift();
+      this.waiting.splice(wi, 1);
       seq.state = SeqState.Running;
       this.running.push(seq);
       this.grow(seq, seq.numComputed + numNew);
