@@ -36,6 +36,8 @@ export interface EngineOptions {
   kvCacheDtype?: DtypeOption;
   /** Automatic prefix caching (default on, as vLLM's --enable-prefix-caching). */
   enablePrefixCaching?: boolean;
+  /** Longest a step waits for grammar masks still being computed (default 100 ms; tests use 0). */
+  maskWaitMs?: number;
   /**
    * Load progress: called with every phase so far (config first, then the native phases) about
    * ten times a second while the model loads, and once more when the load ends (ok or not).
@@ -84,7 +86,7 @@ export interface GenerateOptions {
 }
 
 const MiB = 1024 * 1024;
-/** Longest the loop waits for grammar masks before stepping without the late sequences. */
+/** Longest a step waits for grammar masks before sampling without the late sequences. */
 const MASK_WAIT_MS = 100;
 
 /** Which sequence and prompt position a prompt-logprob row of a step belongs to. */
@@ -126,16 +128,17 @@ export class Engine {
    * every step and when the engine goes idle, and a violation fails loudly.
    */
   private readonly checking = process.env.LORAPLEX_CHECK_INVARIANTS === '1';
+  private readonly maskWaitMs: number;
   /** Structured outputs: XGrammar's workers, started on first use (grammars getter). */
   private grammarService: GrammarService | null = null;
   /** The grammar masks being computed for the next step, if any. */
   private masksInFlight: Promise<void> | null = null;
   /**
    * Grammar masks: steps whose masks followed their forward (waits), the time from the step's
-   * start until they were handed over (waitMs), the part the forward did not hide (exposedMs), and
-   * masks computed.
+   * start until they were handed over (waitMs), the part the forward did not hide (exposedMs),
+   * masks computed, and rows left unsampled because their mask was late (lateRows).
    */
-  readonly maskStats = { waits: 0, waitMs: 0, exposedMs: 0, masks: 0 };
+  readonly maskStats = { waits: 0, waitMs: 0, exposedMs: 0, masks: 0, lateRows: 0 };
   /** Called after every step (tests check pool invariants here; benchmarks read lastStep). */
   onStep: (() => void) | null = null;
   /** Timings of the most recent step: host side = wall - forward - sample. */
@@ -150,6 +153,7 @@ export class Engine {
     this.computeDtype = pool.computeDtype;
     this.kvCacheDtype = pool.kvCacheDtype;
     this.maxModelLen = Math.min(opts.maxModelLen ?? model.maxPositionEmbeddings, model.maxPositionEmbeddings);
+    this.maskWaitMs = opts.maskWaitMs ?? MASK_WAIT_MS;
     this.paging = new PagingManager(pool.numPages, pool.pageBytes, pool.blockSize);
     this.adapters = new AdapterCache(native, this.paging, model, {
       adapterDir: opts.adapterDir ?? null,
@@ -481,7 +485,7 @@ export class Engine {
       const inFlight = this.masksInFlight;
       if (inFlight && deferred.some((q) => q.grammar!.mask === null)) {
         let timer: NodeJS.Timeout | undefined;
-        await Promise.race([inFlight, new Promise<void>((r) => (timer = setTimeout(r, MASK_WAIT_MS)))]);
+        await Promise.race([inFlight, new Promise<void>((r) => (timer = setTimeout(r, this.maskWaitMs)))]);
         clearTimeout(timer);
         this.maskStats.waits++;
         this.maskStats.waitMs += performance.now() - t0;
@@ -714,7 +718,10 @@ export class Engine {
       if (seq.isFinished) continue; // aborted while the step ran
       // Not sampled (its grammar mask came late): the same tokens run again next step (their KV
       // is rewritten with the same values).
-      if (tokens[k] === -2) continue;
+      if (tokens[k] === -2) {
+        this.maskStats.lateRows++;
+        continue;
+      }
       seq.numComputed += p.numNew;
       this.prefix.promote(seq, this.adapters.digestOf(seq.adapterId));
       const id = tokens[k];
