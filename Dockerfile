@@ -86,6 +86,7 @@ COPY --from=build-cuda /src/package.json ./
 COPY --from=build-cuda /src/node_modules/ node_modules/
 COPY --from=build-cuda /src/dist/ dist/
 COPY --from=build-cuda /src/server/ui/ server/ui/
+COPY --from=build-cuda /src/server/engine/grammar-worker.mjs server/engine/
 COPY --from=build-cuda /src/bin/ bin/
 COPY --from=build-cuda /src/build/Release/loraplex_native.node build/Release/
 RUN ln -s /app/bin/loraplex.js /usr/local/bin/loraplex
@@ -119,6 +120,7 @@ COPY --from=build /src/package.json ./
 COPY --from=build /src/node_modules/ node_modules/
 COPY --from=build /src/dist/ dist/
 COPY --from=build /src/server/ui/ server/ui/
+COPY --from=build /src/server/engine/grammar-worker.mjs server/engine/
 COPY --from=build /src/bin/ bin/
 COPY --from=build /src/build/Release/loraplex_native.node build/Release/
 RUN ln -s /app/bin/loraplex.js /usr/local/bin/loraplex

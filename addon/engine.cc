@@ -162,6 +162,8 @@ struct EngineSampling {
   std::vector<float> bias_values;
   // Grammar bitmasks: sample i uses masks[mask_rows[i] * mask_words ...] (mask_rows[i] -1: none).
   std::vector<int32_t> mask_rows, masks;
+  bool masks_deferred = false;  // masks come later through provideMasks()
+  long mask_words = 0;
   std::vector<int32_t> new_prompt_start, new_prompt_tokens;
   std::vector<uint32_t> free_ids;
   // Prompt logprobs: token index in the batch, the token it should have predicted, top-N to report.
@@ -189,7 +191,8 @@ Napi::Function Engine::Init(Napi::Env env) {
                      InstanceMethod("freeAdapter", &Engine::FreeAdapter),
                      InstanceMethod("adapterImageStats", &Engine::AdapterImageStatsJs),
                       InstanceMethod("installAdapter", &Engine::InstallAdapter),
-                      InstanceMethod("removeAdapter", &Engine::RemoveAdapter), InstanceMethod("close", &Engine::Close)});
+                      InstanceMethod("removeAdapter", &Engine::RemoveAdapter), InstanceMethod("close", &Engine::Close),
+                      InstanceMethod("provideMasks", &Engine::ProvideMasks)});
 }
 
 Engine::Engine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Engine>(info) {
@@ -528,7 +531,18 @@ Napi::Value Engine::Step(const Napi::CallbackInfo& info) {
     if (sp->bias_ids[k] < 0 || sp->bias_ids[k] >= spec.vocab) type_error(env, "logitBiasIds entry out of the vocabulary");
     if (!(std::fabs(sp->bias_values[k]) <= 100.f)) type_error(env, "logitBiasValues must be in [-100, 100]");
   }
-  if (!sp->mask_rows.empty()) {
+  sp->masks_deferred = o.Has("masksDeferred") && o.Get("masksDeferred").ToBoolean();
+  if (sp->masks_deferred && sp->mask_rows.empty()) type_error(env, "masksDeferred needs maskRows");
+  sp->mask_words = mask_words;
+  if (sp->masks_deferred) {
+    if (mask_words != (long(spec.vocab) + 31) / 32) type_error(env, "maskWords must be ceil(vocab / 32)");
+    for (long i = 0; i < N; i++)
+      if (sp->mask_rows[i] < -1) type_error(env, "maskRows entry out of range");
+    std::lock_guard<std::mutex> lk(defer_mu_);
+    defer_ready_ = false;
+    defer_masks_.clear();
+    defer_skip_.clear();
+  } else if (!sp->mask_rows.empty()) {
     if (mask_words != (long(spec.vocab) + 31) / 32) type_error(env, "maskWords must be ceil(vocab / 32)");
     const long M = long(sp->masks.size()) / mask_words;
     if (M * mask_words != long(sp->masks.size())) type_error(env, "masks must hold whole rows of maskWords");
@@ -592,8 +606,36 @@ Napi::Value Engine::Step(const Napi::CallbackInfo& info) {
         lp.assign(n, 0.f);
         top_ids.assign(n * max_n, -1);
         top_lp.assign(n * max_n, 0.f);
+        // Deferred masks: wait for provideMasks() (bounded: a JS side that never answers costs
+        // those rows this step, never the engine thread). Rows without a mask sample nothing (-2).
+        std::vector<uint8_t> skip(n, 0);
+        if (sp->masks_deferred) {
+          std::unique_lock<std::mutex> lk(defer_mu_);
+          const bool got = defer_cv_.wait_for(lk, std::chrono::seconds(30), [this] { return defer_ready_; });
+          if (got) {
+            sp->masks = std::move(defer_masks_);
+            for (int32_t k : defer_skip_)
+              if (k >= 0 && size_t(k) < n) skip[k] = 1;
+          }
+          defer_ready_ = false;
+          defer_masks_.clear();
+          defer_skip_.clear();
+          lk.unlock();
+          const long W = sp->mask_words;
+          const long M = W > 0 ? long(sp->masks.size()) / W : 0;
+          for (size_t i = 0; i < n; i++) {
+            const int r = sp->mask_rows[i];
+            if (r < 0) continue;
+            if (!got || r >= M) skip[i] = 1;
+            else sp->params[i].mask = sp->masks.data() + size_t(r) * size_t(W);
+          }
+        }
         auto t1 = Clock::now();
         for (size_t i = 0; i < n; i++) {
+          if (skip[i]) {
+            tok[i] = -2;
+            continue;
+          }
           const uint32_t id = sp->seq_ids[b->sample_seqs[i]];
           if (!sampler_->has_sequence(id)) sampler_->add_sequence(id, false, 0, nullptr, 0);
           SampleResult r = sampler_->sample(id, logits_.data() + i * V, sp->params[i]);
@@ -758,6 +800,29 @@ Napi::Value Engine::RemoveAdapter(const Napi::CallbackInfo& info) {
   if (info.Length() < 1 || !info[0].IsNumber()) type_error(env, "removeAdapter(slot)");
   const int slot = info[0].As<Napi::Number>().Int32Value();
   return Submit(env, [this, slot] { backend_->remove_adapter(slot); }, nullptr);
+}
+
+// provideMasks(masks: Int32Array [rows * maskWords], skip: Int32Array): the masks of the step in
+// flight (masksDeferred), and the sample indices it must not sample (their masks are late).
+// JS thread; the engine thread waits for it after the forward.
+Napi::Value Engine::ProvideMasks(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 2 || !info[0].IsTypedArray() || !info[1].IsTypedArray()) type_error(env, "provideMasks(masks: Int32Array, skip: Int32Array)");
+  auto copy = [&](Napi::Value v) {
+    auto a = v.As<Napi::TypedArray>();
+    if (a.TypedArrayType() != napi_int32_array) type_error(env, "provideMasks takes Int32Arrays");
+    auto t = a.As<Napi::Int32Array>();
+    return std::vector<int32_t>(t.Data(), t.Data() + t.ElementLength());
+  };
+  std::vector<int32_t> masks = copy(info[0]), skip = copy(info[1]);
+  {
+    std::lock_guard<std::mutex> lk(defer_mu_);
+    defer_masks_ = std::move(masks);
+    defer_skip_ = std::move(skip);
+    defer_ready_ = true;
+  }
+  defer_cv_.notify_all();
+  return env.Undefined();
 }
 
 Napi::Value Engine::Close(const Napi::CallbackInfo& info) {

@@ -39,6 +39,7 @@ class Engine : public Napi::ObjectWrap<Engine> {
   Napi::Value InstallAdapter(const Napi::CallbackInfo& info);
   Napi::Value RemoveAdapter(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
+  Napi::Value ProvideMasks(const Napi::CallbackInfo& info);
 
   // Queues work for the engine thread. `work` runs there and may throw; `to_js` runs on the JS
   // thread afterwards to build the resolved value.
@@ -63,6 +64,14 @@ class Engine : public Napi::ObjectWrap<Engine> {
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<Sampler> sampler_;
   std::vector<float> logits_;
+  // Deferred grammar masks: a step that carries masksDeferred runs its forward at once and samples
+  // once the JS thread (provideMasks) hands the masks over, so the grammar worker computes them
+  // while the forward runs. Written on the JS thread, waited for on the engine thread.
+  std::mutex defer_mu_;
+  std::condition_variable defer_cv_;
+  bool defer_ready_ = false;
+  std::vector<int32_t> defer_masks_;  // [rows * mask_words]
+  std::vector<int32_t> defer_skip_;   // sample indices not to sample this step (their masks are late)
 
   // The model load's phases as reported by load_model and the backend (addon/load_progress.h):
   // written on the engine thread, read by loadProgress() on the JS thread, both under load_mu_.

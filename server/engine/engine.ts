@@ -39,6 +39,8 @@ export interface EngineOptions {
   kvCacheDtype?: DtypeOption;
   /** Automatic prefix caching (default on, as vLLM's --enable-prefix-caching). */
   enablePrefixCaching?: boolean;
+  /** Longest a step waits for grammar masks still being computed (default 100 ms; tests use 0). */
+  maskWaitMs?: number;
   /**
    * Load progress: called with every phase so far (config first, then the native phases) about
    * ten times a second while the model loads, and once more when the load ends (ok or not).
@@ -87,6 +89,8 @@ export interface GenerateOptions {
 }
 
 const MiB = 1024 * 1024;
+/** Longest a step waits for grammar masks before sampling without the late sequences. */
+const MASK_WAIT_MS = 100;
 
 /** Which sequence and prompt position a prompt-logprob row of a step belongs to. */
 interface PromptLpOwner {
@@ -129,12 +133,17 @@ export class Engine {
    * every step and when the engine goes idle, and a violation fails loudly.
    */
   private readonly checking = process.env.LORAPLEX_CHECK_INVARIANTS === '1';
+  private readonly maskWaitMs: number;
   /** Structured outputs: XGrammar's workers, started on first use (grammars getter). */
   private grammarService: GrammarService | null = null;
   /** The grammar masks being computed for the next step, if any. */
   private masksInFlight: Promise<void> | null = null;
-  /** Grammar mask time: worker round trips the loop waited for, and masks computed. */
-  readonly maskStats = { waits: 0, waitMs: 0, masks: 0 };
+  /**
+   * Grammar masks: steps whose masks followed their forward (waits), the time from the step's
+   * start until they were handed over (waitMs), the part the forward did not hide (exposedMs),
+   * masks computed, and rows left unsampled because their mask was late (lateRows).
+   */
+  readonly maskStats = { waits: 0, waitMs: 0, exposedMs: 0, masks: 0, lateRows: 0 };
   /** Called after every step (tests check pool invariants here; benchmarks read lastStep). */
   onStep: (() => void) | null = null;
   /** Timings of the most recent step: host side = wall - forward - sample. */
@@ -149,6 +158,7 @@ export class Engine {
     this.computeDtype = pool.computeDtype;
     this.kvCacheDtype = pool.kvCacheDtype;
     this.maxModelLen = Math.min(opts.maxModelLen ?? model.maxPositionEmbeddings, model.maxPositionEmbeddings);
+    this.maskWaitMs = opts.maskWaitMs ?? MASK_WAIT_MS;
     this.paging = new PagingManager(pool.numPages, pool.pageBytes, pool.blockSize);
     this.adapters = new AdapterCache(native, this.paging, model, {
       adapterDir: opts.adapterDir ?? null,
@@ -366,7 +376,7 @@ export class Engine {
     // running alone.
     await new Promise<void>((r) => setImmediate(r));
     while (this.scheduler.hasWork) {
-      await this.settleMasks();
+      const deferred = this.deferMasks();
       let plan: ScheduledSeq[];
       this.adapters.prefetch(this.scheduler.waiting, this.prefetchWindow);
       try {
@@ -385,15 +395,22 @@ export class Engine {
       const t0 = performance.now();
       const batch = this.buildBatch(plan);
       let result;
+      let maskWait = 0;
       try {
-        result = await this.native.step(batch);
+        const stepping = this.native.step(batch);
+        if (batch.masksDeferred) maskWait = await this.provideMasks(batch, plan, deferred);
+        result = await stepping;
       } catch (e) {
         // A step that fails fails its sequences, never the server.
+        for (const q of deferred) q.grammar!.deferrable = false;
         for (const p of plan) this.finishSeq(p.seq, 'error', e as Error);
         continue;
       }
       this.steps++;
       this.lastProgress = performance.now();
+      for (const q of deferred) q.grammar!.deferrable = false;
+      // The part of the wait for masks the forward did not hide.
+      if (batch.masksDeferred) this.maskStats.exposedMs += Math.max(0, maskWait - result.forwardMs);
       this.postprocess(plan, result, batch.promptLpOwners);
       this.requestMasks();
       this.lastStep = { tokens: batch.tokens.length, seqs: plan.length, forwardMs: result.forwardMs, sampleMs: result.sampleMs, wallMs: performance.now() - t0 };
@@ -453,17 +470,58 @@ export class Engine {
   }
 
   /**
-   * Waits for the masks in flight, unless the grammar worker is busy compiling a new grammar: then
-   * the step goes ahead without the sequences whose masks wait behind it.
+   * Sends for the masks sequences need, and lets the sequences whose masks are in flight take part
+   * in the coming step: their masks follow the forward (provideMasks), so the grammar worker
+   * computes them while the forward runs. Not while the worker compiles a new grammar: then those
+   * sequences sit the step out instead of holding it behind the compile. Returns the deferred ones.
    */
-  private async settleMasks(): Promise<void> {
+  private deferMasks(): Sequence[] {
     this.requestMasks();
-    if (!this.masksInFlight || this.grammarService?.compiling) return;
+    if (!this.masksInFlight || this.grammarService?.compiling) return [];
+    const out: Sequence[] = [];
+    for (const q of [...this.scheduler.running, ...this.scheduler.waiting])
+      if (q.grammar && q.grammar.requested && q.grammar.mask === null) {
+        q.grammar.deferrable = true;
+        out.push(q);
+      }
+    return out;
+  }
+
+  /**
+   * Hands the step in flight its masks once the worker has them, waiting at most MASK_WAIT_MS
+   * from now (the forward runs meanwhile); a sequence whose mask is late is not sampled this step
+   * (token -2) and samples in a later one.
+   */
+  private async provideMasks(batch: NativeStepBatch, plan: ScheduledSeq[], deferred: Sequence[]): Promise<number> {
+    const skip: number[] = [];
     const t0 = performance.now();
-    await this.masksInFlight;
-    this.maskStats.waits++;
-    this.maskStats.waitMs += performance.now() - t0;
-    this.requestMasks(); // sequences that finished their mask-less step meanwhile
+    try {
+      const inFlight = this.masksInFlight;
+      if (inFlight && deferred.some((q) => q.grammar!.mask === null)) {
+        let timer: NodeJS.Timeout | undefined;
+        await Promise.race([inFlight, new Promise<void>((r) => (timer = setTimeout(r, this.maskWaitMs)))]);
+        clearTimeout(timer);
+        this.maskStats.waits++;
+        this.maskStats.waitMs += performance.now() - t0;
+      }
+    } finally {
+      const W = batch.maskWords!;
+      const rows = batch.maskRows!;
+      const out = new Int32Array(rows.reduce((n, r) => Math.max(n, r + 1), 0) * W);
+      let j = 0;
+      for (const p of plan) {
+        if (!p.sample) continue;
+        const r = rows[j];
+        const g = p.seq.grammar;
+        if (r >= 0) {
+          if (g?.mask) out.set(g.mask, r * W);
+          else skip.push(j);
+        }
+        j++;
+      }
+      this.native.provideMasks(out, Int32Array.from(skip));
+    }
+    return performance.now() - t0;
   }
 
   /**
@@ -601,20 +659,23 @@ export class Engine {
       b.frequencyPenalty[j] = sp.frequencyPenalty;
       b.topK[j] = sp.topK;
       b.numLogprobs[j] = sp.logprobs ?? -1; // -1: skip the vocabulary-wide log-sum-exp
-      b.suppressEos[j] = !sp.ignoreEos && seq.outputIds.length < sp.minTokens ? 1 : 0;
+      // min_tokens does not hold back EOS where a grammar allows nothing else (the grammar wins).
+      b.suppressEos[j] = !sp.ignoreEos && !seq.grammar && seq.outputIds.length < sp.minTokens ? 1 : 0;
     });
     // Grammar bitmasks of the constrained samples, one row each.
+    // A mask still on its way (deferrable) makes the whole step's masks follow its forward.
     const masked = samples.filter((si) => plan[si].seq.grammar !== null);
     if (masked.length > 0) {
       const W = Math.ceil(this.model.spec.vocabSize / 32);
       b.maskWords = W;
       b.maskRows = new Int32Array(N).fill(-1);
-      b.masks = new Int32Array(masked.length * W);
+      b.masksDeferred = masked.some((si) => plan[si].seq.grammar!.mask === null);
+      b.masks = new Int32Array(b.masksDeferred ? 0 : masked.length * W);
       let row = 0;
       samples.forEach((si, j) => {
         const g = plan[si].seq.grammar;
         if (!g) return;
-        b.masks!.set(g.mask!, row * W);
+        if (!b.masksDeferred) b.masks!.set(g.mask!, row * W);
         b.maskRows![j] = row++;
       });
     }
@@ -675,6 +736,12 @@ export class Engine {
       }
       const k = j++;
       if (seq.isFinished) continue; // aborted while the step ran
+      // Not sampled (its grammar mask came late): the same tokens run again next step (their KV
+      // is rewritten with the same values).
+      if (tokens[k] === -2) {
+        this.maskStats.lateRows++;
+        continue;
+      }
       seq.numComputed += p.numNew;
       this.prefix.promote(seq, this.adapters.digestOf(seq.adapterId));
       const id = tokens[k];

@@ -58,7 +58,9 @@ async function compileSpec(spec) {
       // pad its output with whitespace until max_tokens.
       return compiler.compileJSONSchema(spec.schema, false, -1, [', ', ': '], true);
     case 'json_object':
-      return compiler.compileBuiltinJSONGrammar();
+      // OpenAI's JSON mode promises an object; XGrammar's builtin JSON grammar also takes arrays
+      // and free whitespace, so a schema of any object with the same compact layout instead.
+      return compiler.compileJSONSchema('{"type": "object"}', false, -1, [', ', ': '], true);
     case 'regex':
       return compiler.compileStructuralTag({ type: 'structural_tag', format: { type: 'regex', pattern: spec.pattern } });
     case 'choice':

@@ -234,14 +234,21 @@ export class GrammarService {
     if (this.verdicts.get(key) !== true) {
       const probe = this.probeWorker();
       let timer: NodeJS.Timeout | undefined;
-      const timeout = new Promise<'timeout'>((r) => (timer = setTimeout(() => r('timeout'), this.timeoutMs)));
       let r: Record<string, unknown> | 'timeout';
       try {
-        // The bound counts the probe's own start (WASM + vocabulary) only once it is up.
         await probe.ready;
+      } catch (e) {
+        // The worker could not start (not this grammar's doing): no verdict, the request may retry.
+        probe.terminate();
+        throw new LoraplexError(`grammar compiler unavailable: ${(e as Error).message}`, 503, 'server_error', null, 'grammar_unavailable');
+      }
+      try {
+        // The bound starts once the probe is up (its first start loads WASM and the vocabulary).
+        const timeout = new Promise<'timeout'>((res) => (timer = setTimeout(() => res('timeout'), this.timeoutMs)));
         r = await Promise.race([probe.request({ op: 'compile', key, spec }), timeout]);
       } catch (e) {
-        r = { ok: false, message: (e as Error).message };
+        // The worker died compiling it (out of memory, say): this grammar's doing.
+        r = { ok: false, fatal: true, message: `the compiler failed on it (${(e as Error).message})` };
       } finally {
         clearTimeout(timer);
       }

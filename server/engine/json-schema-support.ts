@@ -21,6 +21,20 @@ const LIST_OF = ['anyOf', 'oneOf', 'allOf', 'prefixItems'];
 const MAX_NODES = 20_000;
 const MAX_DEPTH = 64;
 const BIG = Number.MAX_SAFE_INTEGER;
+const MAX_JSON_DEPTH = 128;
+const MAX_TEXT = 4 * 1024 * 1024;
+
+/** True if `v` nests objects/arrays deeper than `max` (iterative: no stack for hostile input). */
+function jsonDepthOver(v: unknown, max: number): boolean {
+  const stack: Array<[unknown, number]> = [[v, 0]];
+  while (stack.length) {
+    const [x, d] = stack.pop()!;
+    if (x === null || typeof x !== 'object') continue;
+    if (d >= max) return true;
+    for (const c of Array.isArray(x) ? x : Object.values(x)) if (c !== null && typeof c === 'object') stack.push([c, d + 1]);
+  }
+  return false;
+}
 
 function refuse(param: string, message: string, code = 'unsupported_schema_keyword'): never {
   throw new LoraplexError(message, 400, 'invalid_request_error', param, code);
@@ -32,6 +46,7 @@ function refuse(param: string, message: string, code = 'unsupported_schema_keywo
  */
 export function prepareJsonSchema(schema: unknown, param: string): string {
   if (typeof schema === 'string') {
+    if (schema.length > MAX_TEXT) refuse(param, `the schema may be at most ${MAX_TEXT} characters`, 'grammar_too_complex');
     try {
       schema = JSON.parse(schema);
     } catch {
@@ -40,6 +55,9 @@ export function prepareJsonSchema(schema: unknown, param: string): string {
   }
   if (typeof schema === 'boolean') schema = schema ? {} : refuse(param, 'the schema `false` allows no value', 'invalid_schema');
   if (schema === null || typeof schema !== 'object' || Array.isArray(schema)) refuse(param, 'the schema must be a JSON object', 'invalid_schema');
+  // Any JSON nesting (not only subschemas: enum and const values, unknown keywords) is bounded
+  // before anything recursive (structuredClone, JSON.stringify, XGrammar) sees it.
+  if (jsonDepthOver(schema, MAX_JSON_DEPTH)) refuse(param, `the schema nests deeper than ${MAX_JSON_DEPTH} levels`, 'grammar_too_complex');
   const root = structuredClone(schema) as Record<string, unknown>;
   // Iterative walk (no recursion on untrusted depth), bounded in nodes and depth.
   const stack: Array<{ node: unknown; path: string; depth: number }> = [{ node: root, path: '#', depth: 0 }];

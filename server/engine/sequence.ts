@@ -11,6 +11,8 @@ export interface SeqGrammar {
   mask: Int32Array | null;
   pending: number;
   requested: boolean;
+  /** Its mask is on its way and may follow the step's forward (Engine: masks deferred). */
+  deferrable: boolean;
 }
 
 export enum SeqState {
@@ -94,12 +96,12 @@ export class Sequence {
     readonly adapterId: string | null,
     public adapterSlot: number,
   ) {
-    this.grammar = params.grammar ? { opened: false, mask: null, pending: -1, requested: false } : null;
+    this.grammar = params.grammar ? { opened: false, mask: null, pending: -1, requested: false, deferrable: false } : null;
   }
 
-  /** A constrained sequence samples only once its next mask is known. */
+  /** A constrained sequence samples only once its next mask is known, or is on its way to the step. */
   get canSample(): boolean {
-    return this.grammar === null || this.grammar.mask !== null;
+    return this.grammar === null || this.grammar.mask !== null || this.grammar.deferrable;
   }
 
   get numTokens(): number {

@@ -121,6 +121,8 @@ export interface NativeStepBatch {
   maskRows?: Int32Array; // [N]
   maskWords?: number; // ceil(vocab / 32)
   masks?: Int32Array; // [rows * maskWords], bit t set = token t allowed
+  /** The masks follow through provideMasks() while the forward runs (grammar worker overlap). */
+  masksDeferred?: boolean;
   /** Prompt logprobs: token indices (in [0, T)) whose logits are scored against the next prompt token. */
   promptLpRows?: Int32Array; // [R]
   ropeLong?: Uint8Array; // [S] LongRoPE models: 1 = this sequence rotates with the long factors
@@ -129,7 +131,7 @@ export interface NativeStepBatch {
 }
 
 export interface NativeStepResult {
-  tokens: Int32Array; // [N]
+  tokens: Int32Array; // [N]; -1: non-finite logits; -2: not sampled (a deferred mask came late)
   logprobs: Float32Array; // [N]
   topIds: Int32Array; // [N * numTop]
   topLogprobs: Float32Array; // [N * numTop]
@@ -185,6 +187,11 @@ export interface NativeEngine {
   /** The current (or last) load's phases so far; synchronous, for polling while load() runs. */
   loadProgress(): NativeLoadPhase[];
   step(batch: NativeStepBatch): Promise<NativeStepResult>;
+  /**
+   * The grammar masks of the step in flight when it carries masksDeferred (rows as maskRows
+   * numbers them), and the sample indices it must not sample (token -2: their masks are late).
+   */
+  provideMasks(masks: Int32Array, skip: Int32Array): void;
   parseAdapter(path: string, plan: NativeLoraPlan, maxRank: number): Promise<NativeAdapter>;
   adapterPages(adapter: NativeAdapter): number;
   /** Drops the host copy now (an install already queued keeps its own reference). */

@@ -16,6 +16,7 @@ import type { Metrics } from '../metrics.js';
 import type { GrammarRef } from '../engine/grammar.js';
 import { structuredRequest, type StructuredFields } from '../services/structured-output.js';
 import { parseToolOutput, toolCallId, toolGrammar, toolPlan, type ToolOptions } from '../tools/tools.js';
+import { ToolCallStream } from '../tools/tool-stream.js';
 
 export interface OpenAIRouteDeps {
   engine: Engine;
@@ -31,6 +32,11 @@ const now = () => Math.floor(Date.now() / 1000);
 
 function tokenStr(engine: Engine, id: number): string {
   return engine.tokenizer.decode([id], false);
+}
+
+/** A token the grammar masked has logprob -inf, which JSON cannot hold: -9999.0, as vLLM reports it. */
+function lpOut(x: number): number {
+  return x === -Infinity ? -9999 : x;
 }
 
 function bytesOf(s: string): number[] {
@@ -55,7 +61,7 @@ function completionLogprobs(engine: Engine, tokens: TokenEvent[], offset0: numbe
     const s = tokenStr(engine, t.token);
     out.tokens.push(s);
     out.token_logprobs.push(t.logprob);
-    const top = Object.fromEntries((t.top ?? []).map(([id, lp]) => [tokenStr(engine, id), lp]));
+    const top = Object.fromEntries((t.top ?? []).map(([id, lp]) => [tokenStr(engine, id), lpOut(lp)]));
     top[s] ??= t.logprob;
     out.top_logprobs.push(top);
     out.text_offset.push(off);
@@ -109,7 +115,7 @@ function chatLogprobs(engine: Engine, tokens: TokenEvent[]) {
         bytes: bytesOf(s),
         top_logprobs: (t.top ?? []).map(([id, lp]) => {
           const ts = tokenStr(engine, id);
-          return { token: ts, logprob: lp, bytes: bytesOf(ts) };
+          return { token: ts, logprob: lpOut(lp), bytes: bytesOf(ts) };
         }),
       };
     }),
@@ -364,12 +370,12 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
 
     if (body.stream) {
       const chunk = (choices: unknown[]) => ({ id, object: 'chat.completion.chunk', created, model: body.model, choices });
-      const roles = () => Array.from({ length: n }, (_, i) => chunk([{ index: i, delta: { role: 'assistant', content: toolMode === 'none' ? '' : null }, logprobs: null, finish_reason: null }]));
+      const roles = () => Array.from({ length: n }, (_, i) => chunk([{ index: i, delta: { role: 'assistant', content: toolMode === 'none' || toolMode === 'auto' ? '' : null }, logprobs: null, finish_reason: null }]));
       // Tool calls stream as OpenAI's: a named call's arguments as they are generated (its first
       // delta carries id, type and name); required and auto calls once the choice has finished,
-      // each call one delta with its index, and any text before them as content.
+      // each call one delta with its index. In auto mode the text before a call streams as content.
       const callIds: Array<string | null> = Array.from({ length: n }, () => null);
-      const held = Array.from({ length: n }, () => '');
+      const toolStreams = Array.from({ length: n }, () => new ToolCallStream(tools!));
       return streamRun(req, reply, run, () => metrics.requestDone(run, 'stream', t0), roles, (e) => {
         if (e.text === '' && !e.finishReason && e.tokens.length === 0) return null;
         if (toolMode === 'named') {
@@ -384,16 +390,13 @@ export async function openaiRoutes(app: FastifyInstance, deps: OpenAIRouteDeps):
           return chunk([{ index: e.index, delta: { tool_calls: [call] }, logprobs: lp, finish_reason: finish }]);
         }
         if (toolMode !== 'none') {
-          held[e.index] += e.text;
-          if (!e.finishReason) return null;
-          const r = parseToolOutput(tools!, held[e.index]);
+          const d = toolStreams[e.index].push(e.text, e.finishReason);
           const choices: unknown[] = [];
-          if (r.content !== null) choices.push({ index: e.index, delta: { content: r.content }, logprobs: null, finish_reason: null });
-          r.calls.forEach((c, k) =>
+          if (d.content !== null) choices.push({ index: e.index, delta: { content: d.content }, logprobs: null, finish_reason: null });
+          d.calls.forEach((c, k) =>
             choices.push({ index: e.index, delta: { tool_calls: [{ index: k, id: toolCallId(), type: 'function', function: { name: c.name, arguments: c.arguments } }] }, logprobs: null, finish_reason: null }));
-          const finish = r.calls.length && e.finishReason === 'stop' ? 'tool_calls' : e.finishReason;
-          choices.push({ index: e.index, delta: {}, logprobs: null, finish_reason: finish });
-          return choices.map((c) => chunk([c]));
+          if (e.finishReason) choices.push({ index: e.index, delta: {}, logprobs: null, finish_reason: d.finishReason });
+          return choices.length ? choices.map((c) => chunk([c])) : null;
         }
         const delta = e.text === '' && e.finishReason ? {} : { content: e.text };
         return chunk([{ index: e.index, delta, logprobs: logprobs !== null ? chatLogprobs(engine, e.tokens) : null, finish_reason: e.finishReason }]);

@@ -72,6 +72,8 @@ export async function tokenizerRoutes(app: FastifyInstance, deps: TokenizerRoute
       ids = tok.encodeChat(messages, cont ? false : (b.add_generation_prompt ?? true), {
         continueFinalMessage: cont,
         addSpecialTokens: b.add_special_tokens ?? false,
+        // vLLM's /tokenize takes `tools` as chat does: the template renders them.
+        tools: Array.isArray((b as { tools?: unknown }).tools) ? (b as { tools: unknown[] }).tools : undefined,
       });
     } else if (b.prompt !== undefined) {
       ids = tok.encode(b.prompt, b.add_special_tokens ?? true);

@@ -7,11 +7,13 @@ const CALL = /<tool_call>\s*([\s\S]*?)\s*<\/tool_call>/g;
 
 export const hermesParser: ToolCallParser = {
   name: 'hermes',
-  structuralTag(tools: ToolDef[]) {
+  trigger: '<tool_call>',
+  structuralTag(tools: ToolDef[], parallel: boolean) {
     return {
       type: 'structural_tag',
       format: {
         type: 'triggered_tags',
+        stop_after_first: !parallel,
         triggers: ['<tool_call>'],
         tags: tools.map((t) => ({
           type: 'tag',

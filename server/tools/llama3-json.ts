@@ -5,11 +5,13 @@ import type { ToolDef } from './tools.js';
 
 export const llama3JsonParser: ToolCallParser = {
   name: 'llama3_json',
-  structuralTag(tools: ToolDef[]) {
+  trigger: '{"name": ',
+  structuralTag(tools: ToolDef[], parallel: boolean) {
     return {
       type: 'structural_tag',
       format: {
         type: 'triggered_tags',
+        stop_after_first: !parallel,
         triggers: ['{"name": '],
         tags: tools.map((t) => ({
           type: 'tag',

@@ -6,11 +6,13 @@ const TAG = '[TOOL_CALLS]';
 
 export const mistralParser: ToolCallParser = {
   name: 'mistral',
-  structuralTag(tools: ToolDef[]) {
+  trigger: TAG,
+  structuralTag(tools: ToolDef[], parallel: boolean) {
     return {
       type: 'structural_tag',
       format: {
         type: 'triggered_tags',
+        stop_after_first: !parallel,
         triggers: [TAG],
         tags: tools.map((t) => ({
           type: 'tag',

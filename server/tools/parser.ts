@@ -15,11 +15,14 @@ export interface ParsedOutput {
 
 export interface ToolCallParser {
   readonly name: 'hermes' | 'llama3_json' | 'mistral';
+  /** The text that starts a call: streamed content stops before it. */
+  readonly trigger: string;
   /**
    * XGrammar structural tag for `auto`: free text until a trigger, then a call whose arguments
-   * follow the named tool's schema (parameters already checked by json-schema-support.ts).
+   * follow the named tool's schema (parameters already checked by json-schema-support.ts); one
+   * call at most unless `parallel` (parallel_tool_calls).
    */
-  structuralTag(tools: ToolDef[]): unknown;
+  structuralTag(tools: ToolDef[], parallel: boolean): unknown;
   /** Splits a finished output into content and calls (calls that do not parse stay content). */
   parse(text: string): ParsedOutput;
 }

@@ -103,7 +103,7 @@ export function toolGrammar(plan: ToolPlan): GrammarSpec | null {
       };
     }
     case 'auto':
-      return { kind: 'structural_tag', tag: plan.parser!.structuralTag(plan.tools) };
+      return { kind: 'structural_tag', tag: plan.parser!.structuralTag(plan.tools, plan.parallel) };
   }
 }
 

@@ -159,3 +159,22 @@ describe('--max-loras-per-batch', () => {
     await e.close();
   });
 });
+
+describe('constrained sequences waiting for their first grammar mask', () => {
+  it('are passed over (keeping their place) while the requests behind them are admitted', async () => {
+    const { PagingManager } = await import('../../server/engine/paging-manager.js');
+    const { Scheduler } = await import('../../server/engine/scheduler.js');
+    const { Sequence } = await import('../../server/engine/sequence.js');
+    const { makeSamplingParams } = await import('../../server/engine/sampling-params.js');
+    const sched = new Scheduler(new PagingManager(64, PAGE, 16), { maxNumSeqs: 8, maxBatchTokens: 256 });
+    const constrained = new Sequence(1, [1, 2, 3], makeSamplingParams({ grammar: { key: 'k', spec: { kind: 'json_object' } } }), null, 0);
+    const free = new Sequence(2, [4, 5], makeSamplingParams({}), null, 0);
+    sched.add(constrained);
+    sched.add(free);
+    expect(sched.schedule().map((p) => p.seq.id)).toEqual([2]);
+    expect(sched.waiting).toEqual([constrained]);
+    constrained.grammar!.mask = new Int32Array(1).fill(-1); // its mask arrived
+    expect(sched.schedule().map((p) => p.seq.id)).toContain(1);
+    expect(sched.waiting).toEqual([]);
+  });
+});

@@ -6,6 +6,7 @@ import { structuredRequest } from '../../server/services/structured-output.js';
 import { hermesParser } from '../../server/tools/hermes.js';
 import { llama3JsonParser } from '../../server/tools/llama3-json.js';
 import { mistralParser } from '../../server/tools/mistral.js';
+import { ToolCallStream } from '../../server/tools/tool-stream.js';
 import { parseToolOutput, toolGrammar, toolPlan } from '../../server/tools/tools.js';
 
 const fn = (name: string, parameters: object = { type: 'object', properties: { q: { type: 'string' } } }) => ({ type: 'function', function: { name, parameters } });
@@ -45,7 +46,8 @@ describe('tool-call parsers', () => {
   it('structural tags trigger on each family\'s start and hold one tag per tool', () => {
     const tools = [{ name: 'a', schema: { type: 'object' } }, { name: 'b', schema: { type: 'object' } }];
     for (const [p, trigger] of [[hermesParser, '<tool_call>'], [llama3JsonParser, '{"name": '], [mistralParser, '[TOOL_CALLS]']] as const) {
-      const tag = p.structuralTag(tools) as { format: { triggers: string[]; tags: Array<{ begin: string }> } };
+      const tag = p.structuralTag(tools, false) as { format: { triggers: string[]; stop_after_first: boolean; tags: Array<{ begin: string }> } };
+      expect(tag.format.stop_after_first).toBe(true);
       expect(tag.format.triggers).toEqual([trigger]);
       expect(tag.format.tags.map((t) => t.begin.startsWith(trigger))).toEqual([true, true]);
     }
@@ -112,6 +114,10 @@ describe('JSON-schema subset', () => {
     let deep: object = { type: 'integer' };
     for (let i = 0; i < 100; i++) deep = { type: 'array', items: deep };
     expect(refusal(() => prepareJsonSchema(deep, 'p')).code).toBe('grammar_too_complex');
+    // Deep JSON anywhere (here an enum value) is refused before anything recursive touches it.
+    let arr: unknown = 1;
+    for (let i = 0; i < 100_000; i++) arr = [arr];
+    expect(refusal(() => prepareJsonSchema({ enum: [arr] }, 'p')).code).toBe('grammar_too_complex');
   });
 
   it('one constraint per request', () => {
@@ -130,5 +136,28 @@ describe('required tool calls with pydantic-style $defs', () => {
     expect(Object.keys(s.$defs).sort()).toEqual(['t0_Address', 't0_root', 't1_Address', 't1_root']);
     expect(s.items.anyOf[1].properties.parameters.properties.home.$ref).toBe('#/$defs/t1_Address');
     expect(s.items.anyOf[0].properties.parameters.$defs).toBeUndefined();
+  });
+});
+
+describe('streaming required and auto calls (ToolCallStream)', () => {
+  it('auto: text streams up to the start tag (a possible beginning held back), calls come at the end', () => {
+    const plan = toolPlan({ tools: [fn('a')] }, opts)!;
+    const s = new ToolCallStream(plan);
+    expect(s.push('Let me look <', null)).toEqual({ content: 'Let me look ', calls: [], finishReason: null });
+    expect(s.push('b> is html <tool', null)).toEqual({ content: '<b> is html ', calls: [], finishReason: null });
+    expect(s.push('_call>\n{"name": "a", "arguments": {"q": "x"}}', null)).toEqual({ content: null, calls: [], finishReason: null });
+    expect(s.push('\n</tool_call>', 'stop')).toEqual({ content: null, calls: [{ name: 'a', arguments: '{"q":"x"}' }], finishReason: 'tool_calls' });
+    const text = new ToolCallStream(plan);
+    expect(text.push('just <tool', null).content).toBe('just ');
+    expect(text.push('s', 'stop')).toEqual({ content: '<tools', calls: [], finishReason: 'stop' });
+    const cut = new ToolCallStream(plan);
+    cut.push('<tool_call>{"name": "a", "argu', null);
+    expect(cut.push('ments', 'length')).toEqual({ content: '<tool_call>{"name": "a", "arguments', calls: [], finishReason: 'length' });
+  });
+
+  it('required: nothing until the end, then every call', () => {
+    const s = new ToolCallStream(toolPlan({ tools: [fn('a'), fn('b')], tool_choice: 'required' }, opts)!);
+    expect(s.push('[{"name": "a", "parameters": {}}, ', null)).toEqual({ content: null, calls: [], finishReason: null });
+    expect(s.push('{"name": "b", "parameters": {"q": "1"}}]', 'stop')).toEqual({ content: null, calls: [{ name: 'a', arguments: '{}' }, { name: 'b', arguments: '{"q":"1"}' }], finishReason: 'tool_calls' });
   });
 });

@@ -50,8 +50,11 @@ const CASES: Array<[string, string, Record<string, unknown>, number, string | nu
   ['chat/completions', 'max_completion_tokens over the window', chat({ max_completion_tokens: 100000 }), 400, 'max_completion_tokens', 'context_length_exceeded'],
   ['chat/completions', 'top_logprobs without logprobs', chat({ top_logprobs: 3 }), 400, 'top_logprobs'],
   ['chat/completions', 'top_logprobs 21', chat({ logprobs: true, top_logprobs: 21 }), 400, 'top_logprobs'],
-  ['chat/completions', 'response_format json_object', chat({ response_format: { type: 'json_object' } }), 400, 'response_format'],
-  ['chat/completions', 'tools', chat({ tools: [{ type: 'function', function: { name: 'f' } }] }), 400, 'tools'],
+  ['chat/completions', 'response_format of an unknown type', chat({ response_format: { type: 'xml' } }), 400, 'response_format.type'],
+  ['chat/completions', 'response_format json_schema without a name', chat({ response_format: { type: 'json_schema', json_schema: { schema: {} } } }), 400, 'response_format.json_schema.name'],
+  // Tools without tool_choice mean "auto", which needs --enable-auto-tool-choice (vLLM's rule).
+  ['chat/completions', 'tools (auto) without --enable-auto-tool-choice', chat({ tools: [{ type: 'function', function: { name: 'f' } }] }), 400, 'tool_choice'],
+  ['chat/completions', 'a tool name with a space', chat({ tools: [{ type: 'function', function: { name: 'f g' } }], tool_choice: 'required' }), 400, 'tools[0].function.name'],
   ['chat/completions', 'temperature a string', chat({ temperature: 'hot' }), 400, 'temperature'],
   ['chat/completions', 'unknown adapter', chat({ model: 'no-such-adapter' }), 404, 'model', 'model_not_found'],
 ];
