@@ -1,6 +1,6 @@
 // Hermes / Qwen2.5 tool calls: `<tool_call>\n{"name": "...", "arguments": {...}}\n</tool_call>`,
 // any number of them, after optional text.
-import { callFromJson, type ParsedCall, type ToolCallParser } from './parser.js';
+import { callFromJson, triggeredTags, type ParsedCall, type ToolCallParser } from './parser.js';
 import type { ToolDef } from './tools.js';
 
 const CALL = /<tool_call>\s*([\s\S]*?)\s*<\/tool_call>/g;
@@ -9,20 +9,7 @@ export const hermesParser: ToolCallParser = {
   name: 'hermes',
   trigger: '<tool_call>',
   structuralTag(tools: ToolDef[], parallel: boolean) {
-    return {
-      type: 'structural_tag',
-      format: {
-        type: 'triggered_tags',
-        stop_after_first: !parallel,
-        triggers: ['<tool_call>'],
-        tags: tools.map((t) => ({
-          type: 'tag',
-          begin: `<tool_call>\n{"name": ${JSON.stringify(t.name)}, "arguments": `,
-          content: { type: 'json_schema', json_schema: t.schema },
-          end: '}\n</tool_call>',
-        })),
-      },
-    };
+    return triggeredTags('<tool_call>', tools, parallel, (n) => `<tool_call>\n{"name": ${n}, "arguments": `, '}\n</tool_call>');
   },
   parse(text: string) {
     const calls: ParsedCall[] = [];

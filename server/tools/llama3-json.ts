@@ -1,26 +1,13 @@
 // Llama 3.x JSON tool calls: the whole answer is `{"name": "...", "parameters": {...}}` (optionally
 // after `<|python_tag|>`), several separated by `;`.
-import { callFromJson, type ParsedCall, type ToolCallParser } from './parser.js';
+import { callFromJson, triggeredTags, type ParsedCall, type ToolCallParser } from './parser.js';
 import type { ToolDef } from './tools.js';
 
 export const llama3JsonParser: ToolCallParser = {
   name: 'llama3_json',
   trigger: '{"name": ',
   structuralTag(tools: ToolDef[], parallel: boolean) {
-    return {
-      type: 'structural_tag',
-      format: {
-        type: 'triggered_tags',
-        stop_after_first: !parallel,
-        triggers: ['{"name": '],
-        tags: tools.map((t) => ({
-          type: 'tag',
-          begin: `{"name": ${JSON.stringify(t.name)}, "parameters": `,
-          content: { type: 'json_schema', json_schema: t.schema },
-          end: '}',
-        })),
-      },
-    };
+    return triggeredTags('{"name": ', tools, parallel, (n) => `{"name": ${n}, "parameters": `, '}');
   },
   parse(text: string) {
     const body = text.replace(/^\s*<\|python_tag\|>/, '').trim();

@@ -1,5 +1,5 @@
 // Mistral tool calls: `[TOOL_CALLS][{"name": "...", "arguments": {...}}, ...]` after optional text.
-import { callFromJson, type ParsedCall, type ToolCallParser } from './parser.js';
+import { callFromJson, triggeredTags, type ParsedCall, type ToolCallParser } from './parser.js';
 import type { ToolDef } from './tools.js';
 
 const TAG = '[TOOL_CALLS]';
@@ -8,20 +8,7 @@ export const mistralParser: ToolCallParser = {
   name: 'mistral',
   trigger: TAG,
   structuralTag(tools: ToolDef[], parallel: boolean) {
-    return {
-      type: 'structural_tag',
-      format: {
-        type: 'triggered_tags',
-        stop_after_first: !parallel,
-        triggers: [TAG],
-        tags: tools.map((t) => ({
-          type: 'tag',
-          begin: `${TAG}[{"name": ${JSON.stringify(t.name)}, "arguments": `,
-          content: { type: 'json_schema', json_schema: t.schema },
-          end: '}]',
-        })),
-      },
-    };
+    return triggeredTags(TAG, tools, parallel, (n) => `${TAG}[{"name": ${n}, "arguments": `, '}]');
   },
   parse(text: string) {
     const at = text.indexOf(TAG);

@@ -27,6 +27,28 @@ export interface ToolCallParser {
   parse(text: string): ParsedOutput;
 }
 
+/**
+ * The structural tag every family's `auto` mode uses: free text until `trigger`, then one call (or
+ * several, with `parallel`) that opens with `begin(name)`, follows the tool's schema, and closes with
+ * `end`.
+ */
+export function triggeredTags(trigger: string, tools: ToolDef[], parallel: boolean, begin: (quotedName: string) => string, end: string): unknown {
+  return {
+    type: 'structural_tag',
+    format: {
+      type: 'triggered_tags',
+      stop_after_first: !parallel,
+      triggers: [trigger],
+      tags: tools.map((t) => ({
+        type: 'tag',
+        begin: begin(JSON.stringify(t.name)),
+        content: { type: 'json_schema', json_schema: t.schema },
+        end,
+      })),
+    },
+  };
+}
+
 /** Parses `{"name": ..., <argsKey>: {...}}` objects; null if it is not one. */
 export function callFromJson(text: string, argsKeys: string[]): ParsedCall | null {
   let v: unknown;
