@@ -86,7 +86,6 @@ export class AdapterCache {
   /** --lora-roots: with --adapter-dir, the folders every adapter file must resolve into. */
   private extraRoots: string[] = [];
   private readonly slots: Array<AdapterEntry | null>;
-  private loadsTotal = 0;
   private evictions = 0;
   private hostEvictions = 0;
   private loadFailures = 0;
@@ -197,8 +196,8 @@ export class AdapterCache {
   prefetch(waiting: readonly Sequence[], window: number): void {
     this.queue = waiting;
     this.window = window;
-    let hostBytes = this.hostBytesPinned();
-    let hostCount = this.hostCountPinned();
+    if (this.inFlight >= this.maxConcurrentLoads) return;
+    let { bytes: hostBytes, count: hostCount } = this.hostPinned();
     const seen = new Set<string>();
     for (let i = 0; i < waiting.length && i < window && this.inFlight < this.maxConcurrentLoads; i++) {
       const id = waiting[i].adapterId;
@@ -221,17 +220,13 @@ export class AdapterCache {
   private queue: readonly Sequence[] = [];
   private window = 0;
 
-  /** Host bytes and count of parsed adapters that requests in flight name (never trimmed). */
-  private hostBytesPinned(): number {
-    let b = 0;
-    for (const e of this.entries.values()) if ((e.parsed || e.tier === 'loading') && e.refs > 0) b += e.parsed?.bytes ?? this.largestBytes;
-    return b;
-  }
-
-  private hostCountPinned(): number {
-    let n = 0;
-    for (const e of this.entries.values()) if ((e.parsed || e.tier === 'loading') && e.refs > 0) n++;
-    return n;
+  /** Host bytes and count of parsed (or loading) adapters that requests in flight name (never trimmed). */
+  private hostPinned(): { bytes: number; count: number } {
+    let bytes = 0;
+    let count = 0;
+    for (const e of this.entries.values())
+      if ((e.parsed || e.tier === 'loading') && e.refs > 0) (bytes += e.parsed?.bytes ?? this.largestBytes), count++;
+    return { bytes, count };
   }
 
   releaseRef(id: string): void {
@@ -320,7 +315,7 @@ export class AdapterCache {
       if (e.tier === 'loading') loading++;
     }
     return {
-      known: this.entries.size, resident, hostCached: host, hostBytes, loading, loads: this.loadsTotal,
+      known: this.entries.size, resident, hostCached: host, hostBytes, loading, loads: this.tierLoads.disk,
       tierLoads: { ...this.tierLoads }, lookups: { ...this.lookups },
       evictions: this.evictions, hostEvictions: this.hostEvictions, loadFailures: this.loadFailures,
     };
@@ -412,7 +407,6 @@ export class AdapterCache {
       e.tier = 'host';
       e.lastError = null;
       e.loads++;
-      this.loadsTotal++;
       this.tierLoads.disk++;
       this.onLoadTimed('disk', (performance.now() - t0) / 1000);
       this.trimHostCache();

@@ -225,9 +225,18 @@ describe('tiers and their counters', () => {
 });
 
 describe('loads that fail', () => {
+  // A fresh --adapter-dir holding a copy of fixture adapter `src` as `id` (removed after the block).
+  const temps: string[] = [];
+  afterAll(() => temps.forEach((t) => rmSync(t, { recursive: true, force: true })));
+  function adapterDirWith(src: string, id: string): string {
+    const d = mkdtempSync(join(tmpdir(), 'loraplex-fail-'));
+    temps.push(d);
+    cpSync(join(dir, src), join(d, id), { recursive: true });
+    return d;
+  }
+
   it('files gone between registration and load: 404, nothing held; back again: the next request loads them', async () => {
-    const d = mkdtempSync(join(tmpdir(), 'loraplex-gone-'));
-    cpSync(join(dir, 't16'), join(d, 'g'), { recursive: true });
+    const d = adapterDirWith('t16', 'g');
     const e = await Engine.create({ model: MODEL, adapterDir: d, memoryBudget: 400 * PAGE });
     e.adapters.lookup('g'); // registered (found in --adapter-dir)...
     renameSync(join(d, 'g'), join(d, 'g.away')); // ...then gone before its first load
@@ -238,12 +247,10 @@ describe('loads that fail', () => {
     expect(await collect(e, [1, 2], 2, 'g')).toHaveLength(2);
     e.checkInvariants();
     await e.close();
-    rmSync(d, { recursive: true, force: true });
   });
 
   it('a file truncated after registration: 400 invalid_adapter, others unaffected, the next request retries', async () => {
-    const d = mkdtempSync(join(tmpdir(), 'loraplex-trunc-'));
-    cpSync(join(dir, 't17'), join(d, 'x'), { recursive: true });
+    const d = adapterDirWith('t17', 'x');
     const file = join(d, 'x', 'adapter_model.safetensors');
     const good = readFileSync(file);
     const e = await Engine.create({ model: MODEL, adapterDir: d, memoryBudget: 400 * PAGE });
@@ -258,12 +265,10 @@ describe('loads that fail', () => {
     expect(await collect(e, [1, 2], 2, 'x')).toHaveLength(2);
     e.checkInvariants();
     await e.close();
-    rmSync(d, { recursive: true, force: true });
   });
 
   it('a load that fails halfway (a non-finite value in a late module) returns its host memory and holds no pages', async () => {
-    const d = mkdtempSync(join(tmpdir(), 'loraplex-half-'));
-    cpSync(join(dir, 't18'), join(d, 'h'), { recursive: true });
+    const d = adapterDirWith('t18', 'h');
     const file = join(d, 'h', 'adapter_model.safetensors');
     const buf = readFileSync(file);
     // The last tensor's last float becomes NaN: every earlier module is converted first.
@@ -279,12 +284,10 @@ describe('loads that fail', () => {
     expect(e.paging.stats().adapterPages).toBe(0);
     e.checkInvariants();
     await e.close();
-    rmSync(d, { recursive: true, force: true });
   });
 
   it('a file replaced between registration and load: the new content is what runs, and the prefix cache tells them apart', async () => {
-    const d = mkdtempSync(join(tmpdir(), 'loraplex-replaced-'));
-    cpSync(join(dir, 't19'), join(d, 'r'), { recursive: true });
+    const d = adapterDirWith('t19', 'r');
     const e = await Engine.create({ model: MODEL, adapterDir: d, memoryBudget: 400 * PAGE });
     const p = Array.from({ length: 40 }, (_, i) => (i * 7 + 3) % 500);
     const first = await collect(e, p, 4, 'r');
@@ -300,7 +303,6 @@ describe('loads that fail', () => {
     expect(replaced).not.toEqual(first);
     await ref.close();
     await e.close();
-    rmSync(d, { recursive: true, force: true });
   });
 });
 
