@@ -69,6 +69,40 @@ __device__ __forceinline__ float load_w(const void* w, int wt, size_t i) {
   return wt == kBF16 ? bf16_bits_to_f32(h) : f16_bits_to_f32(h);
 }
 
+// fp32 -> BF16 bits, round to nearest even: the arithmetic of cpu::f32_to_bf16, so a value the
+// device rounds equals the CPU oracle's bit for bit.
+__device__ __forceinline__ uint16_t f32_to_bf16_bits(float f) {
+  const uint32_t u = __float_as_uint(f);
+  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Activations, KV cache and LoRA rows are kF32 or kBF16 (the BF16 compute path); weights may also
+// be kF16. Element i of an array of dtype t, as fp32 (exact), and v stored into it (BF16: rounded
+// to nearest even). Kernels on hot paths template on the dtype with Elem<DT> instead.
+__device__ __forceinline__ float load_as(const void* p, int t, size_t i) { return load_w(p, t, i); }
+__device__ __forceinline__ void store_as(void* p, int t, size_t i, float v) {
+  if (t == kF32) static_cast<float*>(p)[i] = v;
+  else static_cast<uint16_t*>(p)[i] = f32_to_bf16_bits(v);
+}
+
+template <int DT>
+struct Elem;
+template <>
+struct Elem<kF32> {
+  using T = float;
+  static __device__ __forceinline__ float load(const T* p, size_t i) { return p[i]; }
+  static __device__ __forceinline__ void store(T* p, size_t i, float v) { p[i] = v; }
+};
+template <>
+struct Elem<kBF16> {
+  using T = uint16_t;
+  static __device__ __forceinline__ float load(const T* p, size_t i) { return bf16_bits_to_f32(p[i]); }
+  static __device__ __forceinline__ void store(T* p, size_t i, float v) { p[i] = f32_to_bf16_bits(v); }
+};
+
+// Bytes per element of an activation / KV / LoRA dtype (host and device).
+inline size_t dtype_bytes(int t) { return t == kF32 ? 4 : 2; }
+
 // Eight consecutive 16-bit weights (one 16-byte load) unpacked to fp32.
 template <int WT>
 __device__ __forceinline__ void unpack8(const uint4& u, float* out) {

@@ -120,6 +120,7 @@ void gemm_tiled(const float* x,     // [T, K]
 struct KvLayout {
   int n_layers, block_size, n_kv_heads, head_dim;
   size_t page_bytes;
+  int kt = kF32;  // element dtype of K and V in the pool: kF32 or kBF16 (cpu::KvLayout::bf16)
 };
 
 // The step's batch geometry (the device copy of cpu::AttnBatch plus token -> sequence). A token t of
