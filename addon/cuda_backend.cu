@@ -5,7 +5,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <map>
+#include <set>
 #include <stdexcept>
 #include <vector>
 
@@ -33,12 +36,14 @@ struct DevBuf {
     p = nullptr;
     cap = 0;
   }
-  void ensure(size_t bytes, const char* what) {
-    if (bytes <= cap) return;
+  // True when it (re)allocated: the address changed.
+  bool ensure(size_t bytes, const char* what) {
+    if (bytes <= cap) return false;
     release();
     const size_t want = (std::max(bytes, cap + cap / 2) + 255) & ~size_t(255);
     check_cuda(cudaMalloc(&p, want), what);
     cap = want;
+    return true;
   }
   template <typename T>
   T* as() const { return static_cast<T*>(p); }
@@ -169,6 +174,17 @@ class StagingRing {
   size_t fill_ = 0;    // staged bytes of the current half
 };
 
+std::string fmt_gib(double bytes) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.2f GiB", bytes / double(size_t(1) << 30));
+  return b;
+}
+std::string fmt_fraction(double v) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%g", v);
+  return b;
+}
+
 bool is_device_pointer(const void* p) {
   cudaPointerAttributes attr{};
   if (cudaPointerGetAttributes(&attr, p) != cudaSuccess) {
@@ -178,17 +194,54 @@ bool is_device_pointer(const void* p) {
   return attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged;
 }
 
+// A captured decode step: the instantiated graph and the step tables it reads (device memory at
+// fixed addresses, refilled before every replay).
+struct GraphKey {
+  int bucket = 0, blocks = 0, lora_mask = 0, z_stride = 0;
+  bool operator<(const GraphKey& o) const {
+    if (bucket != o.bucket) return bucket < o.bucket;
+    if (blocks != o.blocks) return blocks < o.blocks;
+    if (lora_mask != o.lora_mask) return lora_mask < o.lora_mask;
+    return z_stride < o.z_stride;
+  }
+};
+struct Graph {
+  cudaGraphExec_t exec = nullptr;
+  uint64_t gen = 0;       // buffer generation the graph's pointers belong to
+  uint64_t last_use = 0;  // for LRU eviction
+  int n_splits = 1;
+  DevBuf tables;          // [tokens, positions, slots, query_start, context_lens, block_tables, token_seq, sample_rows, token_long]
+  Graph() = default;
+  Graph(Graph&& o) noexcept : exec(o.exec), gen(o.gen), last_use(o.last_use), n_splits(o.n_splits), tables(std::move(o.tables)) {
+    o.exec = nullptr;
+  }
+  Graph(const Graph&) = delete;
+  Graph& operator=(const Graph&) = delete;
+  ~Graph() {
+    if (exec) cudaGraphExecDestroy(exec);
+  }
+};
+
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(std::shared_ptr<Model> model, int block_size, int num_pages, int max_slots, const LoadProgress& progress);
+  CudaBackend(std::shared_ptr<Model> model, int block_size, int num_pages, int max_slots, const CudaOptions& options,
+              const LoadProgress& progress);
   ~CudaBackend() override;
 
   std::string name() const override { return "cuda"; }
   const Model& model() const override { return *model_; }
   const PoolInfo& pool() const override { return pool_info_; }
+  size_t lora_elem_bytes() const override { return cuda::dtype_bytes(lt_); }
+  std::string compute_dtype() const override { return at_ == cuda::kBF16 ? "bfloat16" : "float32"; }
+  std::string kv_cache_dtype() const override { return layout_.kt == cuda::kBF16 ? "bfloat16" : "float32"; }
   void install_adapter(int slot, const ParsedAdapter& a, const std::vector<int32_t>& pages) override;
   void remove_adapter(int slot) override;
   void forward(const StepBatch& b, float* logits, const RowLogits* extra) override;
+  CudaGraphStats graph_stats() const {
+    CudaGraphStats g = gstats_;
+    g.live = int(graphs_.size());
+    return g;
+  }
 
  private:
   void init(int block_size, int num_pages, const LoadProgress& progress);
@@ -199,13 +252,25 @@ class CudaBackend final : public Backend {
   }
   DevWeight upload(const Weight& w, const char* what);
   void clear_slot(int slot);
+  void scan_adapters(const StepBatch& b);
   void plan_step(const StepBatch& b);
-  void project(int layer, int p, const float* x, float* y, const float* bias);
-  void apply_lora(int layer, int p, const float* x, float* y);
+  void ensure_buffers(int T, int z_stride, size_t attn_ws_floats, int n_rows);
+  void wait_pending();
+  void enqueue_step(int max_blocks);
+  void project(int layer, int p, const void* x, void* y, const float* bias);
+  void apply_lora(int layer, int p, const void* x, void* y);
+  bool graph_eligible(const StepBatch& b, const RowLogits* extra) const;
+  bool forward_graph(const StepBatch& b, float* logits);
+  void warm_gemms(int T);
+  Graph* capture(const GraphKey& key);
   cuda::LoraRef* d_refs_at(int slot) const { return d_refs_ + size_t(slot) * ref_stride_; }
 
   std::shared_ptr<Model> model_;
   int max_slots_;
+  CudaOptions opt_;
+  int at_ = cuda::kF32;  // activation dtype between kernels
+  int lt_ = cuda::kF32;  // adapter row dtype in the pool
+  int n_sms_ = 1;
   int ref_stride_;  // n_layers * kNumProj
   PoolInfo pool_info_;
   cuda::KvLayout layout_{};
@@ -230,11 +295,18 @@ class CudaBackend final : public Backend {
   StagingRing ring_;
   std::unique_ptr<cuda::Gemm> gemm_;
 
-  // Per-step state and buffers (grown, never shrunk).
+  // Per-step state and buffers (grown, never shrunk). Growing one bumps buf_gen_: graphs captured
+  // with the old addresses are dropped and captured again on their next use.
   StepPlan plan_;
   std::vector<int32_t> ints_;
   PinnedBuf h_step_;
-  DevBuf d_step_, x_, h_, q_, k_, v_, att_, o_, gate_, up_, z_, last_, logits_, attn_ws_, extra_rows_;
+  DevBuf d_step_, x_, h_, q_, k_, v_, att_, o_, gate_, up_, z_, last_, lastn_, logits_, attn_ws_, extra_rows_;
+  uint64_t buf_gen_ = 1;
+
+  std::map<GraphKey, Graph> graphs_;
+  std::set<GraphKey> uncapturable_;  // keys whose capture failed: eager from then on
+  uint64_t graph_clock_ = 0;
+  CudaGraphStats gstats_;
 };
 
 const void* CudaBackend::upload(const void* host, size_t bytes, const char* what) {
@@ -261,8 +333,10 @@ DevWeight CudaBackend::upload(const Weight& w, const char* what) {
 }
 
 CudaBackend::CudaBackend(std::shared_ptr<Model> model, int block_size, int num_pages, int max_slots,
-                         const LoadProgress& progress)
-    : model_(std::move(model)), max_slots_(max_slots) {
+                         const CudaOptions& options, const LoadProgress& progress)
+    : model_(std::move(model)), max_slots_(max_slots), opt_(options) {
+  at_ = opt_.compute_bf16 ? cuda::kBF16 : cuda::kF32;
+  lt_ = opt_.lora_bf16 ? cuda::kBF16 : cuda::kF32;
   try {
     init(block_size, num_pages, progress);
   } catch (...) {
@@ -278,34 +352,38 @@ void CudaBackend::init(int block_size, int num_pages, const LoadProgress& progre
   std::string why;
   if (!cuda_device_available(&why)) throw std::runtime_error("CUDA backend unavailable: " + why);
   const ModelSpec& s = model_->spec;
-  if (block_size < 1 || num_pages < 1 || max_slots < 1)
+  if (block_size < 1 || (num_pages < 1 && !(opt_.gpu_memory_utilization > 0)) || max_slots < 1)
     throw std::runtime_error("CUDA backend: block_size, num_pages and max_slots must be positive");
+  if (opt_.gpu_memory_utilization > 1)
+    throw std::runtime_error("--gpu-memory-utilization must be in (0, 1]");
   if (s.head_dim % 2 != 0 || s.n_heads % s.n_kv_heads != 0)
     throw std::runtime_error("CUDA backend: head_dim must be even and n_heads a multiple of n_kv_heads");
+  int dev = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, dev) == cudaSuccess && prop.multiProcessorCount > 0) n_sms_ = prop.multiProcessorCount;
   ref_stride_ = s.n_layers * kNumProj;
   pool_info_.block_size = block_size;
-  pool_info_.num_pages = num_pages;
-  pool_info_.page_bytes = kv_page_bytes(s, block_size);
-  layout_ = {s.n_layers, block_size, s.n_kv_heads, s.head_dim, pool_info_.page_bytes};
+  const int kt = opt_.kv_bf16 ? cuda::kBF16 : cuda::kF32;
+  pool_info_.page_bytes = kv_page_bytes(s, block_size, cuda::dtype_bytes(kt));
+  layout_ = {s.n_layers, block_size, s.n_kv_heads, s.head_dim, pool_info_.page_bytes, kt};
 
   check_cuda(cudaStreamCreateWithFlags(&compute_, cudaStreamNonBlocking), "cudaStreamCreate (compute)");
   check_cuda(cudaStreamCreateWithFlags(&copy_, cudaStreamNonBlocking), "cudaStreamCreate (copy)");
   check_cuda(cudaEventCreateWithFlags(&compute_mark_, cudaEventDisableTiming), "cudaEventCreate");
 
-  // The unified pool: one device allocation for KV pages and adapter rows.
-  const size_t total = pool_info_.page_bytes * size_t(num_pages);
-  if (progress) progress("pool", 0, total);
-  const cudaError_t e = cudaMalloc(reinterpret_cast<void**>(&pool_), total);
-  if (e != cudaSuccess) {
-    size_t free_b = 0, total_b = 0;
-    cudaGetLastError();
-    cudaMemGetInfo(&free_b, &total_b);
-    throw std::runtime_error("cannot allocate the memory pool on the GPU (" + std::to_string(total) + " bytes, " +
-                             std::to_string(free_b) + " free): " + cudaGetErrorString(e));
+  // --gpu-memory-utilization (vLLM's semantics): this server may use that fraction of the device's
+  // memory; the pool is what is left of it after the weights and the activation buffers.
+  size_t free0 = 0, total_mem = 0;
+  double budget = 0;
+  if (opt_.gpu_memory_utilization > 0) {
+    check_cuda(cudaMemGetInfo(&free0, &total_mem), "cudaMemGetInfo");
+    budget = double(total_mem) * opt_.gpu_memory_utilization;
+    if (double(free0) < budget)
+      throw std::runtime_error("--gpu-memory-utilization " + fmt_fraction(opt_.gpu_memory_utilization) + " asks for " +
+                               fmt_gib(budget) + " of the GPU's " + fmt_gib(double(total_mem)) + ", but only " +
+                               fmt_gib(double(free0)) + " are free (other processes hold the rest): lower it or free the GPU");
   }
-  check_cuda(cudaMemset(pool_, 0, total), "cudaMemset (pool)");
-  if (progress) progress("pool", total, total);
-
   // Weights, in their stored dtype. Progress counts the Weights (the norms and biases are noise).
   const Model& m = *model_;
   const auto weight_bytes = [](const Weight& w) { return uint64_t(w.rows) * uint64_t(w.cols) * cpu::wtype_size(w.type); };
@@ -347,6 +425,41 @@ void CudaBackend::init(int block_size, int num_pages, const LoadProgress& progre
     check_cuda(cudaEventCreateWithFlags(&sl.ready, cudaEventDisableTiming), "cudaEventCreate");
   }
   gemm_ = std::make_unique<cuda::Gemm>();
+  // Activations for the largest step expected, allocated now: the peak is paid (and fails) at
+  // start-up rather than under load, and graph captures keep their buffers.
+  if (opt_.max_tokens > 0) ensure_buffers(opt_.max_tokens, 0, 0, std::max(std::min(opt_.max_tokens, 256), RowLogits::kChunk));
+  check_cuda(cudaDeviceSynchronize(), "CUDA backend initialisation");
+
+  if (budget > 0) {
+    size_t free1 = 0;
+    check_cuda(cudaMemGetInfo(&free1, &total_mem), "cudaMemGetInfo");
+    // What this backend holds so far (weights, tables, buffers), and 1% of the budget kept back for
+    // what grows later: graph executables, larger attention / LoRA workspaces, allocator slack.
+    const double used = double(free0 > free1 ? free0 - free1 : 0), reserve = budget / 100;
+    const double pool_bytes = budget - used - reserve;
+    const double pages = std::floor(pool_bytes / double(pool_info_.page_bytes));
+    if (pages < 2)
+      throw std::runtime_error("--gpu-memory-utilization " + fmt_fraction(opt_.gpu_memory_utilization) + " (" +
+                               fmt_gib(budget) + ") leaves " + fmt_gib(std::max(pool_bytes, 0.0)) +
+                               " for the KV cache and adapters after the weights and activations (" + fmt_gib(used) +
+                               "): fewer than 2 pages of " + std::to_string(pool_info_.page_bytes) +
+                               " bytes; raise it or lower --max-batch-tokens");
+    num_pages = int(std::min(pages, 2147483647.0));
+  }
+  pool_info_.num_pages = num_pages;
+  // The unified pool: one device allocation for KV pages and adapter rows.
+  const size_t total = pool_info_.page_bytes * size_t(num_pages);
+  if (progress) progress("pool", 0, total);
+  const cudaError_t e = cudaMalloc(reinterpret_cast<void**>(&pool_), total);
+  if (e != cudaSuccess) {
+    size_t free_b = 0, total_b = 0;
+    cudaGetLastError();
+    cudaMemGetInfo(&free_b, &total_b);
+    throw std::runtime_error("cannot allocate the memory pool on the GPU (" + std::to_string(total) + " bytes, " +
+                             std::to_string(free_b) + " free): " + cudaGetErrorString(e));
+  }
+  check_cuda(cudaMemset(pool_, 0, total), "cudaMemset (pool)");
+  if (progress) progress("pool", total, total);
   check_cuda(cudaDeviceSynchronize(), "CUDA backend initialisation");
 }
 
@@ -356,6 +469,7 @@ void CudaBackend::release() noexcept {
   // Must not throw: errors here are ignored (the backend is being torn down).
   if (compute_) cudaStreamSynchronize(compute_);
   if (copy_) cudaStreamSynchronize(copy_);
+  graphs_.clear();
   gemm_.reset();
   for (auto& sl : slots_) {
     sl.d_rows.release();
@@ -392,7 +506,7 @@ void CudaBackend::clear_slot(int slot) {
 
 void CudaBackend::install_adapter(int slot, const ParsedAdapter& a, const std::vector<int32_t>& pages) {
   if (slot <= 0 || slot >= max_slots_) throw std::runtime_error("adapter slot " + std::to_string(slot) + " out of range");
-  if (a.page_bytes != pool_info_.page_bytes || a.elem_bytes != sizeof(float))
+  if (a.page_bytes != pool_info_.page_bytes || a.elem_bytes != cuda::dtype_bytes(lt_))
     throw std::runtime_error("adapter image was laid out for another pool");
   if (int(pages.size()) != a.num_pages())
     throw std::runtime_error("adapter needs " + std::to_string(a.num_pages()) + " pages, got " + std::to_string(pages.size()));
@@ -417,6 +531,7 @@ void CudaBackend::install_adapter(int slot, const ParsedAdapter& a, const std::v
     sl.rows[r] = int64_t(pages[a.rows[r].page_index]) * int64_t(pool_info_.page_bytes) + int64_t(a.rows[r].offset);
   // Growing the slot's table frees the old one; cudaFree synchronises the device, so no pending
   // copy into it and no kernel reading it is left (and no step runs between install calls).
+  // Graphs read the table only through the device refs (rewritten below), never its address.
   sl.d_rows.ensure(std::max<size_t>(sl.rows.size(), 1) * sizeof(int64_t), "cudaMalloc (adapter row table)");
 
   // The host image holds the pages as the pool does: one copy per page.
@@ -453,16 +568,36 @@ void CudaBackend::remove_adapter(int slot) {
 
 // ---- the step ------------------------------------------------------------------------------------
 
+// The adapters of the batch: which projections they touch, their largest rank, and which slots'
+// install copies the step must wait for.
+void CudaBackend::scan_adapters(const StepBatch& b) {
+  StepPlan& P = plan_;
+  P.proj_used.assign(size_t(ref_stride_), 0);
+  std::vector<char> seen(max_slots_, 0);
+  for (int t = 0; t < b.n_tokens; t++) {
+    const int slot = b.token_slots[t];
+    if (slot < 0 || slot >= max_slots_)
+      throw std::runtime_error("token adapter slot " + std::to_string(slot) + " out of range");
+    if (slot == 0 || seen[slot]) continue;
+    seen[slot] = 1;
+    const Slot& sl = slots_[slot];
+    if (sl.max_rank == 0) continue;
+    P.any_lora = true;
+    P.z_stride = std::max(P.z_stride, sl.max_rank);
+    for (int i = 0; i < ref_stride_; i++)
+      if (sl.ranks[i] > 0) P.proj_used[i] = 1;
+    if (sl.pending) P.pending_slots.push_back(slot);
+  }
+  for (int slot = 1; slot < max_slots_; slot++)  // removed slots' zeroed refs (stray tokens)
+    if (seen[slot] && slots_[slot].max_rank == 0 && slots_[slot].pending) P.pending_slots.push_back(slot);
+}
+
 void CudaBackend::plan_step(const StepBatch& b) {
   const ModelSpec& s = model_->spec;
   StepPlan& P = plan_;
   const int T = b.n_tokens, S = b.n_seqs, n = int(b.sample_seqs.size());
   P = StepPlan{};
   P.T = T, P.S = S, P.n_sample = n;
-  if (int(b.tokens.size()) != T || int(b.positions.size()) != T || int(b.token_slots.size()) != T ||
-      int(b.query_start.size()) != S + 1 || int(b.context_lens.size()) != S ||
-      b.block_tables.size() != size_t(S) * size_t(b.max_blocks))
-    throw std::runtime_error("CUDA backend: StepBatch arrays do not match n_tokens / n_seqs / max_blocks");
 
   std::vector<int32_t> token_seq(T), sample_rows(n), token_long(T, 0);
   int max_new = 0, max_span = 1;
@@ -487,25 +622,7 @@ void CudaBackend::plan_step(const StepBatch& b) {
   else prefill_tiles = cuda::make_prefill_tiles(b.query_start.data(), S);
   P.n_prefill_tiles = int(prefill_tiles.size() / 2);
 
-  // Adapters of this batch.
-  P.proj_used.assign(size_t(ref_stride_), 0);
-  std::vector<char> seen(max_slots_, 0);
-  for (int t = 0; t < T; t++) {
-    const int slot = b.token_slots[t];
-    if (slot < 0 || slot >= max_slots_)
-      throw std::runtime_error("token adapter slot " + std::to_string(slot) + " out of range");
-    if (slot == 0 || seen[slot]) continue;
-    seen[slot] = 1;
-    const Slot& sl = slots_[slot];
-    if (sl.max_rank == 0) continue;
-    P.any_lora = true;
-    P.z_stride = std::max(P.z_stride, sl.max_rank);
-    for (int i = 0; i < ref_stride_; i++)
-      if (sl.ranks[i] > 0) P.proj_used[i] = 1;
-    if (sl.pending) P.pending_slots.push_back(slot);
-  }
-  for (int slot = 1; slot < max_slots_; slot++)  // removed slots' zeroed refs (stray tokens)
-    if (seen[slot] && slots_[slot].max_rank == 0 && slots_[slot].pending) P.pending_slots.push_back(slot);
+  scan_adapters(b);
   // Decode-only batches (one token per sequence) take the per-token gather, as on the CPU.
   P.bgmv = S == T;
   std::vector<int32_t> sgmv_tiles;
@@ -543,131 +660,335 @@ void CudaBackend::plan_step(const StepBatch& b) {
   for (size_t i = 0; i < at.size(); i++) *dst[i] = d + at[i];
 }
 
-void CudaBackend::project(int layer, int p, const float* x, float* y, const float* bias) {
+// Activation buffers for a step of T tokens (n_rows sampled or prompt-logprob rows at once).
+void CudaBackend::ensure_buffers(int T, int z_stride, size_t attn_ws_floats, int n_rows) {
+  const Model& m = *model_;
+  const ModelSpec& s = m.spec;
+  const size_t a = cuda::dtype_bytes(at_), f = sizeof(float), t = size_t(std::max(T, 1));
+  bool grew = false;
+  grew |= x_.ensure(t * s.hidden * f, "activations");  // the residual stream: fp32
+  grew |= h_.ensure(t * s.hidden * a, "activations");
+  grew |= o_.ensure(t * s.hidden * a, "activations");
+  grew |= q_.ensure(t * m.q_dim() * a, "activations");
+  grew |= att_.ensure(t * m.q_dim() * a, "activations");
+  grew |= k_.ensure(t * m.kv_dim() * a, "activations");
+  grew |= v_.ensure(t * m.kv_dim() * a, "activations");
+  grew |= gate_.ensure(t * s.intermediate * a, "activations");
+  grew |= up_.ensure(t * s.intermediate * a, "activations");
+  if (z_stride > 0) grew |= z_.ensure(t * z_stride * f, "LoRA scratch");
+  if (attn_ws_floats > 0) grew |= attn_ws_.ensure(attn_ws_floats * f, "attention workspace");
+  if (n_rows > 0) {
+    grew |= last_.ensure(size_t(n_rows) * s.hidden * f, "activations");
+    grew |= lastn_.ensure(size_t(n_rows) * s.hidden * a, "activations");
+    grew |= logits_.ensure(size_t(n_rows) * s.vocab * f, "logits");
+  }
+  if (grew) buf_gen_++;
+}
+
+void CudaBackend::wait_pending() {
+  StepPlan& P = plan_;
+  if (P.waited) return;
+  for (int slot : P.pending_slots) {
+    check_cuda(cudaStreamWaitEvent(compute_, slots_[slot].ready, 0), "cudaStreamWaitEvent (adapter ready)");
+    slots_[slot].pending = false;
+  }
+  P.waited = true;
+}
+
+void CudaBackend::project(int layer, int p, const void* x, void* y, const float* bias) {
   const DevWeight& w = layers_[layer].proj[p];
-  gemm_->run(x, plan_.T, w.cols, w.data, w.wt, w.rows, bias, y, compute_);
+  gemm_->run(x, at_, plan_.T, w.cols, w.data, w.wt, w.rows, bias, y, at_, compute_);
   if (plan_.any_lora && plan_.proj_used[size_t(layer) * kNumProj + p]) apply_lora(layer, p, x, y);
 }
 
-void CudaBackend::apply_lora(int layer, int p, const float* x, float* y) {
+void CudaBackend::apply_lora(int layer, int p, const void* x, void* y) {
   StepPlan& P = plan_;
-  if (!P.waited) {  // first LoRA kernel of the step: adapters installed since the last step must be in
-    for (int slot : P.pending_slots) {
-      check_cuda(cudaStreamWaitEvent(compute_, slots_[slot].ready, 0), "cudaStreamWaitEvent (adapter ready)");
-      slots_[slot].pending = false;
-    }
-    P.waited = true;
-  }
+  wait_pending();  // first LoRA kernel of the step: adapters installed since the last step must be in
   const cuda::LoraRef* refs = d_refs_ + size_t(layer) * kNumProj + p;
   const int in = model_->proj_in(p), out = model_->proj_out(p);
   float* z = z_.as<float>();
   if (P.bgmv) {
-    cuda::lora_shrink_bgmv(pool_, refs, ref_stride_, P.token_slots, P.T, x, in, z, P.z_stride, compute_);
-    cuda::lora_expand_bgmv(pool_, refs, ref_stride_, P.token_slots, P.T, z, P.z_stride, y, out, compute_);
+    cuda::lora_shrink_bgmv(pool_, lt_, refs, ref_stride_, P.token_slots, P.T, x, at_, in, z, P.z_stride, compute_);
+    cuda::lora_expand_bgmv(pool_, lt_, refs, ref_stride_, P.token_slots, P.T, z, P.z_stride, y, at_, out, compute_);
   } else {
-    cuda::lora_shrink_sgmv(pool_, refs, ref_stride_, P.sgmv_tiles, P.n_sgmv_tiles, x, in, z, P.z_stride, compute_);
-    cuda::lora_expand_sgmv(pool_, refs, ref_stride_, P.sgmv_tiles, P.n_sgmv_tiles, z, P.z_stride, y, out, compute_);
+    cuda::lora_shrink_sgmv(pool_, lt_, refs, ref_stride_, P.sgmv_tiles, P.n_sgmv_tiles, x, at_, in, z, P.z_stride,
+                           compute_);
+    cuda::lora_expand_sgmv(pool_, lt_, refs, ref_stride_, P.sgmv_tiles, P.n_sgmv_tiles, z, P.z_stride, y, at_, out,
+                           compute_);
   }
 }
 
-void CudaBackend::forward(const StepBatch& b, float* logits, const RowLogits* extra) {
+// Every kernel of the step, from the embedding to the logits of the plan's sampled rows: enqueue
+// only (no synchronisation, allocation or host copy), so that a decode step can be captured.
+void CudaBackend::enqueue_step(int max_blocks) {
   const Model& m = *model_;
   const ModelSpec& s = m.spec;
-  if (b.n_tokens <= 0) return;
-  // Idle in normal operation (the previous step synchronised); after a failed step this keeps the
-  // pinned step buffer from being overwritten under a copy still in flight.
-  check_cuda(cudaStreamSynchronize(compute_), "CUDA stream (previous step)");
-  plan_step(b);
   const StepPlan& P = plan_;
-  const int T = P.T, H = s.hidden, QD = m.q_dim(), KD = m.kv_dim(), I = s.intermediate, V = s.vocab;
-  const size_t f = sizeof(float);
-  x_.ensure(size_t(T) * H * f, "activations");
-  h_.ensure(size_t(T) * H * f, "activations");
-  o_.ensure(size_t(T) * H * f, "activations");
-  q_.ensure(size_t(T) * QD * f, "activations");
-  att_.ensure(size_t(T) * QD * f, "activations");
-  k_.ensure(size_t(T) * KD * f, "activations");
-  v_.ensure(size_t(T) * KD * f, "activations");
-  gate_.ensure(size_t(T) * I * f, "activations");
-  up_.ensure(size_t(T) * I * f, "activations");
-  if (P.any_lora) z_.ensure(size_t(T) * P.z_stride * f, "LoRA scratch");
-  if (P.decode_attn && P.n_splits > 1)
-    attn_ws_.ensure(cuda::decode_workspace_floats(T, s.n_heads, s.head_dim, P.n_splits) * f, "attention workspace");
-  float *x = x_.as<float>(), *h = h_.as<float>(), *o = o_.as<float>(), *q = q_.as<float>(), *att = att_.as<float>(),
-        *k = k_.as<float>(), *v = v_.as<float>(), *gate = gate_.as<float>(), *up = up_.as<float>();
+  const int T = P.T, H = s.hidden, I = s.intermediate, V = s.vocab;
+  void *h = h_.p, *o = o_.p, *q = q_.p, *att = att_.p, *k = k_.p, *v = v_.p, *gate = gate_.p, *up = up_.p;
+  float* x = x_.as<float>();
+  const int A = at_;
 
-  cuda::AttnBatch ab{P.S, P.query_start, P.context_lens, P.block_tables, P.token_seq, b.max_blocks, s.sliding_window,
+  cuda::AttnBatch ab{P.S, P.query_start, P.context_lens, P.block_tables, P.token_seq, max_blocks, s.sliding_window,
                      s.attn_softcap};
   const float scale = s.scores_scale();
   cuda::embed(P.tokens, T, embed_.data, embed_.wt, H, x, compute_, s.embed_scale);
   for (int l = 0; l < s.n_layers; l++) {
     const DevLayer& L = layers_[l];
     // x += previous layer's MLP output (none before layer 0), h = norm(x).
-    cuda::rmsnorm(x, l == 0 ? nullptr : o, L.attn_norm, T, H, s.rms_eps, h, compute_);
+    cuda::rmsnorm(x, l == 0 ? nullptr : o, L.attn_norm, T, H, s.rms_eps, h, compute_, cuda::kF32, A, A);
     project(l, kQ, h, q, L.bias[0]);
     project(l, kK, h, k, L.bias[1]);
     project(l, kV, h, v, L.bias[2]);
     if (s.qk_norm) {  // per head over head_dim: T * heads rows, in place
-      cuda::rmsnorm(q, nullptr, L.q_norm, T * s.n_heads, s.head_dim, s.rms_eps, q, compute_);
-      cuda::rmsnorm(k, nullptr, L.k_norm, T * s.n_kv_heads, s.head_dim, s.rms_eps, k, compute_);
+      cuda::rmsnorm(q, nullptr, L.q_norm, T * s.n_heads, s.head_dim, s.rms_eps, q, compute_, A, A, A);
+      cuda::rmsnorm(k, nullptr, L.k_norm, T * s.n_kv_heads, s.head_dim, s.rms_eps, k, compute_, A, A, A);
     }
     const bool local = s.local_rope(l);
     cuda::rope(q, s.n_heads, k, s.n_kv_heads, T, s.head_dim, P.positions, local ? inv_freq_local_ : inv_freq_,
-               local ? 1.0f : m.attn_scaling, compute_, s.rot_dim(), P.any_long ? inv_freq_long_ : nullptr, P.token_long);
-    cuda::kv_write(pool_, layout_, l, ab, T, k, v, compute_);
+               local ? 1.0f : m.attn_scaling, compute_, s.rot_dim(), P.any_long ? inv_freq_long_ : nullptr, P.token_long,
+               A);
+    cuda::kv_write(pool_, layout_, l, ab, T, k, v, A, compute_);
     ab.sliding_window = s.window(l);
     if (P.decode_attn)
-      cuda::paged_attention_decode(pool_, layout_, l, ab, T, q, s.n_heads, scale, P.n_splits, attn_ws_.as<float>(), att,
-                                   compute_);
+      cuda::paged_attention_decode(pool_, layout_, l, ab, T, q, A, s.n_heads, scale, P.n_splits, attn_ws_.as<float>(),
+                                   att, compute_);
     else
-      cuda::paged_attention_prefill(pool_, layout_, l, ab, P.prefill_tiles, P.n_prefill_tiles, q, s.n_heads, scale, att,
-                                    compute_);
+      cuda::paged_attention_prefill(pool_, layout_, l, ab, P.prefill_tiles, P.n_prefill_tiles, q, A, s.n_heads, scale,
+                                    att, compute_);
     project(l, kO, att, o, nullptr);
-    if (s.sandwich_norm) cuda::rmsnorm(o, nullptr, L.post_attn_norm, T, H, s.rms_eps, o, compute_);
-    cuda::rmsnorm(x, o, L.mlp_norm, T, H, s.rms_eps, h, compute_);  // x += attention output
+    if (s.sandwich_norm) cuda::rmsnorm(o, nullptr, L.post_attn_norm, T, H, s.rms_eps, o, compute_, A, A, A);
+    cuda::rmsnorm(x, o, L.mlp_norm, T, H, s.rms_eps, h, compute_, cuda::kF32, A, A);  // x += attention output
     project(l, kGate, h, gate, nullptr);
     project(l, kUp, h, up, nullptr);
     // in place: act overwrites gate
-    if (s.act == Activation::GeluTanh) cuda::gelu_tanh_mul(gate, up, size_t(T) * I, gate, compute_);
-    else cuda::silu_mul(gate, up, size_t(T) * I, gate, compute_);
+    if (s.act == Activation::GeluTanh) cuda::gelu_tanh_mul(gate, up, size_t(T) * I, gate, compute_, A);
+    else cuda::silu_mul(gate, up, size_t(T) * I, gate, compute_, A);
     project(l, kDown, gate, o, nullptr);
     // Gemma normalises the MLP output before the residual add (fused into the next rmsnorm).
-    if (s.sandwich_norm) cuda::rmsnorm(o, nullptr, L.post_mlp_norm, T, H, s.rms_eps, o, compute_);
+    if (s.sandwich_norm) cuda::rmsnorm(o, nullptr, L.post_mlp_norm, T, H, s.rms_eps, o, compute_, A, A, A);
   }
-  cuda::residual_add(x, o, size_t(T) * H, compute_);
+  cuda::residual_add(x, o, size_t(T) * H, compute_, A);
   // Final norm and lm_head only on the last position of each sequence that samples.
   const int n = P.n_sample;
   if (n > 0) {
-    last_.ensure(size_t(n) * H * f, "activations");
-    logits_.ensure(size_t(n) * V * f, "logits");
-    float* last = last_.as<float>();
-    cuda::gather_rows(x, P.sample_rows, n, H, last, compute_);
-    cuda::rmsnorm(last, nullptr, final_norm_, n, H, s.rms_eps, last, compute_);
-    gemm_->run(last, n, H, lm_head_.data, lm_head_.wt, V, nullptr, logits_.as<float>(), compute_);
+    cuda::gather_rows(x, P.sample_rows, n, H, last_.as<float>(), compute_);
+    cuda::rmsnorm(last_.p, nullptr, final_norm_, n, H, s.rms_eps, lastn_.p, compute_, cuda::kF32, cuda::kF32, A);
+    gemm_->run(lastn_.p, A, n, H, lm_head_.data, lm_head_.wt, V, nullptr, logits_.p, cuda::kF32, compute_);
     if (s.final_softcap > 0.f) cuda::softcap(logits_.as<float>(), size_t(n) * V, s.final_softcap, compute_);
-    // Sampling runs on the host (addon/sampler.cc): [n, V] fp32 logits come back.
+  }
+}
+
+// Decode-only steps without prompt-logprob rows, small enough for a captured bucket.
+bool CudaBackend::graph_eligible(const StepBatch& b, const RowLogits* extra) const {
+  if (!opt_.graphs || (extra && !extra->rows.empty())) return false;
+  return b.n_seqs == b.n_tokens && b.n_tokens <= opt_.max_graph_batch;
+}
+
+namespace {
+// Decode batch buckets, as vLLM captures them: 1, 2, 4, then multiples of 8.
+int graph_bucket(int T) { return T <= 1 ? 1 : T <= 2 ? 2 : T <= 4 ? 4 : (T + 7) / 8 * 8; }
+int pow2_at_least(int v, int lo) {
+  int p = lo;
+  while (p < v) p *= 2;
+  return p;
+}
+}  // namespace
+
+void CudaBackend::warm_gemms(int T) {
+  for (const DevLayer& L : layers_)
+    for (int p = 0; p < kNumProj; p++) {
+      const DevWeight& w = L.proj[p];
+      gemm_->warm(T, w.cols, w.rows, at_, w.wt, at_, p < 3 && L.bias[p] != nullptr);
+    }
+  gemm_->warm(T, model_->spec.hidden, model_->spec.vocab, at_, lm_head_.wt, cuda::kF32, false);
+}
+
+Graph* CudaBackend::capture(const GraphKey& key) {
+  const ModelSpec& s = model_->spec;
+  const int B = key.bucket;
+  Graph g;
+  // Enough key splits that the step fills the GPU (two blocks per SM) however short its bucket;
+  // each query then cuts its own span into that many parts, so one capture serves any length.
+  const int span_cap = key.blocks * pool_info_.block_size;
+  const int want = cuda::ceil_div(2L * n_sms_, long(B) * s.n_kv_heads);
+  g.n_splits = std::max(1, std::min({want, cuda::ceil_div(span_cap, 256), 32}));
+  const size_t tables = size_t(B) * 8 + size_t(B) * key.blocks + 64;
+  g.tables.ensure(tables * sizeof(int32_t), "cudaMalloc (graph step tables)");
+  ensure_buffers(B, key.z_stride, cuda::decode_workspace_floats(B, s.n_heads, s.head_dim, g.n_splits), B);
+  warm_gemms(B);  // lazy GEMM state (workspaces, algorithm choices) for this batch, before capture
+
+  // The plan the captured kernels read: every pointer into g.tables, fixed for the graph's life.
+  StepPlan& P = plan_;
+  const int32_t* d = g.tables.as<int32_t>();
+  size_t at = 0;
+  auto next = [&](size_t k) {
+    const int32_t* p = d + at;
+    at += (k + 3) / 4 * 4;
+    return p;
+  };
+  P.T = P.S = P.n_sample = B;
+  P.tokens = next(B), P.positions = next(B), P.token_slots = next(B), P.query_start = next(B + 1);
+  P.context_lens = next(B), P.block_tables = next(size_t(B) * key.blocks), P.token_seq = next(B);
+  P.sample_rows = next(B), P.token_long = next(B);
+  P.prefill_tiles = P.sgmv_tiles = nullptr;
+  P.decode_attn = true;
+  P.n_splits = g.n_splits;
+  P.bgmv = true;
+  P.any_lora = key.lora_mask != 0;
+  P.z_stride = key.z_stride;
+  P.any_long = inv_freq_long_ != nullptr;
+  for (int l = 0; l < s.n_layers; l++)
+    for (int p = 0; p < kNumProj; p++) P.proj_used[size_t(l) * kNumProj + p] = (key.lora_mask >> p) & 1;
+  P.waited = true;  // the adapters' events are waited on before every launch, outside the graph
+
+  check_cuda(cudaStreamSynchronize(compute_), "CUDA stream (before capture)");
+  check_cuda(cudaStreamBeginCapture(compute_, cudaStreamCaptureModeGlobal), "cudaStreamBeginCapture");
+  cudaGraph_t graph = nullptr;
+  try {
+    enqueue_step(key.blocks);
+  } catch (...) {
+    cudaStreamEndCapture(compute_, &graph);
+    if (graph) cudaGraphDestroy(graph);
+    cudaGetLastError();
+    throw;
+  }
+  check_cuda(cudaStreamEndCapture(compute_, &graph), "cudaStreamEndCapture");
+  const cudaError_t e = cudaGraphInstantiate(&g.exec, graph, 0);
+  cudaGraphDestroy(graph);
+  check_cuda(e, "cudaGraphInstantiate");
+  g.gen = buf_gen_;
+  gstats_.captures++;
+  // At most 256 graphs: the least recently used one goes.
+  if (graphs_.size() >= 256) {
+    auto lru = graphs_.begin();
+    for (auto it = graphs_.begin(); it != graphs_.end(); ++it)
+      if (it->second.last_use < lru->second.last_use) lru = it;
+    graphs_.erase(lru);
+  }
+  return &graphs_.emplace(key, std::move(g)).first->second;
+}
+
+// Runs a decode step through its captured graph (capturing it first if needed); false when the
+// step must run eagerly instead (its capture failed once).
+bool CudaBackend::forward_graph(const StepBatch& b, float* logits) {
+  const ModelSpec& s = model_->spec;
+  const int T = b.n_tokens, n = int(b.sample_seqs.size());
+  plan_ = StepPlan{};
+  plan_.T = T;
+  scan_adapters(b);
+  GraphKey key;
+  key.bucket = graph_bucket(T);
+  key.blocks = pow2_at_least(std::max(b.max_blocks, 1), 4);
+  if (plan_.any_lora) {
+    for (int p = 0; p < kNumProj; p++)
+      for (int l = 0; l < s.n_layers; l++)
+        if (plan_.proj_used[size_t(l) * kNumProj + p]) key.lora_mask |= 1 << p;
+    key.z_stride = pow2_at_least(plan_.z_stride, 8);
+  }
+  std::vector<int> pending = plan_.pending_slots;
+  if (uncapturable_.count(key)) return false;
+
+  // This step's tables, padded to the bucket: padding sequences have context length 0 (no KV
+  // write, zero attention output), the base model, and a sampled row nobody reads.
+  const int B = key.bucket, W = key.blocks;
+  ints_.assign(size_t(B) * 8 + size_t(B) * W + 64, 0);
+  size_t at = 0;
+  auto next = [&](size_t k) {
+    int32_t* p = ints_.data() + at;
+    at += (k + 3) / 4 * 4;
+    return p;
+  };
+  int32_t *tokens = next(B), *positions = next(B), *slots = next(B), *qs = next(B + 1), *ctx = next(B),
+          *bt = next(size_t(B) * W), *tseq = next(B), *rows = next(B), *tlong = next(B);
+  for (int t = 0; t < T; t++) {
+    tokens[t] = b.tokens[t], positions[t] = b.positions[t], slots[t] = b.token_slots[t];
+    ctx[t] = b.context_lens[t];
+    for (int j = 0; j < b.max_blocks; j++) bt[size_t(t) * W + j] = b.block_tables[size_t(t) * b.max_blocks + j];
+    tlong[t] = !b.rope_long.empty() && b.rope_long[size_t(t)] != 0;
+  }
+  for (int i = 0; i <= B; i++) qs[i] = i;
+  for (int t = 0; t < B; t++) tseq[t] = t;
+  for (int i = 0; i < n; i++) rows[i] = b.sample_seqs[i];  // decode: sequence i's token is row i
+
+  Graph* g = nullptr;
+  auto it = graphs_.find(key);
+  if (it != graphs_.end() && it->second.gen != buf_gen_) {
+    graphs_.erase(it);  // its buffers moved
+    gstats_.invalidations++;
+    it = graphs_.end();
+  }
+  if (it != graphs_.end()) g = &it->second;
+  else {
+    try {
+      g = capture(key);
+    } catch (const std::exception&) {
+      // A step that cannot be captured runs eagerly, now and from then on.
+      uncapturable_.insert(key);
+      gstats_.capture_failures++;
+      return false;
+    }
+  }
+  g->last_use = ++graph_clock_;
+  const size_t bytes = ints_.size() * sizeof(int32_t);
+  h_step_.ensure(bytes, "cudaHostAlloc (step tables)");
+  std::memcpy(h_step_.p, ints_.data(), bytes);
+  check_cuda(cudaMemcpyAsync(g->tables.p, h_step_.p, bytes, cudaMemcpyHostToDevice, compute_), "graph step tables upload");
+  for (int slot : pending) {
+    check_cuda(cudaStreamWaitEvent(compute_, slots_[slot].ready, 0), "cudaStreamWaitEvent (adapter ready)");
+    slots_[slot].pending = false;
+  }
+  check_cuda(cudaGraphLaunch(g->exec, compute_), "cudaGraphLaunch");
+  gstats_.replays++;
+  if (n > 0)
+    check_cuda(cudaMemcpyAsync(logits, logits_.p, size_t(n) * s.vocab * sizeof(float), cudaMemcpyDeviceToHost, compute_),
+               "logits copy to host");
+  check_cuda(cudaStreamSynchronize(compute_), "CUDA forward");
+  return true;
+}
+
+void CudaBackend::forward(const StepBatch& b, float* logits, const RowLogits* extra) {
+  const ModelSpec& s = model_->spec;
+  if (b.n_tokens <= 0) return;
+  const int T = b.n_tokens, S = b.n_seqs;
+  if (int(b.tokens.size()) != T || int(b.positions.size()) != T || int(b.token_slots.size()) != T ||
+      int(b.query_start.size()) != S + 1 || int(b.context_lens.size()) != S ||
+      b.block_tables.size() != size_t(S) * size_t(b.max_blocks))
+    throw std::runtime_error("CUDA backend: StepBatch arrays do not match n_tokens / n_seqs / max_blocks");
+  // Idle in normal operation (the previous step synchronised); after a failed step this keeps the
+  // pinned step buffer from being overwritten under a copy still in flight.
+  check_cuda(cudaStreamSynchronize(compute_), "CUDA stream (previous step)");
+  if (graph_eligible(b, extra) && forward_graph(b, logits)) return;
+  if (opt_.graphs) gstats_.eager_steps++;
+  plan_step(b);
+  const StepPlan& P = plan_;
+  const int H = s.hidden, V = s.vocab, n = P.n_sample;
+  const size_t f = sizeof(float);
+  ensure_buffers(T, P.any_lora ? P.z_stride : 0,
+                 P.decode_attn && P.n_splits > 1 ? cuda::decode_workspace_floats(T, s.n_heads, s.head_dim, P.n_splits) : 0,
+                 n);
+  enqueue_step(b.max_blocks);
+  // Sampling runs on the host (addon/sampler.cc): [n, V] fp32 logits come back.
+  if (n > 0)
     check_cuda(cudaMemcpyAsync(logits, logits_.p, size_t(n) * V * f, cudaMemcpyDeviceToHost, compute_),
                "logits copy to host");
-  }
   // Prompt logprobs: the extra rows in chunks, each chunk's logits back to the host for the
   // log-softmax (the same host code as the CPU backend's rows).
   if (extra && !extra->rows.empty()) {
     const int R = int(extra->rows.size()), C = RowLogits::kChunk;
     // The sampled rows' copy may still be in flight from last_/logits_, which may be regrown here.
     check_cuda(cudaStreamSynchronize(compute_), "CUDA forward");
-    last_.ensure(size_t(C) * H * f, "activations");
-    logits_.ensure(size_t(C) * V * f, "logits");
+    ensure_buffers(T, 0, 0, C);
     extra_rows_.ensure(size_t(C) * sizeof(int32_t), "prompt logprob rows");
     std::vector<float> host(size_t(std::min(R, C)) * V);
-    float* last = last_.as<float>();
     for (int first = 0; first < R; first += C) {
       const int cnt = std::min(C, R - first);
       check_cuda(cudaMemcpyAsync(extra_rows_.p, extra->rows.data() + first, size_t(cnt) * sizeof(int32_t),
                                  cudaMemcpyHostToDevice, compute_),
                  "prompt logprob rows to device");
-      cuda::gather_rows(x, extra_rows_.as<int32_t>(), cnt, H, last, compute_);
-      cuda::rmsnorm(last, nullptr, final_norm_, cnt, H, s.rms_eps, last, compute_);
-      gemm_->run(last, cnt, H, lm_head_.data, lm_head_.wt, V, nullptr, logits_.as<float>(), compute_);
+      cuda::gather_rows(x_.as<float>(), extra_rows_.as<int32_t>(), cnt, H, last_.as<float>(), compute_);
+      cuda::rmsnorm(last_.p, nullptr, final_norm_, cnt, H, s.rms_eps, lastn_.p, compute_, cuda::kF32, cuda::kF32, at_);
+      gemm_->run(lastn_.p, at_, cnt, H, lm_head_.data, lm_head_.wt, V, nullptr, logits_.p, cuda::kF32, compute_);
       if (s.final_softcap > 0.f) cuda::softcap(logits_.as<float>(), size_t(cnt) * V, s.final_softcap, compute_);
       check_cuda(cudaMemcpyAsync(host.data(), logits_.p, size_t(cnt) * V * f, cudaMemcpyDeviceToHost, compute_),
                  "prompt logits copy to host");
@@ -722,8 +1043,13 @@ void cuda_memory_info(size_t* free_bytes, size_t* total_bytes) {
 }
 
 std::unique_ptr<Backend> make_cuda_backend(std::shared_ptr<Model> model, int block_size, int num_pages, int max_slots,
-                                           const LoadProgress& progress) {
-  return std::make_unique<CudaBackend>(std::move(model), block_size, num_pages, max_slots, progress);
+                                           const CudaOptions& options, const LoadProgress& progress) {
+  return std::make_unique<CudaBackend>(std::move(model), block_size, num_pages, max_slots, options, progress);
+}
+
+CudaGraphStats cuda_graph_stats(const Backend& b) {
+  const auto* c = dynamic_cast<const CudaBackend*>(&b);
+  return c ? c->graph_stats() : CudaGraphStats{};
 }
 
 }  // namespace loraplex

@@ -334,7 +334,7 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
   // The CPU's numeric options: "auto" (the default) follows the model's weights, as vLLM's
   // --dtype auto does: BF16 weights get BF16 adapter rows, KV cache and matmul activations (the
   // last where the CPU has AVX512-BF16); fp32 and F16 weights get fp32 throughout, exact against
-  // HF. "float32" / "bfloat16" force one; CUDA runs fp32 only.
+  // HF. "float32" / "bfloat16" force one. CUDA follows the same rule, BF16 matmuls on tensor cores.
   auto dtype_opt = [&](const char* key) {
     const std::string v = opt.Get(key).IsString() ? opt.Get(key).As<Napi::String>().Utf8Value() : "auto";
     if (v != "auto" && v != "float32" && v != "bfloat16") type_error(env, std::string(key) + " must be auto, float32 or bfloat16");
@@ -342,6 +342,14 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
   };
   const std::string lora_dtype = dtype_opt("loraDtype"), compute_dtype = dtype_opt("computeDtype"),
                     kv_dtype = dtype_opt("kvCacheDtype");
+  // CUDA only: poolBytes is the --memory-budget when explicit; otherwise the pool is sized from the
+  // device's memory (--gpu-memory-utilization). Decode steps replay CUDA graphs unless enforceEager.
+  const bool pool_explicit = opt.Get("poolBytesExplicit").IsBoolean() && opt.Get("poolBytesExplicit").As<Napi::Boolean>().Value();
+  const double gpu_util = opt.Get("gpuMemoryUtilization").IsNumber() ? opt.Get("gpuMemoryUtilization").As<Napi::Number>().DoubleValue() : 0.92;
+  const bool enforce_eager = opt.Get("enforceEager").IsBoolean() && opt.Get("enforceEager").As<Napi::Boolean>().Value();
+  const int max_tokens = opt.Get("maxBatchTokens").IsNumber() ? get_int(env, opt, "maxBatchTokens") : 0;
+  const int max_seqs = opt.Get("maxNumSeqs").IsNumber() ? get_int(env, opt, "maxNumSeqs") : 256;
+  if (!(gpu_util > 0 && gpu_util <= 1)) type_error(env, "gpuMemoryUtilization must be in (0, 1]");
   if (block_size < 1 || block_size > 1024) type_error(env, "blockSize must be in 1..1024");
   if (!(pool_bytes > 0)) type_error(env, "poolBytes must be positive");
   if (max_slots < 1) type_error(env, "maxSlots must be positive");
@@ -354,7 +362,8 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
   }
   return Submit(
       env,
-      [this, spec, block_size, pool_bytes, max_slots, threads, eos, device, lora_dtype, compute_dtype, kv_dtype, result, backend_name] {
+      [this, spec, block_size, pool_bytes, max_slots, threads, eos, device, lora_dtype, compute_dtype, kv_dtype, result,
+       backend_name, pool_explicit, gpu_util, enforce_eager, max_tokens, max_seqs] {
         if (threads > 0) omp_set_num_threads(threads);
         // The engine thread's own OpenMP setting: omp_set_num_threads is per thread, so reading it
         // back on the JS thread would report that thread's default instead.
@@ -371,16 +380,20 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
         const auto pick = [&](const std::string& v, bool auto_bf16) { return v == "bfloat16" || (v == "auto" && auto_bf16); };
         const CpuOptions cpu_opts{pick(lora_dtype, model_bf16), pick(compute_dtype, model_bf16 && cpu::has_bf16_dot()),
                                   pick(kv_dtype, model_bf16)};
+        bool on_gpu = false;
+#if LORAPLEX_WITH_CUDA
+        std::string why;
+        const bool gpu = cuda_device_available(&why);
+        if (device == "cuda" && !gpu) throw std::runtime_error("--device cuda: " + why);
+        on_gpu = device == "cuda" || (device.empty() && gpu);
+#endif
         // HF multiplies Gemma's embeddings by torch.tensor(sqrt(hidden), dtype=activations): a BF16
         // model run in BF16 scales by the BF16-rounded scalar (fp32 compute keeps the fp32 one, as
-        // HF does on an fp32 upcast). Only the CPU backend computes in BF16.
-        if (cpu_opts.compute_bf16 && model->embed.type == cpu::WType::BF16 && model->spec.embed_scale != 1.f
-#if LORAPLEX_WITH_CUDA
-            && !(device == "cuda" || (device.empty() && cuda_device_available()))
-#endif
-        )
+        // HF does on an fp32 upcast).
+        const bool computes_bf16 = on_gpu ? pick(compute_dtype, model_bf16) : cpu_opts.compute_bf16;
+        if (computes_bf16 && model->embed.type == cpu::WType::BF16 && model->spec.embed_scale != 1.f)
           model->spec.embed_scale = cpu::bf16_to_f32(cpu::f32_to_bf16(model->spec.embed_scale));
-        // The budget in pages of the KV dtype the backend will use (CUDA: fp32).
+        // The budget in pages of the KV dtype the backend will use.
         const auto pages_for = [&](size_t kv_elem_bytes) {
           const size_t page = kv_page_bytes(spec, block_size, kv_elem_bytes);
           const double n = std::floor(pool_bytes / double(page));
@@ -390,17 +403,17 @@ Napi::Value Engine::Load(const Napi::CallbackInfo& info) {
           return int(std::min(n, 2147483647.0));
         };
 #if LORAPLEX_WITH_CUDA
-        std::string why;
-        const bool gpu = cuda_device_available(&why);
-        if (device == "cuda" && !gpu) throw std::runtime_error("--device cuda: " + why);
-        if (device == "cuda" || (device.empty() && gpu)) {
-          if (lora_dtype == "bfloat16")
-            throw std::runtime_error("--lora-dtype bfloat16 is not supported on --device cuda (adapter rows are fp32 there)");
-          if (compute_dtype == "bfloat16")
-            throw std::runtime_error("--compute-dtype bfloat16 is not supported on --device cuda (it is a CPU kernel path)");
-          if (kv_dtype == "bfloat16")
-            throw std::runtime_error("--kv-cache-dtype bfloat16 is not supported on --device cuda (the KV cache is fp32 there)");
-          backend_ = make_cuda_backend(model, block_size, pages_for(sizeof(float)), max_slots + 1, progress);
+        if (on_gpu) {
+          CudaOptions co;
+          co.compute_bf16 = computes_bf16;
+          co.kv_bf16 = pick(kv_dtype, model_bf16);
+          co.lora_bf16 = pick(lora_dtype, model_bf16);
+          co.graphs = !enforce_eager;
+          co.max_graph_batch = std::min(max_seqs, 512);
+          co.max_tokens = max_tokens;
+          co.gpu_memory_utilization = pool_explicit ? 0.0 : gpu_util;
+          backend_ = make_cuda_backend(model, block_size, pool_explicit ? pages_for(co.kv_bf16 ? 2 : sizeof(float)) : 0,
+                                       max_slots + 1, co, progress);
         } else {
           backend_ = make_cpu_backend(model, block_size, pages_for(cpu_opts.kv_bf16 ? 2 : sizeof(float)), max_slots + 1, cpu_opts,
                                       progress);

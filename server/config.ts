@@ -13,6 +13,8 @@ export interface ServeConfig {
   host: string;
   port: number;
   memoryBudget: number | null;
+  gpuMemoryUtilization: number;
+  enforceEager: boolean;
   maxNumSeqs: number;
   maxBatchTokens: number;
   maxLoraRank: number;
@@ -55,7 +57,7 @@ export interface ServeConfig {
 
 /** The engine flags, which serve and generate share. */
 export type EngineConfig = Pick<ServeConfig,
-  'model' | 'memoryBudget' | 'maxNumSeqs' | 'maxBatchTokens' | 'maxLoraRank' | 'maxLoras' | 'maxLorasPerBatch' | 'maxModelLen' |
+  'model' | 'memoryBudget' | 'gpuMemoryUtilization' | 'enforceEager' | 'maxNumSeqs' | 'maxBatchTokens' | 'maxLoraRank' | 'maxLoras' | 'maxLorasPerBatch' | 'maxModelLen' |
   'maxCpuLoras' | 'maxCpuLoraBytes' | 'loraSkipAheadMs' |
   'blockSize' | 'threads' | 'device' | 'loraDtype' | 'computeDtype' | 'kvCacheDtype' | 'enablePrefixCaching'>;
 
@@ -77,6 +79,8 @@ function engineConfig(v: Values): EngineConfig {
   return {
     model: v.model as string | null,
     memoryBudget: v['memory-budget'] as number | null,
+    gpuMemoryUtilization: v['gpu-memory-utilization'] as number,
+    enforceEager: v['enforce-eager'] === true,
     maxNumSeqs: v['max-num-seqs'] as number,
     maxBatchTokens: v['max-batch-tokens'] as number,
     maxLoraRank: v['max-lora-rank'] as number,
@@ -166,6 +170,8 @@ export function engineOptions(cfg: EngineConfig, model: string): EngineOptions {
   return {
     model,
     memoryBudget: cfg.memoryBudget ?? undefined,
+    gpuMemoryUtilization: cfg.gpuMemoryUtilization,
+    enforceEager: cfg.enforceEager,
     blockSize: cfg.blockSize,
     maxNumSeqs: cfg.maxNumSeqs,
     maxBatchTokens: cfg.maxBatchTokens,

@@ -44,8 +44,9 @@ inline int ceil_div(long a, long b) { return int((a + b - 1) / b); }
   extern __shared__ __align__(16) unsigned char lp_smem[]; \
   type* name = reinterpret_cast<type*>(lp_smem)
 #else
+// Arguments by value: a launch recorded during stream capture runs after its caller returned.
 #define LP_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  ::emu::launch((grid), (block), (smem), (stream), [&] { kernel(__VA_ARGS__); })
+  ::emu::launch((grid), (block), (smem), (stream), [=] { kernel(__VA_ARGS__); })
 #define LP_DYN_SMEM(type, name) type* name = reinterpret_cast<type*>(::emu::dyn_smem())
 #endif
 

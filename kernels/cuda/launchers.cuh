@@ -35,47 +35,52 @@ void embed(const int32_t* ids,  // [T] token ids, each in [0, V)
 // If delta: x += delta (the residual add, written back to x). Then y = x / rms(x) * w, rms over H
 // with eps (HF LlamaRMSNorm, fp32). y may alias x. Also the per-head q/k norm (Qwen3, Gemma 3):
 // T * heads rows of head_dim, in place. Gemma's (1 + w) is folded into w at load (model.cc).
-void rmsnorm(float* x,            // [T, H]
-             const float* delta,  // [T, H] or nullptr
-             const float* w,      // [H]
+// Each of x, delta, y has its own dtype (xt, dt, yt: kF32 or kBF16); the sum and the norm are fp32,
+// a BF16 destination is rounded once (to nearest even).
+void rmsnorm(void* x,            // [T, H] dtype xt
+             const void* delta,  // [T, H] dtype dt, or nullptr
+             const float* w,     // [H]
              int T, int H, float eps,
-             float* y,            // [T, H]
-             cudaStream_t stream);
+             void* y,            // [T, H] dtype yt
+             cudaStream_t stream, int xt = kF32, int dt = kF32, int yt = kF32);
 
-// x += delta over n floats.
+// x += delta over n elements (x: the fp32 residual stream; delta: dtype dt).
 void residual_add(float* x,            // [n]
-                  const float* delta,  // [n]
-                  size_t n, cudaStream_t stream);
+                  const void* delta,   // [n] dtype dt
+                  size_t n, cudaStream_t stream, int dt = kF32);
 
 // In-place rotary embedding (rotate-half) of q and k with the same positions. inv_freq already
 // carries the model's rope scaling (none / linear / llama3: Model::inv_freq); cos and sin are
 // multiplied by attn_scale. k may be nullptr (n_k_heads ignored). Partial rotary (Phi-3): only the
 // first rot_dim dimensions of each head rotate (pairs i, i + rot_dim/2); 0 means head_dim.
 // LongRoPE (Phi-3): tokens with token_alt[t] != 0 rotate with inv_freq_alt (the long factors).
-void rope(float* q,                  // [T, n_q_heads, head_dim]
+// q and k in dtype `at` (kF32 or kBF16; fp32 math, one rounding per element).
+void rope(void* q,                   // [T, n_q_heads, head_dim]
           int n_q_heads,
-          float* k,                  // [T, n_k_heads, head_dim] or nullptr
+          void* k,                   // [T, n_k_heads, head_dim] or nullptr
           int n_k_heads, int T, int head_dim,
           const int32_t* positions,  // [T]
           const float* inv_freq,     // [rot_dim / 2]
           float attn_scale, cudaStream_t stream, int rot_dim = 0,
           const float* inv_freq_alt = nullptr,  // [rot_dim / 2] or nullptr
-          const int32_t* token_alt = nullptr);  // [T] or nullptr
+          const int32_t* token_alt = nullptr,   // [T] or nullptr
+          int at = kF32);
 
-// act = silu(gate) * up over n floats (n = T * I).
-void silu_mul(const float* gate,  // [T, I]
-              const float* up,    // [T, I]
+// act = silu(gate) * up over n elements (n = T * I), all three in dtype `at`; act may alias gate.
+void silu_mul(const void* gate,  // [T, I]
+              const void* up,    // [T, I]
               size_t n,
-              float* act,         // [T, I]
-              cudaStream_t stream);
+              void* act,         // [T, I]
+              cudaStream_t stream, int at = kF32);
 
 // act = gelu_tanh(gate) * up over n floats (GeGLU, Gemma's gelu_pytorch_tanh):
 // gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))).
-void gelu_tanh_mul(const float* gate,  // [T, I]
-                   const float* up,    // [T, I]
+// Dtypes as silu_mul.
+void gelu_tanh_mul(const void* gate,  // [T, I]
+                   const void* up,    // [T, I]
                    size_t n,
-                   float* act,         // [T, I]
-                   cudaStream_t stream);
+                   void* act,         // [T, I]
+                   cudaStream_t stream, int at = kF32);
 
 // In place x = cap * tanh(x / cap) over n floats (Gemma 2's final-logit soft-capping), cap > 0.
 void softcap(float* x,  // [n]

@@ -21,6 +21,10 @@ export interface EngineOptions {
   servedModelName?: string;
   adapterDir?: string;
   memoryBudget?: number; // bytes of the unified pool
+  /** CUDA: fraction of the GPU's memory to use when memoryBudget is not given (default 0.92). */
+  gpuMemoryUtilization?: number;
+  /** CUDA: no CUDA graphs, every step launched kernel by kernel. */
+  enforceEager?: boolean;
   blockSize?: number;
   maxNumSeqs?: number;
   maxBatchTokens?: number;
@@ -223,6 +227,11 @@ export class Engine {
       pool = await native.load(s, {
         blockSize,
         poolBytes: budget,
+        poolBytesExplicit: opts.memoryBudget !== undefined,
+        gpuMemoryUtilization: opts.gpuMemoryUtilization ?? 0.92,
+        enforceEager: opts.enforceEager ?? false,
+        maxBatchTokens: opts.maxBatchTokens ?? 2048,
+        maxNumSeqs,
         maxSlots,
         eosIds: Int32Array.from(model.eosTokenIds),
         threads: opts.threads ?? defaultThreadCount(),
@@ -236,7 +245,7 @@ export class Engine {
       progress();
       await native.close().catch(() => undefined);
       const msg = (e as Error).message;
-      if (msg.startsWith('--memory-budget')) throw new LoraplexError(msg, 400, 'invalid_request_error', 'memory_budget');
+      if (msg.startsWith('--memory-budget') || msg.startsWith('--gpu-memory-utilization')) throw new LoraplexError(msg, 400, 'invalid_request_error', 'memory_budget');
       throw new LoraplexError(msg, 400, 'invalid_request_error', null, 'invalid_model');
     }
     if (timer) clearInterval(timer);

@@ -55,6 +55,11 @@ export interface NativeModelSpec {
 export interface NativeLoadOptions {
   blockSize: number;
   poolBytes: number; // the pool's budget, cut into pages of the resolved KV dtype
+  poolBytesExplicit?: boolean; // CUDA: poolBytes is --memory-budget; otherwise sized by gpuMemoryUtilization
+  gpuMemoryUtilization?: number; // CUDA: fraction of the device's total memory (default 0.92)
+  enforceEager?: boolean; // CUDA: no graphs
+  maxBatchTokens?: number; // CUDA: activation buffers sized for this many tokens at load
+  maxNumSeqs?: number; // CUDA: largest decode batch captured in a graph (at most 512)
   maxSlots: number;
   eosIds: Int32Array;
   threads?: number;

@@ -355,6 +355,122 @@ void test_elementwise(Rng& rng) {
   }
 }
 
+// BF16 activations (--compute-dtype bfloat16): the same ops on BF16 inputs and outputs (the residual
+// stream stays fp32). Oracle: the CPU op on the BF16 inputs (decoded exactly), its result rounded
+// to BF16; the device's fp32 math differs from the CPU's by a few fp32 ulps, which can move the
+// final rounding by one BF16 ulp (2^-8 .. 2^-7 relative): tolerance 2^-7 relative.
+std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
+  std::vector<uint16_t> h(v.size());
+  for (size_t i = 0; i < v.size(); i++) h[i] = cpu::f32_to_bf16(v[i]);
+  return h;
+}
+std::vector<float> from_bf16(const std::vector<uint16_t>& h) {
+  std::vector<float> v(h.size());
+  for (size_t i = 0; i < h.size(); i++) v[i] = cpu::bf16_to_f32(h[i]);
+  return v;
+}
+std::vector<float> round_bf16(std::vector<float> v) {
+  for (auto& x : v) x = cpu::bf16_to_f32(cpu::f32_to_bf16(x));
+  return v;
+}
+const Tol kBf16Ulp{1e-6, 1.0 / 128 + 1e-5};
+
+void test_elementwise_bf16(Rng& rng) {
+  Section sec("elementwise-bf16");
+  const int B = cu::kBF16, F = cu::kF32;
+  // rmsnorm: fp32 residual x += BF16 delta, BF16 output; BF16 in place (q/k norm, sandwich norm);
+  // fp32 rows to BF16 (the final norm before the lm_head).
+  for (int H : {1, 64, 896, 4096})
+    for (int T : {1, 3, 17}) {
+      const std::vector<float> x = rng.vec(size_t(T) * H, -3.f, 3.f), w = rng.vec(H, 0.5f, 1.5f);
+      const std::vector<uint16_t> d16 = to_bf16(rng.vec(size_t(T) * H));
+      const std::vector<float> d = from_bf16(d16);
+      const float eps = 1e-6f;
+      {  // x fp32 (+ delta BF16) -> y BF16
+        std::vector<float> xs = x, want(x.size());
+        for (size_t i = 0; i < xs.size(); i++) xs[i] += d[i];
+        cpu::rmsnorm(xs.data(), w.data(), T, H, eps, want.data());
+        Dev<float> dx(x), dw(w);
+        Dev<uint16_t> dd(d16), dy(x.size());
+        cu::rmsnorm(dx.p(), dd.p(), dw.p(), T, H, eps, dy.p(), g_stream, F, B, B);
+        sync();
+        const std::string what = fmt("rmsnorm bf16 T=%d H=%d +residual", T, H);
+        expect_close(what, from_bf16(dy.host()).data(), round_bf16(want).data(), want.size(), kBf16Ulp);
+        expect_close(what + " (fp32 residual written back)", dx.host().data(), xs.data(), xs.size(), kExact);
+        expect_guard(what, dy);
+      }
+      {  // BF16 in place
+        const std::vector<uint16_t> x16 = to_bf16(x);
+        const std::vector<float> xd = from_bf16(x16);
+        std::vector<float> want(x.size());
+        cpu::rmsnorm(xd.data(), w.data(), T, H, eps, want.data());
+        Dev<uint16_t> dx(x16);
+        Dev<float> dw(w);
+        cu::rmsnorm(dx.p(), nullptr, dw.p(), T, H, eps, dx.p(), g_stream, B, B, B);
+        sync();
+        const std::string what = fmt("rmsnorm bf16 T=%d H=%d in place", T, H);
+        expect_close(what, from_bf16(dx.host()).data(), round_bf16(want).data(), want.size(), kBf16Ulp);
+        expect_guard(what, dx);
+      }
+    }
+  // rope on BF16 q and k (also partial rotary and LongRoPE's per-token factors).
+  for (auto [hd, rot] : std::vector<std::pair<int, int>>{{64, 64}, {128, 128}, {96, 72}, {256, 256}}) {
+    const int T = 9, nq = 4, nk = 2, half = rot / 2;
+    std::vector<float> inv(half), inv_long(half);
+    for (int i = 0; i < half; i++) inv[i] = 1.0f / std::pow(500000.f, float(2 * i) / float(rot)), inv_long[i] = inv[i] / (1.f + i);
+    std::vector<int32_t> pos(T), alt(T);
+    for (int t = 0; t < T; t++) pos[t] = t < 3 ? t : rng.below(131072), alt[t] = rng.below(2);
+    const std::vector<uint16_t> q16 = to_bf16(rng.vec(size_t(T) * nq * hd)), k16 = to_bf16(rng.vec(size_t(T) * nk * hd));
+    std::vector<float> wq = from_bf16(q16), wk = from_bf16(k16), cs(size_t(T) * half), sn(size_t(T) * half), cl(cs.size()), sl(sn.size());
+    cpu::rope_table(pos.data(), T, inv.data(), half, 1.0f, cs.data(), sn.data());
+    cpu::rope_table(pos.data(), T, inv_long.data(), half, 1.0f, cl.data(), sl.data());
+    for (int t = 0; t < T; t++)
+      if (alt[t])
+        for (int i = 0; i < half; i++) cs[size_t(t) * half + i] = cl[size_t(t) * half + i], sn[size_t(t) * half + i] = sl[size_t(t) * half + i];
+    cpu::rope_apply(wq.data(), T, nq, hd, cs.data(), sn.data(), rot);
+    cpu::rope_apply(wk.data(), T, nk, hd, cs.data(), sn.data(), rot);
+    Dev<uint16_t> dq(q16), dk(k16);
+    Dev<float> dinv(inv), dlong(inv_long);
+    Dev<int32_t> dpos(pos), dalt(alt);
+    cu::rope(dq.p(), nq, dk.p(), nk, T, hd, dpos.p(), dinv.p(), 1.0f, g_stream, rot, dlong.p(), dalt.p(), B);
+    sync();
+    const std::string what = fmt("rope bf16 hd=%d rot=%d", hd, rot);
+    // Angles to ~1e5 rad: the host's and device's cosf may differ by an ulp before the rounding.
+    expect_close(what + " q", from_bf16(dq.host()).data(), round_bf16(wq).data(), wq.size(), {1e-5, 1.0 / 128 + 1e-5});
+    expect_close(what + " k", from_bf16(dk.host()).data(), round_bf16(wk).data(), wk.size(), {1e-5, 1.0 / 128 + 1e-5});
+    expect_guard(what, dq);
+    expect_guard(what, dk);
+  }
+  // SwiGLU / GeGLU on BF16 (in place over gate, as the backend runs them), residual add of a BF16
+  // delta into the fp32 stream.
+  for (size_t n : {size_t(1), size_t(1000), size_t(70001)}) {
+    const std::vector<uint16_t> g16 = to_bf16(rng.vec(n, -8.f, 8.f)), u16 = to_bf16(rng.vec(n));
+    const std::vector<float> g = from_bf16(g16), u = from_bf16(u16);
+    for (int act = 0; act < 2; act++) {
+      std::vector<float> want(n);
+      if (act == 0) cpu::silu_mul(g.data(), u.data(), 1, int(n), want.data());
+      else cpu::gelu_tanh_mul(g.data(), u.data(), 1, int(n), want.data());
+      Dev<uint16_t> dg(g16), du(u16);
+      if (act == 0) cu::silu_mul(dg.p(), du.p(), n, dg.p(), g_stream, B);
+      else cu::gelu_tanh_mul(dg.p(), du.p(), n, dg.p(), g_stream, B);
+      sync();
+      const std::string what = fmt("%s bf16 n=%zu", act == 0 ? "silu_mul" : "gelu_tanh_mul", n);
+      // gelu: the CPU's tanh_fast is within ~1e-6 of tanhf before the rounding.
+      expect_close(what, from_bf16(dg.host()).data(), round_bf16(want).data(), n, {1e-5, 1.0 / 128 + 1e-5});
+      expect_guard(what, dg);
+    }
+    const std::vector<float> x = rng.vec(n);
+    std::vector<float> sum(n);
+    for (size_t i = 0; i < n; i++) sum[i] = x[i] + u[i];
+    Dev<float> dx(x);
+    Dev<uint16_t> du(u16);
+    cu::residual_add(dx.p(), du.p(), n, g_stream, B);
+    sync();
+    expect_close(fmt("residual_add bf16 delta n=%zu", n), dx.host().data(), sum.data(), n, kExact);
+    expect_guard(fmt("residual_add bf16 delta n=%zu", n), dx);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // 2. GEMM
 
@@ -851,7 +967,7 @@ void add_family(Rng& rng, TinyModel& tm, const std::string& fam) {
 
 // fused: k and v share q's A rows, up shares gate's (when the adapter has the lead projection).
 std::shared_ptr<ParsedAdapter> make_adapter(Rng& rng, const Model& m, size_t page_bytes, const std::vector<int>& projs,
-                                            int rank, int skip_layer = -1, bool fused = false) {
+                                            int rank, int skip_layer = -1, bool fused = false, size_t elem_bytes = 4) {
   std::vector<LoraModuleF32> mods;
   for (int l = 0; l < m.spec.n_layers; l++) {
     if (l == skip_layer) continue;
@@ -866,7 +982,7 @@ std::shared_ptr<ParsedAdapter> make_adapter(Rng& rng, const Model& m, size_t pag
       mods.push_back(std::move(mod));
     }
   }
-  return pack_adapter(mods, page_bytes, sizeof(float));
+  return pack_adapter(mods, page_bytes, elem_bytes);
 }
 
 // One sequence of the scripted conversation: its tokens, adapter slot and pages.
@@ -877,17 +993,29 @@ struct SeqState {
   std::vector<int32_t> pages;
 };
 
-void run_backend_case(Rng& rng, const std::string& name, TinyModel& tm) {
+// The backend's options for a case: CudaOptions{} is the exact fp32 path launched eagerly.
+// The CPU oracle takes the same KV and adapter-row dtypes (the same rounding of the stored
+// values) and computes in fp32; BF16 activations on the GPU get the BF16 tolerance.
+struct Variant {
+  const char* tag;
+  CudaOptions cuda;
+};
+const Variant kFp32Eager{"", CudaOptions{}};
+
+void run_backend_case(Rng& rng, const std::string& name0, TinyModel& tm, const Variant& var = kFp32Eager) {
   const Model& m = *tm.model;
+  const std::string name = name0 + var.tag;
+  const CudaOptions& co = var.cuda;
   const int block_size = 4, max_slots = 5;
   // Pages: 3 adapters, then KV. Adapter pages come from the pool like KV pages do.
-  const size_t page_bytes = kv_page_bytes(m.spec, block_size);
+  const size_t page_bytes = kv_page_bytes(m.spec, block_size, co.kv_bf16 ? 2 : 4);
+  const size_t lora_elem = co.lora_bf16 ? 2 : 4;
   std::vector<std::shared_ptr<ParsedAdapter>> ads;
   // Fused targets (Phi-3): k and v take q's A rows, up takes gate's (LoraModule::a_from).
   const bool fused = m.spec.fused_qkv;
-  ads.push_back(make_adapter(rng, m, page_bytes, {kQ, kV}, 8, -1, fused));
-  ads.push_back(make_adapter(rng, m, page_bytes, {kQ, kK, kV, kO, kGate, kUp, kDown}, 33, 1, fused));
-  ads.push_back(make_adapter(rng, m, page_bytes, {kO, kDown}, 1, -1, fused));
+  ads.push_back(make_adapter(rng, m, page_bytes, {kQ, kV}, 8, -1, fused, lora_elem));
+  ads.push_back(make_adapter(rng, m, page_bytes, {kQ, kK, kV, kO, kGate, kUp, kDown}, 33, 1, fused, lora_elem));
+  ads.push_back(make_adapter(rng, m, page_bytes, {kO, kDown}, 1, -1, fused, lora_elem));
   int num_pages = 0;
   std::vector<std::vector<int32_t>> ad_pages;
   for (auto& a : ads) {
@@ -901,10 +1029,12 @@ void run_backend_case(Rng& rng, const std::string& name, TinyModel& tm) {
   for (int i = 0; i < ads[1]->num_pages(); i++) moved_pages.push_back(num_pages++);
   const int kv_first = num_pages;
   num_pages += 64;
-  std::unique_ptr<Backend> cpu_be = make_cpu_backend(tm.model, block_size, num_pages, max_slots);
+  CpuOptions cpu_opts;
+  cpu_opts.kv_bf16 = co.kv_bf16, cpu_opts.lora_bf16 = co.lora_bf16;
+  std::unique_ptr<Backend> cpu_be = make_cpu_backend(tm.model, block_size, num_pages, max_slots, cpu_opts);
   std::unique_ptr<Backend> gpu_be;
   try {
-    gpu_be = make_cuda_backend(tm.model, block_size, num_pages, max_slots);
+    gpu_be = make_cuda_backend(tm.model, block_size, num_pages, max_slots, co);
   } catch (const std::exception& e) {
     record(false, name + " make_cuda_backend", e.what());
     return;
@@ -924,7 +1054,10 @@ void run_backend_case(Rng& rng, const std::string& name, TinyModel& tm) {
     for (int k = 0; k < prompt_len[i]; k++) seqs[i].tokens.push_back(rng.below(m.spec.vocab));
     seqs[i].slot = slots[i];
   }
-  const Tol tol = {m.embed.type == cpu::WType::F32 ? 2e-4 : 5e-4, 2e-4};
+  // BF16 activations: every kernel output rounded to 8 significant bits, a relative 2^-9 per
+  // rounding over a few layers; a wrong kernel (a missed row, a wrong conversion) moves logits by
+  // whole units.
+  const Tol tol = co.compute_bf16 ? Tol{0.05, 0.05} : Tol{m.embed.type == cpu::WType::F32 ? 2e-4 : 5e-4, 2e-4};
   // Steps: chunked prefill of some sequences while others decode, then decode-only steps; the
   // scheduler's order (by adapter slot) is mimicked in some steps and broken in others.
   const std::vector<std::vector<std::pair<int, int>>> script = {
@@ -935,7 +1068,20 @@ void run_backend_case(Rng& rng, const std::string& name, TinyModel& tm) {
       {{1, 1}, {4, 1}, {0, 1}, {2, 1}, {3, 1}},  // decode, slots unsorted
       {{2, 1}, {3, 1}},
   };
-  for (size_t st = 0; st < script.size(); st++) {
+  // With graphs: more decode-only steps, so that captured graphs replay over grown contexts (new
+  // pages, wider block tables), other batch sizes of the same bucket and other adapter mixes.
+  auto steps = script;
+  if (co.graphs)
+    for (const auto& extra : std::vector<std::vector<std::pair<int, int>>>{
+             {{0, 1}, {1, 1}, {2, 1}, {3, 1}},          // bucket 4
+             {{3, 1}, {2, 1}, {1, 1}},                  // bucket 4 again, other slots and order
+             {{0, 1}, {4, 1}, {2, 1}, {3, 1}, {1, 1}},  // bucket 8, longer contexts
+             {{4, 1}},                                  // bucket 1, adapter 2
+             {{0, 1}},                                  // bucket 1, base model only
+             {{0, 1}, {1, 1}, {2, 1}, {3, 1}, {4, 1}},  // bucket 8 again
+         })
+      steps.push_back(extra);
+  for (size_t st = 0; st < steps.size(); st++) {
     if (st == 4) {  // swap adapter 2 (slot 2) out and back into slot 4 on other pages, mid-run
       cpu_be->remove_adapter(2);
       gpu_be->remove_adapter(2);
@@ -947,7 +1093,7 @@ void run_backend_case(Rng& rng, const std::string& name, TinyModel& tm) {
     StepBatch b;
     b.query_start.push_back(0);
     int max_blocks = 0;
-    for (auto [i, n] : script[st]) {
+    for (auto [i, n] : steps[st]) {
       SeqState& sq = seqs[i];
       while (int(sq.tokens.size()) < sq.done + n) sq.tokens.push_back(rng.below(m.spec.vocab));  // "sampled"
       for (int k = 0; k < n; k++) {
@@ -962,13 +1108,13 @@ void run_backend_case(Rng& rng, const std::string& name, TinyModel& tm) {
       max_blocks = std::max(max_blocks, int(sq.pages.size()));
     }
     b.n_tokens = int(b.tokens.size());
-    b.n_seqs = int(script[st].size());
+    b.n_seqs = int(steps[st].size());
     b.max_blocks = max_blocks + 1;
     b.block_tables.assign(size_t(b.n_seqs) * b.max_blocks, 0);
     if (!m.inv_freq_long.empty())  // LongRoPE: sequences 1 and 4 past the original context
-      for (auto [i, n] : script[st]) b.rope_long.push_back(i == 1 || i == 4);
+      for (auto [i, n] : steps[st]) b.rope_long.push_back(i == 1 || i == 4);
     for (int s = 0; s < b.n_seqs; s++) {
-      const SeqState& sq = seqs[script[st][s].first];
+      const SeqState& sq = seqs[steps[st][s].first];
       std::copy(sq.pages.begin(), sq.pages.end(), b.block_tables.begin() + size_t(s) * b.max_blocks);
       if (s % 2 == 0 || st == 5) b.sample_seqs.push_back(s);
     }
@@ -985,10 +1131,109 @@ void run_backend_case(Rng& rng, const std::string& name, TinyModel& tm) {
                  want.size(), tol);
   }
   if (next_page > num_pages) record(false, name + " test bug: more pages than the pool", "");
+  if (co.graphs) {
+    // Decode-only steps replayed graphs (none fell back to eager launches or failed to capture).
+    const CudaGraphStats g = cuda_graph_stats(*gpu_be);
+    record(g.replays >= 6 && g.capture_failures == 0 && g.captures >= 3 && g.captures < g.replays,
+           name + " graph replays",
+           fmt("captures %llu, replays %llu, failures %llu", (unsigned long long)g.captures,
+               (unsigned long long)g.replays, (unsigned long long)g.capture_failures));
+  }
+}
+
+// --gpu-memory-utilization: the pool is the budget (that fraction of the device's memory) less what
+// the backend holds already, 1% kept back; too little free memory, or a budget that leaves fewer
+// than 2 pages, fails start-up with the flag's name in the error. The emulator's device memory is
+// set small for it; on a GPU this needs most of the device, so it runs on the emulator only.
+void test_memory_budget(Rng& rng) {
+#ifdef LORAPLEX_CUDA_EMU
+  size_t f0 = 0, t0 = 0;
+  cudaMemGetInfo(&f0, &t0);
+  const size_t used_before = t0 - f0;  // what earlier sections still hold
+  emu_set_device_memory(used_before + (size_t(64) << 20));
+  TinyModel tm = make_tiny_model(rng, "llama", 1, 64, 96, 2, 4, 2, 16, 97, false, false, 0, RopeType::None);
+  const int block_size = 16;
+  for (double util : {0.5, 0.9}) {
+    for (bool kv_bf16 : {false, true}) {
+      CudaOptions co;
+      co.gpu_memory_utilization = util, co.kv_bf16 = kv_bf16, co.max_tokens = 256;
+      size_t free0 = 0, total = 0, free1 = 0;
+      cudaMemGetInfo(&free0, &total);
+      const std::string what = fmt("memory budget util=%g kv=%s", util, kv_bf16 ? "bf16" : "f32");
+      try {
+        auto be = make_cuda_backend(tm.model, block_size, 0, 3, co);
+        cudaMemGetInfo(&free1, &total);
+        const double budget = double(total) * util, held = double(free0 - free1);
+        const PoolInfo& pi = be->pool();
+        record(pi.page_bytes == kv_page_bytes(tm.model->spec, block_size, kv_bf16 ? 2 : 4) && pi.num_pages >= 2 &&
+                   held <= budget && held >= budget * 0.98 - double(pi.page_bytes),
+               what, fmt("held %.0f of a %.0f budget, %d pages of %zu", held, budget, pi.num_pages, pi.page_bytes));
+      } catch (const std::exception& e) {
+        record(false, what, e.what());
+      }
+    }
+  }
+  auto expect_refused = [&](const std::string& what, double util, const char* needle) {
+    CudaOptions co;
+    co.gpu_memory_utilization = util, co.max_tokens = 256;
+    try {
+      auto be = make_cuda_backend(tm.model, block_size, 0, 3, co);
+      record(false, what, "started");
+    } catch (const std::exception& e) {
+      const std::string msg = e.what();
+      record(msg.find("--gpu-memory-utilization") != std::string::npos && msg.find(needle) != std::string::npos, what, msg);
+    }
+  };
+  expect_refused("memory budget: fewer than 2 pages", 0.002, "fewer than 2 pages");
+  {
+    void* hog = nullptr;  // another process's memory
+    ck(cudaMalloc(&hog, size_t(40) << 20), "cudaMalloc");
+    expect_refused("memory budget: less free than the budget", 0.5, "free");
+    cudaFree(hog);
+  }
+  size_t free_end = 0, total_end = 0;
+  cudaMemGetInfo(&free_end, &total_end);
+  record(total_end - free_end == used_before, "memory budget: a refused start-up frees what it allocated",
+         fmt("%zu of %zu free", free_end, total_end));
+  emu_set_device_memory(size_t(4) << 30);
+#else
+  (void)rng;
+#endif
 }
 
 void test_backend(Rng& rng) {
   Section sec("backend");
+  test_memory_budget(rng);
+  // BF16 compute, KV cache and adapter rows; the same with CUDA graphs; graphs on the exact path.
+  CudaOptions bf16;
+  bf16.compute_bf16 = bf16.kv_bf16 = bf16.lora_bf16 = true;
+  CudaOptions bf16_graphs = bf16, f32_graphs;
+  bf16_graphs.graphs = f32_graphs.graphs = true;
+  const Variant kBf16{" [bf16]", bf16}, kBf16Graphs{" [bf16, graphs]", bf16_graphs}, kF32Graphs{" [graphs]", f32_graphs};
+  for (const Variant& var : {kBf16, kBf16Graphs, kF32Graphs}) {
+    const int wt = var.cuda.compute_bf16 ? 1 : 0;
+    {
+      TinyModel tm = make_tiny_model(rng, "llama", wt, 64, 96, 2, 4, 2, 16, 97, false, false, 0, RopeType::None);
+      run_backend_case(rng, fmt("backend llama-gqa %s", wname(wt)), tm, var);
+    }
+    if (!var.cuda.compute_bf16) continue;
+    {
+      TinyModel tm = make_tiny_model(rng, "qwen2", wt, 48, 80, 2, 2, 1, 24, 61, true, true, 0, RopeType::Linear);
+      run_backend_case(rng, fmt("backend qwen2-tied-bias %s", wname(wt)), tm, var);
+    }
+    {
+      TinyModel tm = make_tiny_model(rng, "mistral", wt, 32, 64, 3, 2, 2, 24, 50, false, false, 6, RopeType::None);
+      run_backend_case(rng, fmt("backend mistral-window %s", wname(wt)), tm, var);
+    }
+    for (const char* fam : {"qk-norm", "gemma2", "gemma3", "partial-rotary", "phi3-longrope"}) {
+      const std::string f = fam;
+      const std::string arch = f == "qk-norm" ? "qwen3" : f == "partial-rotary" ? "llama" : f == "phi3-longrope" ? "phi3" : f;
+      TinyModel tm = make_tiny_model(rng, arch, wt, 48, 80, 3, 4, 2, 16, 61, f != "partial-rotary" && f != "phi3-longrope", false, 0,
+                                     f == "gemma3" ? RopeType::Linear : RopeType::None);
+      add_family(rng, tm, f);
+      run_backend_case(rng, fmt("backend %s %s", fam, wname(wt)), tm, var);
+    }
+  }
   for (int wt : {0, 1, 2}) {
     {
       TinyModel tm = make_tiny_model(rng, "llama", wt, 64, 96, 2, 4, 2, 16, 97, false, false, 0, RopeType::None);
@@ -1044,7 +1289,7 @@ int main(int argc, char** argv) {
   ck(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking), "cudaStreamCreate");
   Rng rng(20240607);
   struct { const char* name; void (*fn)(Rng&); } sections[] = {
-      {"elementwise", test_elementwise}, {"gemm", test_gemm}, {"attention", test_attention},
+      {"elementwise", test_elementwise}, {"elementwise", test_elementwise_bf16}, {"gemm", test_gemm}, {"attention", test_attention},
       {"lora", test_lora}, {"backend", test_backend}};
   for (auto& s : sections) {
     if (!only.empty() && only != s.name) continue;

@@ -8,8 +8,14 @@
 // install_adapter like the engine does), and one 512-token prefill. KV contents are whatever the
 // pool holds (zeros): attention cost depends on the context length, not on the values.
 //
+// Modes (--modes, default all): f32 (the exact path: fp32 activations, KV and adapter rows, eager
+// launches), bf16 (BF16 activations, KV and adapter rows, tensor-core GEMMs, eager) and bf16-graphs
+// (the same with CUDA graphs for the decode steps: the server's default for a BF16 model). The
+// device's bandwidth is measured first (a 1 GiB device-to-device copy), and the issue #19 targets
+// are printed against it at the end.
+//
 // Usage: bench_decode [--layers N] [--ctx N] [--rank R] [--iters N]
-//        [--batches 1,16,64] [--adapters 0,8,64]
+//        [--batches 1,16,64] [--adapters 0,8,64] [--modes f32,bf16,bf16-graphs]
 // Prints one line per configuration and a final "bench_decode: ok".
 #include <algorithm>
 #include <chrono>
@@ -90,6 +96,7 @@ double median(std::vector<double> v) {
 int main(int argc, char** argv) {
   int layers = 32, ctx = 256, rank = 16, iters = 20;
   std::vector<int> batches = {1, 16, 64}, adapters = {0, 8, 64};
+  std::vector<std::string> modes = {"f32", "bf16", "bf16-graphs"};
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--layers") layers = std::atoi(argv[i + 1]);
@@ -98,6 +105,12 @@ int main(int argc, char** argv) {
     else if (a == "--iters") iters = std::atoi(argv[i + 1]);
     else if (a == "--batches") batches = parse_list(argv[i + 1]);
     else if (a == "--adapters") adapters = parse_list(argv[i + 1]);
+    else if (a == "--modes") {
+      modes.clear();
+      std::stringstream ss(argv[i + 1]);
+      std::string item;
+      while (std::getline(ss, item, ',')) modes.push_back(item);
+    }
     else {
       fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -141,8 +154,37 @@ int main(int argc, char** argv) {
   ck(cudaDeviceSynchronize(), "model init");
   const double build_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_build).count();
 
+  // Device bandwidth: a 1 GiB device-to-device copy reads and writes every byte once.
+  double bw = 0;
+  {
+    const size_t n = size_t(1) << 30;
+    void *a = nullptr, *c = nullptr;
+    ck(cudaMalloc(&a, n), "cudaMalloc (bandwidth probe)");
+    ck(cudaMalloc(&c, n), "cudaMalloc (bandwidth probe)");
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    std::vector<double> gbs;
+    for (int it = 0; it < 6; it++) {
+      cudaEventRecord(e0);
+      ck(cudaMemcpy(c, a, n, cudaMemcpyDeviceToDevice), "bandwidth probe");
+      cudaEventRecord(e1);
+      cudaEventSynchronize(e1);
+      float ms = 0;
+      cudaEventElapsedTime(&ms, e0, e1);
+      if (it > 0) gbs.push_back(2.0 * n / (ms / 1000.0) / 1e9);
+    }
+    bw = *std::max_element(gbs.begin(), gbs.end());
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cudaFree(a);
+    cudaFree(c);
+  }
+  const double bound_ms = weight_bytes / (bw * 1e9) * 1000.0;
+  printf("bandwidth: %.0f GB/s (device-to-device copy, read + write); HBM bound of a decode step (weights once): %.3f ms\n",
+         bw, bound_ms);
+
   const int block_size = 16;
-  const size_t page_bytes = kv_page_bytes(s, block_size);
   const int blocks_per_seq = (ctx + 1 + block_size - 1) / block_size;
   const int prefill_len = 512, prefill_blocks = (prefill_len + block_size - 1) / block_size;
   // One adapter (rank `rank` on every projection of every layer), installed max_adapters times.
@@ -158,85 +200,141 @@ int main(int argc, char** argv) {
       for (auto& v : m.bt) v = (float(mix(h++) >> 40) * (2.f / 16777216.f) - 1.f) * 0.01f;
       mods.push_back(std::move(m));
     }
-  const auto adp = pack_adapter(mods, page_bytes, sizeof(float));
-  mods.clear();
-  const ParsedAdapter& ad = *adp;
-  const int ad_pages = ad.num_pages();
-  const int num_pages = max_adapters * ad_pages + std::max(max_batch * blocks_per_seq, prefill_blocks);
   printf("device: %s, %.1f GiB; model: Llama-7B shapes, %d layers, BF16, %.2f GB of weights (built in %.2f s)\n",
          prop.name, prop.totalGlobalMem / 1073741824.0, layers, weight_bytes / 1e9, build_s);
-  printf("pool: %d pages x %.1f MiB = %.2f GiB (KV fp32, block %d; adapters rank %d on 7 projections, %.0f MiB, %d pages each)\n",
-         num_pages, page_bytes / 1048576.0, double(page_bytes) * num_pages / 1073741824.0, block_size, rank,
-         ad.bytes / 1048576.0, ad_pages);
-  std::unique_ptr<Backend> be = make_cuda_backend(model, block_size, num_pages, max_adapters + 1);
-  {
-    cuda::Gemm probe(0);
-    printf("gemm: T<=8 %s, T>8 %s\n", probe.path(1, 1), probe.path(64, 1));
-  }
+  struct Result {
+    std::string mode;
+    int B, A;
+    double ms;
+  };
+  std::vector<Result> results;
+  std::vector<std::pair<std::string, double>> prefill_tps;
+  std::vector<std::pair<std::string, long>> pages_per_gib;
 
-  const auto t_inst = std::chrono::steady_clock::now();
-  for (int a = 0; a < max_adapters; a++) {
-    std::vector<int32_t> pages(ad_pages);
-    for (int i = 0; i < ad_pages; i++) pages[i] = a * ad_pages + i;
-    be->install_adapter(a + 1, ad, pages);
-  }
-  ck(cudaDeviceSynchronize(), "adapter installs");
-  const double inst_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_inst).count();
-  if (max_adapters > 0)
-    printf("install: %d adapters in %.2f s (%.1f GB/s host -> device through the staging ring)\n", max_adapters, inst_s,
-           max_adapters * double(ad.bytes) / inst_s / 1e9);
-  const int kv_first = max_adapters * ad_pages;
+  for (const std::string& mode : modes) {
+    CudaOptions co;
+    if (mode == "bf16" || mode == "bf16-graphs") co.compute_bf16 = co.kv_bf16 = co.lora_bf16 = true;
+    else if (mode != "f32") {
+      fprintf(stderr, "unknown mode %s (f32, bf16, bf16-graphs)\n", mode.c_str());
+      return 2;
+    }
+    co.graphs = mode == "bf16-graphs";
+    co.max_graph_batch = std::max(max_batch, 1);
+    co.max_tokens = std::max(prefill_len, max_batch);
+    const size_t page_bytes = kv_page_bytes(s, block_size, co.kv_bf16 ? 2 : 4);
+    const auto adp = pack_adapter(mods, page_bytes, co.lora_bf16 ? 2 : 4);
+    const ParsedAdapter& ad = *adp;
+    const int ad_pages = ad.num_pages();
+    const int num_pages = max_adapters * ad_pages + std::max(max_batch * blocks_per_seq, prefill_blocks);
+    pages_per_gib.push_back({mode, long((size_t(1) << 30) / page_bytes)});
+    printf("\n== mode %s: activations %s, KV %s, adapter rows %s, %s\n", mode.c_str(), co.compute_bf16 ? "BF16" : "fp32",
+           co.kv_bf16 ? "BF16" : "fp32", co.lora_bf16 ? "BF16" : "fp32", co.graphs ? "CUDA graphs" : "eager");
+    printf("pool: %d pages x %.2f MiB = %.2f GiB (block %d; adapters rank %d on 7 projections, %.0f MiB, %d pages each)\n",
+           num_pages, page_bytes / 1048576.0, double(page_bytes) * num_pages / 1073741824.0, block_size, rank,
+           ad.bytes / 1048576.0, ad_pages);
+    std::unique_ptr<Backend> be = make_cuda_backend(model, block_size, num_pages, max_adapters + 1, co);
+    {
+      cuda::Gemm probe(0);
+      const int xt = co.compute_bf16 ? cuda::kBF16 : cuda::kF32;
+      printf("gemm: T=1 %s, T=16 %s, T=64 %s\n", probe.path(1, xt, 1), probe.path(16, xt, 1), probe.path(64, xt, 1));
+    }
+    const auto t_inst = std::chrono::steady_clock::now();
+    for (int a = 0; a < max_adapters; a++) {
+      std::vector<int32_t> pages(ad_pages);
+      for (int i = 0; i < ad_pages; i++) pages[i] = a * ad_pages + i;
+      be->install_adapter(a + 1, ad, pages);
+    }
+    ck(cudaDeviceSynchronize(), "adapter installs");
+    const double inst_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_inst).count();
+    if (max_adapters > 0)
+      printf("install: %d adapters in %.2f s (%.1f GB/s host -> device through the staging ring)\n", max_adapters, inst_s,
+             max_adapters * double(ad.bytes) / inst_s / 1e9);
+    const int kv_first = max_adapters * ad_pages;
 
-  printf("%-7s %-9s %12s %12s %12s %14s\n", "batch", "adapters", "median ms", "min ms", "tokens/s", "weights GB/s");
-  std::vector<float> logits;
-  for (int B : batches)
-    for (int A : adapters) {
-      StepBatch b;
-      b.n_tokens = B, b.n_seqs = B, b.max_blocks = blocks_per_seq;
-      b.query_start.push_back(0);
-      for (int i = 0; i < B; i++) {
-        b.tokens.push_back(int32_t(mix(uint64_t(i) + 99) % uint64_t(s.vocab)));
-        b.positions.push_back(ctx);
-        b.token_slots.push_back(A == 0 ? 0 : 1 + i % A);
-        b.query_start.push_back(i + 1);
-        b.context_lens.push_back(ctx + 1);
-        for (int k = 0; k < blocks_per_seq; k++) b.block_tables.push_back(kv_first + i * blocks_per_seq + k);
-        b.sample_seqs.push_back(i);
+    printf("%-7s %-9s %12s %12s %12s %14s %10s\n", "batch", "adapters", "median ms", "min ms", "tokens/s", "weights GB/s",
+           "x bound");
+    std::vector<float> logits;
+    for (int B : batches)
+      for (int A : adapters) {
+        StepBatch b;
+        b.n_tokens = B, b.n_seqs = B, b.max_blocks = blocks_per_seq;
+        b.query_start.push_back(0);
+        for (int i = 0; i < B; i++) {
+          b.tokens.push_back(int32_t(mix(uint64_t(i) + 99) % uint64_t(s.vocab)));
+          b.positions.push_back(ctx);
+          b.token_slots.push_back(A == 0 ? 0 : 1 + i % A);
+          b.query_start.push_back(i + 1);
+          b.context_lens.push_back(ctx + 1);
+          for (int k = 0; k < blocks_per_seq; k++) b.block_tables.push_back(kv_first + i * blocks_per_seq + k);
+          b.sample_seqs.push_back(i);
+        }
+        logits.resize(size_t(B) * s.vocab);
+        std::vector<double> ms;
+        for (int it = 0; it < iters + 3; it++) {  // the first (capture, warm-up) steps are not timed
+          const auto t0 = std::chrono::steady_clock::now();
+          be->forward(b, logits.data());
+          const double d = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+          if (it >= 3) ms.push_back(d);
+        }
+        const double med = median(ms), mn = *std::min_element(ms.begin(), ms.end());
+        printf("%-7d %-9d %12.3f %12.3f %12.0f %14.0f %10.2f\n", B, A, med, mn, B / med * 1000.0, weight_bytes / med / 1e6,
+               med / bound_ms);
+        fflush(stdout);
+        results.push_back({mode, B, A, med});
       }
-      logits.resize(size_t(B) * s.vocab);
+    {  // one prefill of 512 tokens, base model
+      StepBatch b;
+      b.n_tokens = prefill_len, b.n_seqs = 1, b.max_blocks = prefill_blocks;
+      b.query_start = {0, prefill_len};
+      b.context_lens = {prefill_len};
+      for (int t = 0; t < prefill_len; t++) {
+        b.tokens.push_back(int32_t(mix(uint64_t(t)) % uint64_t(s.vocab)));
+        b.positions.push_back(t);
+        b.token_slots.push_back(0);
+      }
+      for (int k = 0; k < prefill_blocks; k++) b.block_tables.push_back(kv_first + k);
+      b.sample_seqs = {0};
+      logits.resize(s.vocab);
       std::vector<double> ms;
-      for (int it = 0; it < iters + 3; it++) {
+      for (int it = 0; it < 4; it++) {
         const auto t0 = std::chrono::steady_clock::now();
         be->forward(b, logits.data());
-        const double d = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-        if (it >= 3) ms.push_back(d);
+        if (it >= 1) ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
       }
-      const double med = median(ms), mn = *std::min_element(ms.begin(), ms.end());
-      printf("%-7d %-9d %12.3f %12.3f %12.0f %14.0f\n", B, A, med, mn, B / med * 1000.0, weight_bytes / med / 1e6);
-      fflush(stdout);
+      const double med = median(ms);
+      printf("prefill %d tokens: %.2f ms (%.0f tokens/s)\n", prefill_len, med, prefill_len / med * 1000.0);
+      prefill_tps.push_back({mode, prefill_len / med * 1000.0});
     }
-  {  // one prefill of 512 tokens, base model
-    StepBatch b;
-    b.n_tokens = prefill_len, b.n_seqs = 1, b.max_blocks = prefill_blocks;
-    b.query_start = {0, prefill_len};
-    b.context_lens = {prefill_len};
-    for (int t = 0; t < prefill_len; t++) {
-      b.tokens.push_back(int32_t(mix(uint64_t(t)) % uint64_t(s.vocab)));
-      b.positions.push_back(t);
-      b.token_slots.push_back(0);
-    }
-    for (int k = 0; k < prefill_blocks; k++) b.block_tables.push_back(kv_first + k);
-    b.sample_seqs = {0};
-    logits.resize(s.vocab);
-    std::vector<double> ms;
-    for (int it = 0; it < 4; it++) {
-      const auto t0 = std::chrono::steady_clock::now();
-      be->forward(b, logits.data());
-      if (it >= 1) ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-    }
-    const double med = median(ms);
-    printf("prefill %d tokens: %.2f ms (%.0f tokens/s)\n", prefill_len, med, prefill_len / med * 1000.0);
+    const CudaGraphStats g = cuda_graph_stats(*be);
+    if (co.graphs)
+      printf("graphs: %llu captured, %llu replays, %llu eager steps, %llu capture failures\n",
+             (unsigned long long)g.captures, (unsigned long long)g.replays, (unsigned long long)g.eager_steps,
+             (unsigned long long)g.capture_failures);
   }
+
+  // The targets of issue #19, from whichever modes ran.
+  auto find = [&](const std::string& mode, int B, int A) {
+    for (const Result& r : results)
+      if (r.mode == mode && r.B == B && r.A == A) return r.ms;
+    return -1.0;
+  };
+  const std::string best = std::find(modes.begin(), modes.end(), "bf16-graphs") != modes.end() ? "bf16-graphs" : modes.back();
+  printf("\ntargets (%s):\n", best.c_str());
+  if (const double b1 = find(best, 1, 0); b1 > 0)
+    printf("  batch-1 decode step %.3f ms = %.2fx the HBM bound %.3f ms (%.0f GB/s measured); target <= 1.3x: %s\n", b1,
+           b1 / bound_ms, bound_ms, bw, b1 / bound_ms <= 1.3 ? "met" : "MISSED");
+  if (const double base = find(best, 64, 0), lora = find(best, 64, 64); base > 0 && lora > 0)
+    printf("  batch 64, 64 adapters %.3f ms = %.2fx base-only %.3f ms; target <= 1.25x: %s\n", lora, lora / base, base,
+           lora / base <= 1.25 ? "met" : "MISSED");
+  for (const auto& [mode, tps] : prefill_tps)
+    if (mode == best)
+      printf("  prefill 512: %.0f tokens/s = %.2fx the fp32 backend's 12,015; target >= 3x: %s\n", tps, tps / 12015.0,
+             tps >= 3 * 12015.0 ? "met" : "MISSED");
+  long f32_pages = 0, bf16_pages = 0;
+  for (const auto& [mode, n] : pages_per_gib) (mode == "f32" ? f32_pages : bf16_pages) = n;
+  if (f32_pages > 0 && bf16_pages > 0)
+    printf("  KV pages per GiB: fp32 %ld, BF16 %ld (%.2fx); target 2x: %s\n", f32_pages, bf16_pages,
+           double(bf16_pages) / f32_pages, bf16_pages >= 2 * f32_pages ? "met" : "MISSED");
   be.reset();
   for (void* p : g_device) cudaFree(p);
   printf("bench_decode: ok\n");

@@ -10,7 +10,7 @@ import pino from 'pino';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { commandHelp, mainHelp, readmeFlagBlock } from '../../server/cli-help.js';
 import { main } from '../../server/cli.js';
-import { generateConfig, serveConfig } from '../../server/config.js';
+import { engineOptions, generateConfig, serveConfig } from '../../server/config.js';
 import { Engine, type LoadPhase } from '../../server/engine/engine.js';
 import { closest, ConfigError, editDistance, FLAGS, flagsOf, parseCommandLine, SERVE_FLAG_NAMES } from '../../server/flags.js';
 import { barLine, formatBytes, loadReporter } from '../../server/load-progress.js';
@@ -55,7 +55,7 @@ describe('the flag table', () => {
 
   it('generate takes every engine flag serve takes, plus its sampling flags', () => {
     const gen = new Set(flagsOf('generate').map((f) => f.name));
-    for (const name of ['model', 'memory-budget', 'max-num-seqs', 'max-batch-tokens', 'max-lora-rank', 'max-loras', 'max-loras-per-batch', 'max-model-len',
+    for (const name of ['model', 'memory-budget', 'gpu-memory-utilization', 'enforce-eager', 'max-num-seqs', 'max-batch-tokens', 'max-lora-rank', 'max-loras', 'max-loras-per-batch', 'max-model-len',
       'block-size', 'threads', 'device', 'compute-dtype', 'kv-cache-dtype', 'lora-dtype', 'enable-prefix-caching', 'no-enable-prefix-caching'])
       expect([gen.has(name), SERVE_FLAG_NAMES.includes(name)], name).toEqual([true, true]);
     for (const name of ['prompt', 'adapter', 'max-tokens', 'temperature', 'top-p', 'top-k', 'seed', 'chat', 'ignore-eos']) expect(gen.has(name), name).toBe(true);
@@ -97,6 +97,10 @@ describe('parsing', () => {
 
   it('reads booleans from the environment strictly', () => {
     expect(serveConfig([], { LORAPLEX_ENABLE_PREFIX_CACHING: 'false' }).enablePrefixCaching).toBe(false);
+    // CUDA sizing and graphs: vLLM's defaults and spellings, through engineOptions to Engine.create.
+    expect(serveConfig([], {})).toMatchObject({ gpuMemoryUtilization: 0.92, enforceEager: false });
+    expect(engineOptions(serveConfig(['--gpu-memory-utilization', '0.5', '--enforce-eager'], {}), 'm')).toMatchObject({ gpuMemoryUtilization: 0.5, enforceEager: true });
+    expect(serveConfig([], { LORAPLEX_GPU_MEMORY_UTILIZATION: '1', LORAPLEX_ENFORCE_EAGER: 'true' })).toMatchObject({ gpuMemoryUtilization: 1, enforceEager: true });
     expect(serveConfig([], { LORAPLEX_NO_UI: 'on' }).ui).toBe(false);
     expect(serveConfig([], { LORAPLEX_NO_UI: '0' }).ui).toBe(true);
     expect(() => serveConfig([], { LORAPLEX_NO_UI: 'maybe' })).toThrow(/--no-ui must be one of .* \(got "maybe" from LORAPLEX_NO_UI\)/);
@@ -129,6 +133,10 @@ describe('bad input: one line naming the flag, exit code 2', () => {
     [['serve', '--max-num-seqs', '0'], /^--max-num-seqs must be a positive integer \(got "0"\)$/],
     [['serve', '--device', 'tpu'], /^--device must be cpu or cuda \(got "tpu"\)$/],
     [['serve', '--kv-cache-dtype', 'fp8'], /^--kv-cache-dtype must be auto, float32 or bfloat16 \(got "fp8"\)$/],
+    [['serve', '--gpu-memory-utilization', '0'], /^--gpu-memory-utilization must be a number in \(0, 1\] \(got "0"\)$/],
+    [['serve', '--gpu-memory-utilization', '1.5'], /^--gpu-memory-utilization must be a number in \(0, 1\]/],
+    [['serve', '--gpu-memory-utilization', 'most'], /^--gpu-memory-utilization must be a number in \(0, 1\]/],
+    [['serve', '--enforce-eager=no'], /^--enforce-eager takes no value \(got "no"\)$/],
     [['generate', '--prompt', 'x', '--compute-dtype', 'int8'], /^--compute-dtype must be auto, float32 or bfloat16/],
     [['serve', '--allowed-origins', 'notjson'], /^--allowed-origins must be a JSON list of strings/],
     [['serve', '--threads', '1.5'], /^--threads must be a positive integer \(got "1\.5"\)$/],

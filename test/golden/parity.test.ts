@@ -218,11 +218,14 @@ describe('cpu, --kv-cache-dtype bfloat16', () => {
 // The default ('auto' for all three): fp32 and F16 fixtures run the exact path (the strict checks,
 // and the same numbers as an explicit float32 engine), the BF16 fixture runs BF16 adapter rows,
 // KV cache and (with AVX512-BF16) matmuls, within the BF16 options' bounds.
-describe('cpu, default dtypes (auto)', () => {
+// On CUDA the BF16 fixture computes in BF16 (activations, KV cache, adapter rows, tensor-core
+// GEMMs) and its decode steps replay CUDA graphs; the bounds are the CPU's BF16 bounds.
+for (const [device, skipReason] of DEVICES)
+describe.skipIf(skipReason !== null)(`${device}, default dtypes (auto)${skipReason ? ` (skipped: ${skipReason})` : ''}`, () => {
   for (const name of MODEL_NAMES) {
     it(`${name}: follows the weights`, async () => {
       const golden = loadGolden(name);
-      const engine = await Engine.create({ model: modelDir(name), adapterDir: adapterRoot(name), memoryBudget: 8 << 20, device: 'cpu' });
+      const engine = await Engine.create({ model: modelDir(name), adapterDir: adapterRoot(name), memoryBudget: 8 << 20, device });
       try {
         const bf16 = golden.weights_dtype === 'bfloat16';
         expect(engine.kvCacheDtype).toBe(bf16 ? 'bfloat16' : 'float32');

@@ -232,8 +232,41 @@ void launch_impl(dim3 grid, dim3 block, size_t smem, const std::function<void()>
 // ---- runtime API ---------------------------------------------------------------------------------
 
 struct emu_stream_t {
-  int unused;
+  // While capturing: the recorded operations (nullptr otherwise); `invalid` after a forbidden call.
+  std::vector<std::function<void()>>* capture = nullptr;
+  bool invalid = false;
 };
+struct emu_graph_t {
+  std::vector<std::function<void()>> ops;
+};
+struct emu_graph_exec_t {
+  std::vector<std::function<void()>> ops;
+};
+
+namespace emu {
+namespace {
+std::vector<cudaStream_t> g_capturing;  // streams with an active capture (global mode)
+// A call the driver refuses during a global-mode capture: invalidates every active capture.
+bool capture_forbids() {
+  if (g_capturing.empty()) return false;
+  for (cudaStream_t s : g_capturing) s->invalid = true;
+  return true;
+}
+}  // namespace
+
+bool record_launch(cudaStream_t s, dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
+  if (!s || !s->capture) return false;
+  const size_t n_threads = size_t(block.x) * block.y * block.z;
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || n_threads == 0 || n_threads > 1024 || grid.y > 65535 ||
+      grid.z > 65535 || block.z > 64 || smem > 227 * 1024) {
+    g_last_error = cudaErrorInvalidConfiguration;
+    s->invalid = true;
+    return true;
+  }
+  s->capture->push_back([grid, block, smem, body] { launch_impl(grid, block, smem, body); });
+  return true;
+}
+}  // namespace emu
 struct emu_event_t {
   int unused;
 };
@@ -245,6 +278,8 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorMemoryAllocation: return "out of memory";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+    case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing";
+    case cudaErrorStreamCaptureInvalidated: return "operation failed due to a previous error during capture";
     default: return "unknown error";
   }
 }
@@ -255,7 +290,22 @@ cudaError_t cudaGetLastError() {
 }
 cudaError_t cudaPeekAtLastError() { return emu::g_last_error; }
 
+namespace emu {
+namespace {
+size_t g_device_total = size_t(4) << 30;  // emu_set_device_memory
+size_t g_device_used = 0;
+}  // namespace
+}  // namespace emu
+void emu_set_device_memory(size_t total_bytes) { emu::g_device_total = total_bytes; }
+
 cudaError_t cudaMalloc(void** p, size_t n) {
+  if (emu::capture_forbids()) return cudaErrorStreamCaptureUnsupported;
+  const size_t rounded = (std::max<size_t>(n, 1) + 255) & ~size_t(255);
+  if (emu::g_device_used + rounded > emu::g_device_total) {
+    *p = nullptr;
+    return cudaErrorMemoryAllocation;
+  }
+  emu::g_device_used += rounded;
   *p = std::aligned_alloc(256, (std::max<size_t>(n, 1) + 255) & ~size_t(255));
   if (!*p) return cudaErrorMemoryAllocation;
   std::memset(*p, 0xA5, n);  // garbage, as fresh device memory is
@@ -263,12 +313,17 @@ cudaError_t cudaMalloc(void** p, size_t n) {
   return cudaSuccess;
 }
 cudaError_t cudaFree(void* p) {
+  if (emu::capture_forbids()) return cudaErrorStreamCaptureUnsupported;
   if (!p) return cudaSuccess;
-  if (!emu::g_device_allocs.erase(reinterpret_cast<uintptr_t>(p))) return cudaErrorInvalidValue;
+  auto it = emu::g_device_allocs.find(reinterpret_cast<uintptr_t>(p));
+  if (it == emu::g_device_allocs.end()) return cudaErrorInvalidValue;
+  emu::g_device_used -= (std::max<size_t>(it->second, 1) + 255) & ~size_t(255);
+  emu::g_device_allocs.erase(it);
   std::free(p);
   return cudaSuccess;
 }
 cudaError_t cudaHostAlloc(void** p, size_t n, unsigned) {
+  if (emu::capture_forbids()) return cudaErrorStreamCaptureUnsupported;
   *p = std::aligned_alloc(256, (std::max<size_t>(n, 1) + 255) & ~size_t(255));
   return *p ? cudaSuccess : cudaErrorMemoryAllocation;
 }
@@ -278,17 +333,35 @@ cudaError_t cudaFreeHost(void* p) {
   return cudaSuccess;
 }
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind) {
+  if (emu::capture_forbids()) return cudaErrorStreamCaptureUnsupported;
   if (n) std::memmove(dst, src, n);
   return cudaSuccess;
 }
-cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind k, cudaStream_t) {
-  return cudaMemcpy(dst, src, n, k);
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind, cudaStream_t s) {
+  if (s && s->capture) {
+    s->capture->push_back([=] {
+      if (n) std::memmove(dst, src, n);
+    });
+    return cudaSuccess;
+  }
+  if (n) std::memmove(dst, src, n);
+  return cudaSuccess;
 }
 cudaError_t cudaMemset(void* p, int v, size_t n) {
+  if (emu::capture_forbids()) return cudaErrorStreamCaptureUnsupported;
   if (n) std::memset(p, v, n);
   return cudaSuccess;
 }
-cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) { return cudaMemset(p, v, n); }
+cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t s) {
+  if (s && s->capture) {
+    s->capture->push_back([=] {
+      if (n) std::memset(p, v, n);
+    });
+    return cudaSuccess;
+  }
+  if (n) std::memset(p, v, n);
+  return cudaSuccess;
+}
 cudaError_t cudaStreamCreate(cudaStream_t* s) {
   *s = new emu_stream_t{};
   return cudaSuccess;
@@ -298,8 +371,16 @@ cudaError_t cudaStreamDestroy(cudaStream_t s) {
   delete s;
   return cudaSuccess;
 }
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
-cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned) { return cudaSuccess; }
+cudaError_t cudaStreamSynchronize(cudaStream_t) {
+  return emu::capture_forbids() ? cudaErrorStreamCaptureUnsupported : cudaSuccess;
+}
+cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t, unsigned) {
+  if (s && s->capture) {
+    s->invalid = true;
+    return cudaErrorStreamCaptureUnsupported;
+  }
+  return cudaSuccess;
+}
 cudaError_t cudaEventCreate(cudaEvent_t* e) {
   *e = new emu_event_t{};
   return cudaSuccess;
@@ -309,14 +390,24 @@ cudaError_t cudaEventDestroy(cudaEvent_t e) {
   delete e;
   return cudaSuccess;
 }
-cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return cudaSuccess; }
-cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t s) {
+  if (s && s->capture) {
+    s->invalid = true;
+    return cudaErrorStreamCaptureUnsupported;
+  }
+  return cudaSuccess;
+}
+cudaError_t cudaEventSynchronize(cudaEvent_t) {
+  return emu::capture_forbids() ? cudaErrorStreamCaptureUnsupported : cudaSuccess;
+}
 cudaError_t cudaEventQuery(cudaEvent_t) { return cudaSuccess; }
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) {
   *ms = 0.f;
   return cudaSuccess;
 }
-cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+cudaError_t cudaDeviceSynchronize() {
+  return emu::capture_forbids() ? cudaErrorStreamCaptureUnsupported : cudaSuccess;
+}
 cudaError_t cudaGetDeviceCount(int* n) {
   *n = 1;
   return cudaSuccess;
@@ -332,12 +423,13 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
   p->major = 9;
   p->minor = 0;
   p->multiProcessorCount = 1;
-  p->totalGlobalMem = size_t(1) << 32;
+  p->totalGlobalMem = emu::g_device_total;
   p->sharedMemPerBlock = 48 * 1024;
   return cudaSuccess;
 }
 cudaError_t cudaMemGetInfo(size_t* free_b, size_t* total_b) {
-  *free_b = *total_b = size_t(1) << 32;
+  *total_b = emu::g_device_total;
+  *free_b = emu::g_device_total - emu::g_device_used;
   return cudaSuccess;
 }
 cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void* p) {
@@ -354,5 +446,56 @@ cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void* p) {
   }
   a->type = cudaMemoryTypeUnregistered;
   a->hostPointer = const_cast<void*>(p);
+  return cudaSuccess;
+}
+
+// ---- stream capture and graphs -------------------------------------------------------------------
+
+cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode) {
+  if (!s || s->capture) return cudaErrorInvalidValue;  // the legacy stream cannot capture
+  s->capture = new std::vector<std::function<void()>>();
+  s->invalid = false;
+  emu::g_capturing.push_back(s);
+  return cudaSuccess;
+}
+cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t* g) {
+  if (!s || !s->capture) return cudaErrorInvalidValue;
+  auto* ops = s->capture;
+  s->capture = nullptr;
+  emu::g_capturing.erase(std::find(emu::g_capturing.begin(), emu::g_capturing.end(), s));
+  const bool invalid = s->invalid;
+  s->invalid = false;
+  if (invalid) {
+    delete ops;
+    *g = nullptr;
+    return cudaErrorStreamCaptureInvalidated;
+  }
+  *g = new emu_graph_t{std::move(*ops)};
+  delete ops;
+  return cudaSuccess;
+}
+cudaError_t cudaStreamIsCapturing(cudaStream_t s, cudaStreamCaptureStatus* status) {
+  *status = !s || !s->capture ? cudaStreamCaptureStatusNone
+            : s->invalid      ? cudaStreamCaptureStatusInvalidated
+                              : cudaStreamCaptureStatusActive;
+  return cudaSuccess;
+}
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t* e, cudaGraph_t g, unsigned long long) {
+  if (!g) return cudaErrorInvalidValue;
+  *e = new emu_graph_exec_t{g->ops};
+  return cudaSuccess;
+}
+cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s) {
+  if (!e) return cudaErrorInvalidValue;
+  if (s && s->capture) return cudaErrorStreamCaptureUnsupported;
+  for (auto& op : e->ops) op();
+  return emu::g_last_error;
+}
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e) {
+  delete e;
+  return cudaSuccess;
+}
+cudaError_t cudaGraphDestroy(cudaGraph_t g) {
+  delete g;
   return cudaSuccess;
 }

@@ -135,6 +135,33 @@ cudaError_t cudaSetDevice(int d);
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int d);
 cudaError_t cudaMemGetInfo(size_t* free_b, size_t* total_b);
 cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void* p);
+// The emulated device's memory (default 4 GiB): cudaMalloc fails beyond it, cudaMemGetInfo reports
+// what is left of it.
+void emu_set_device_memory(size_t total_bytes);
+
+// ---- stream capture and graphs (CUDA graphs) -----------------------------------------------------
+// Capture records every launch, cudaMemcpyAsync and cudaMemsetAsync issued on the capturing stream
+// (with its arguments by value, as the driver does); replay runs them in order. As under the
+// driver's global capture mode, calls that would synchronise or allocate while a capture is active
+// (cudaMalloc, cudaFree, cudaHostAlloc, cudaMemcpy, cudaMemset, any *Synchronize) fail with
+// cudaErrorStreamCaptureUnsupported and invalidate the capture, and so do cudaStreamWaitEvent and
+// cudaEventRecord on the capturing stream (events of other streams must be waited on before the
+// graph launch); cudaStreamEndCapture then returns cudaErrorStreamCaptureInvalidated.
+enum cudaStreamCaptureMode : int { cudaStreamCaptureModeGlobal = 0, cudaStreamCaptureModeThreadLocal = 1, cudaStreamCaptureModeRelaxed = 2 };
+enum cudaStreamCaptureStatus : int { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1, cudaStreamCaptureStatusInvalidated = 2 };
+constexpr cudaError_t cudaErrorStreamCaptureUnsupported = cudaError_t(900);
+constexpr cudaError_t cudaErrorStreamCaptureInvalidated = cudaError_t(901);
+struct emu_graph_t;
+struct emu_graph_exec_t;
+typedef emu_graph_t* cudaGraph_t;
+typedef emu_graph_exec_t* cudaGraphExec_t;
+cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode mode);
+cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t* g);
+cudaError_t cudaStreamIsCapturing(cudaStream_t s, cudaStreamCaptureStatus* status);
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t* e, cudaGraph_t g, unsigned long long flags = 0);
+cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s);
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e);
+cudaError_t cudaGraphDestroy(cudaGraph_t g);
 
 // ---- device-side built-ins ---------------------------------------------------------------------------
 
@@ -150,9 +177,12 @@ uint64_t shuffle(uint64_t bits, int src_lane_or_mask, int mode);  // mode 0: xor
 float f16_to_f32(uint16_t h);
 // Runs body for every thread of every block; sets the launch error on a bad configuration.
 void launch_impl(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
+// A launch on a capturing stream is recorded (configuration checked now, body run at replay).
+bool record_launch(cudaStream_t s, dim3 grid, dim3 block, size_t smem, std::function<void()> body);
 template <typename F>
-void launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, F&& f) {
-  launch_impl(grid, block, smem, std::function<void()>(std::forward<F>(f)));
+void launch(dim3 grid, dim3 block, size_t smem, cudaStream_t s, F&& f) {
+  std::function<void()> body(std::forward<F>(f));
+  if (!record_launch(s, grid, block, smem, body)) launch_impl(grid, block, smem, body);
 }
 
 }  // namespace emu
