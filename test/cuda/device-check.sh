@@ -4,9 +4,12 @@
 #      from python3's nvidia-cublas wheel; the built-in GEMM without it),
 #   2. the op-by-op CPU-vs-CUDA suite (test/cuda/backend_ops_test.cu),
 #   3. the golden HF-parity suite on the CUDA device (LORAPLEX_DEVICE=cuda npx vitest run
-#      test/golden), when node and node_modules are there; the addon is rebuilt with CUDA first,
+#      test/golden), when node and node_modules are there; the addon is rebuilt with CUDA first.
+#      fp32 exact on every fixture (decode steps through CUDA graphs, the default), and the BF16
+#      fixture under `auto` (BF16 activations, KV, adapter rows) within the CPU's BF16 bounds,
 #   4. the decode benchmark (test/cuda/bench_decode.cu): batch 1/16/64 x 0/8/64 adapters on a
-#      Llama-7B-shaped random BF16 model built on the GPU.
+#      Llama-7B-shaped random BF16 model built on the GPU, in three modes (fp32 eager, BF16 eager,
+#      BF16 with CUDA graphs), the device's measured bandwidth and the issue #19 targets.
 # Logs go to $OUT (the device tool's result folder) or build/device-check. Every stage has its own
 # time limit; the whole script is planned for well under 8 minutes on 16 cores. Exits 1 if any stage
 # that ran failed; a stage that cannot run here (no node) is reported SKIPPED.
