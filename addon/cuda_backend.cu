@@ -545,7 +545,7 @@ void CudaBackend::plan_step(const StepBatch& b) {
 
 void CudaBackend::project(int layer, int p, const float* x, float* y, const float* bias) {
   const DevWeight& w = layers_[layer].proj[p];
-  gemm_->run(x, plan_.T, w.cols, w.data, w.wt, w.rows, bias, y, compute_);
+  gemm_->run(x, cuda::kF32, plan_.T, w.cols, w.data, w.wt, w.rows, bias, y, cuda::kF32, compute_);
   if (plan_.any_lora && plan_.proj_used[size_t(layer) * kNumProj + p]) apply_lora(layer, p, x, y);
 }
 
@@ -562,11 +562,15 @@ void CudaBackend::apply_lora(int layer, int p, const float* x, float* y) {
   const int in = model_->proj_in(p), out = model_->proj_out(p);
   float* z = z_.as<float>();
   if (P.bgmv) {
-    cuda::lora_shrink_bgmv(pool_, refs, ref_stride_, P.token_slots, P.T, x, in, z, P.z_stride, compute_);
-    cuda::lora_expand_bgmv(pool_, refs, ref_stride_, P.token_slots, P.T, z, P.z_stride, y, out, compute_);
+    cuda::lora_shrink_bgmv(pool_, cuda::kF32, refs, ref_stride_, P.token_slots, P.T, x, cuda::kF32, in, z, P.z_stride,
+                           compute_);
+    cuda::lora_expand_bgmv(pool_, cuda::kF32, refs, ref_stride_, P.token_slots, P.T, z, P.z_stride, y, cuda::kF32, out,
+                           compute_);
   } else {
-    cuda::lora_shrink_sgmv(pool_, refs, ref_stride_, P.sgmv_tiles, P.n_sgmv_tiles, x, in, z, P.z_stride, compute_);
-    cuda::lora_expand_sgmv(pool_, refs, ref_stride_, P.sgmv_tiles, P.n_sgmv_tiles, z, P.z_stride, y, out, compute_);
+    cuda::lora_shrink_sgmv(pool_, cuda::kF32, refs, ref_stride_, P.sgmv_tiles, P.n_sgmv_tiles, x, cuda::kF32, in, z,
+                           P.z_stride, compute_);
+    cuda::lora_expand_sgmv(pool_, cuda::kF32, refs, ref_stride_, P.sgmv_tiles, P.n_sgmv_tiles, z, P.z_stride, y,
+                           cuda::kF32, out, compute_);
   }
 }
 
@@ -643,7 +647,7 @@ void CudaBackend::forward(const StepBatch& b, float* logits, const RowLogits* ex
     float* last = last_.as<float>();
     cuda::gather_rows(x, P.sample_rows, n, H, last, compute_);
     cuda::rmsnorm(last, nullptr, final_norm_, n, H, s.rms_eps, last, compute_);
-    gemm_->run(last, n, H, lm_head_.data, lm_head_.wt, V, nullptr, logits_.as<float>(), compute_);
+    gemm_->run(last, cuda::kF32, n, H, lm_head_.data, lm_head_.wt, V, nullptr, logits_.as<float>(), cuda::kF32, compute_);
     if (s.final_softcap > 0.f) cuda::softcap(logits_.as<float>(), size_t(n) * V, s.final_softcap, compute_);
     // Sampling runs on the host (addon/sampler.cc): [n, V] fp32 logits come back.
     check_cuda(cudaMemcpyAsync(logits, logits_.p, size_t(n) * V * f, cudaMemcpyDeviceToHost, compute_),
@@ -667,7 +671,8 @@ void CudaBackend::forward(const StepBatch& b, float* logits, const RowLogits* ex
                  "prompt logprob rows to device");
       cuda::gather_rows(x, extra_rows_.as<int32_t>(), cnt, H, last, compute_);
       cuda::rmsnorm(last, nullptr, final_norm_, cnt, H, s.rms_eps, last, compute_);
-      gemm_->run(last, cnt, H, lm_head_.data, lm_head_.wt, V, nullptr, logits_.as<float>(), compute_);
+      gemm_->run(last, cuda::kF32, cnt, H, lm_head_.data, lm_head_.wt, V, nullptr, logits_.as<float>(), cuda::kF32,
+                 compute_);
       if (s.final_softcap > 0.f) cuda::softcap(logits_.as<float>(), size_t(cnt) * V, s.final_softcap, compute_);
       check_cuda(cudaMemcpyAsync(host.data(), logits_.p, size_t(cnt) * V * f, cudaMemcpyDeviceToHost, compute_),
                  "prompt logits copy to host");

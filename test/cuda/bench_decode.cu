@@ -171,7 +171,8 @@ int main(int argc, char** argv) {
   std::unique_ptr<Backend> be = make_cuda_backend(model, block_size, num_pages, max_adapters + 1);
   {
     cuda::Gemm probe(0);
-    printf("gemm: T<=8 %s, T>8 %s\n", probe.path(1, 1), probe.path(64, 1));
+    printf("gemm (fp32 activations): T<=%d %s, T>%d %s\n", cuda::kSkinnyMaxT, probe.path(1, cuda::kF32, cuda::kBF16),
+           cuda::kSkinnyMaxT, probe.path(64, cuda::kF32, cuda::kBF16));
   }
 
   const auto t_inst = std::chrono::steady_clock::now();
