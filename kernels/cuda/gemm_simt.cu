@@ -180,7 +180,7 @@ void skinny_launch(const void* x, int T, int K, const void* W, int N, const floa
   const int kper = split_cols(K, splits);
   // Staged chunk: as many columns as fit the budget at this width, at most the split's range.
   const int kc_budget = kSkSmemBudget / (TT * 4) / 256 * 256;
-  const int KC = imin(kc_budget, (kper + 255) / 256 * 256);
+  const int KC = std::min(kc_budget, (kper + 255) / 256 * 256);
   float* ws = splits > 1 ? skinny_workspace(size_t(splits) * T * N) : nullptr;
   const dim3 grid(ceil_div(N, kSkBlockRows), splits);
   LP_LAUNCH((gemm_skinny_kernel<WT, XT, TT, VEC>), grid, dim3(kSkWarps * 32), size_t(T) * KC * sizeof(float), stream, x,
