@@ -90,6 +90,7 @@ __global__ void __launch_bounds__(256) bias_to_bf16_kernel(const float* __restri
 struct LtPlan {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatmulPreference_t pref = nullptr;  // kept for a re-query at an exact T
   cublasLtMatmulAlgo_t algo{};
   bool usable = false;          // a heuristic result exists
   bool bias_bf16 = false;       // the library wanted a BF16 bias for this D: bias_copy holds it
@@ -100,9 +101,22 @@ struct LtPlan {
     if (a) cublasLtMatrixLayoutDestroy(a);
     if (b) cublasLtMatrixLayoutDestroy(b);
     if (d) cublasLtMatrixLayoutDestroy(d);
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
     if (desc) cublasLtMatmulDescDestroy(desc);
   }
 };
+
+// The best algorithm for the plan's descriptor and layouts as they are now (host-side only).
+bool lt_query(cublasLtHandle_t h, LtPlan& p) {
+  cublasLtMatmulHeuristicResult_t res{};
+  int n = 0;
+  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(h, p.desc, p.a, p.b, p.d, p.d, p.pref, 1, &res, &n);
+  if (st == CUBLAS_STATUS_SUCCESS && n > 0 && res.state == CUBLAS_STATUS_SUCCESS) {
+    p.algo = res.algo;
+    return true;
+  }
+  return false;
+}
 
 #endif  // LORAPLEX_HAVE_CUBLAS
 
@@ -192,8 +206,8 @@ LtPlan* lt_plan(Gemm::LtCache& cache, cublasLtHandle_t h, void* ws, size_t ws_by
   check_cublas(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, K, N, K), "layout A");
   check_cublas(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_16BF, K, bucket, K), "layout B");
   check_cublas(cublasLtMatrixLayoutCreate(&p->d, dt, N, bucket, N), "layout D");
-  cublasLtMatmulPreference_t pref = nullptr;
-  check_cublas(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
+  check_cublas(cublasLtMatmulPreferenceCreate(&p->pref), "cublasLtMatmulPreferenceCreate");
+  cublasLtMatmulPreference_t pref = p->pref;
   // Split-K partial sums only in fp32 (the compute type), never in the BF16 output (INPLACE /
   // OUTPUT_TYPE would round every partial sum): the CPU oracle accumulates in fp32.
   const uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
@@ -205,16 +219,7 @@ LtPlan* lt_plan(Gemm::LtCache& cache, cublasLtHandle_t h, void* ws, size_t ws_by
   for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
                     CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
     check_cublas(cublasLtMatmulPreferenceSetAttribute(pref, attr, &align, sizeof(align)), "pref alignment");
-  auto query = [&]() {
-    cublasLtMatmulHeuristicResult_t res{};
-    int n = 0;
-    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(h, p->desc, p->a, p->b, p->d, p->d, pref, 1, &res, &n);
-    if (st == CUBLAS_STATUS_SUCCESS && n > 0 && res.state == CUBLAS_STATUS_SUCCESS) {
-      p->algo = res.algo;
-      return true;
-    }
-    return false;
-  };
+  auto query = [&]() { return lt_query(h, *p); };
   if (bias) {
     // cublasLt.h: the bias has D's type by default; an fp32 bias (the model's) is asked for first
     // and a BF16 copy used only if the library has no kernel for that. The heuristic looks at the
@@ -241,7 +246,6 @@ LtPlan* lt_plan(Gemm::LtCache& cache, cublasLtHandle_t h, void* ws, size_t ws_by
   } else {
     p->usable = query();
   }
-  cublasLtMatmulPreferenceDestroy(pref);
   LtPlan* raw = p.get();
   cache.plans.emplace(key, std::move(p));
   return raw;
@@ -302,10 +306,10 @@ void Gemm::run(const void* x, int xt, int T, int K, const void* W, int wt, int N
       cublasStatus_t st = cublasLtMatmul(h, plan->desc, &one, W, plan->a, x, plan->b, &zero, y, plan->d, y, plan->d,
                                          &plan->algo, lt_ws_, lt_ws_bytes_, stream);
       // The bucket's algorithm was chosen at the bucket's largest T; should it not apply to this T,
-      // let cuBLASLt choose (algo = null: its own heuristic, host-side).
-      if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE)
-        st = cublasLtMatmul(h, plan->desc, &one, W, plan->a, x, plan->b, &zero, y, plan->d, y, plan->d, nullptr, lt_ws_,
-                            lt_ws_bytes_, stream);
+      // ask again for this T with the same preferences (fp32-only split-K reduction; host-side).
+      if ((st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE) && lt_query(h, *plan))
+        st = cublasLtMatmul(h, plan->desc, &one, W, plan->a, x, plan->b, &zero, y, plan->d, y, plan->d, &plan->algo,
+                            lt_ws_, lt_ws_bytes_, stream);
       check_cublas(st, "cublasLtMatmul (BF16)");
       return;
     }
