@@ -35,7 +35,8 @@ constexpr int kSkBlockRows = kSkWarps * kSkRows;  // output rows per block (32)
 constexpr int kSkSmemBudget = 32768;             // bytes of staged x per block (at the compiled T width)
 constexpr int kSkMinSplitK = 512;                // columns per split at least (auto split)
 
-// 8 consecutive weights of row n starting at column k (16-byte aligned: k % 8 == 0, K % 8 == 0).
+// 8 consecutive values of dtype WT (weights, or activations: F32 / BF16) from a 16-byte aligned
+// address (row n, column k with k % 8 == 0 and K % 8 == 0), as fp32.
 template <int WT>
 __device__ __forceinline__ void load_w8(const void* W, size_t at, float* w) {
   if (WT == kF32) {
@@ -74,9 +75,21 @@ __global__ void __launch_bounds__(kSkWarps * 32) gemm_skinny_kernel(const void* 
     const int kc = imin(KC, ke - c0);
     __syncthreads();  // the previous chunk is consumed
     // Stage x[:, c0 : c0 + kc) as fp32, zero beyond kc (the compute loop reads whole 8-column groups).
-    for (int i = threadIdx.x; i < T * KC; i += kSkWarps * 32) {
-      const int t = i / KC, kk = i - t * KC;
-      xs[i] = kk < kc ? Elem<XT>::load(xe, size_t(t) * K + c0 + kk) : 0.f;
+    if (VEC) {  // kc % 8 == 0 and x rows 16-byte aligned: one 16-byte (BF16) / 2 x 16-byte (F32) load per 8
+      const int groups = KC / 8;
+      for (int g = threadIdx.x; g < T * groups; g += kSkWarps * 32) {
+        const int t = g / groups, kk = (g - t * groups) * 8;
+        float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        if (kk < kc) load_w8<XT>(x, size_t(t) * K + c0 + kk, v);
+        float4* dst = reinterpret_cast<float4*>(xs + t * KC + kk);
+        dst[0] = make_float4(v[0], v[1], v[2], v[3]);
+        dst[1] = make_float4(v[4], v[5], v[6], v[7]);
+      }
+    } else {
+      for (int i = threadIdx.x; i < T * KC; i += kSkWarps * 32) {
+        const int t = i / KC, kk = i - t * KC;
+        xs[i] = kk < kc ? Elem<XT>::load(xe, size_t(t) * K + c0 + kk) : 0.f;
+      }
     }
     __syncthreads();
     if (!active) continue;
