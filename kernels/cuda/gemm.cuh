@@ -13,7 +13,10 @@
 //   xt BF16, wt BF16, with cuBLAS         "cublaslt-bf16" cublasLtMatmul BF16 x BF16 on tensor cores,
 //                                         CUBLAS_COMPUTE_32F, D in yt, bias fused as the epilogue
 //                                         (CUBLASLT_EPILOGUE_BIAS, fp32 bias when the library accepts
-//                                         it for this D, else a BF16 copy of the bias, see gemm.cu)
+//                                         it for this D, else a BF16 copy of the bias, see gemm.cu).
+//                                         Needs K % 8 == 0, N % 8 == 0 and 16-byte aligned x, W, y
+//                                         (and fp32 bias); otherwise, or when cuBLASLt offers no
+//                                         algorithm, run() takes gemm_tiled (same arithmetic)
 //   everything else                       "tiled"         gemm_tiled (SIMT fp32): no cuBLAS; BF16 x
 //                                         with F32 / F16 weights (cuBLAS needs one 16-bit type for
 //                                         both operands, and the BF16 path only pairs BF16 x with
