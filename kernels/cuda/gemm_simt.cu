@@ -166,23 +166,25 @@ int sm_count() {
 // Columns per split (a multiple of 8) for the split count asked.
 int split_cols(int K, int splits) { return (ceil_div(K, splits) + 7) / 8 * 8; }
 
-// The process-wide split-K workspace (fp32 partial sums).
+// The process-wide split-K workspace (fp32 partial sums). A buffer once handed out is never freed
+// (growing retires it): CUDA graphs captured with it keep a valid pointer, and growing needs no
+// device sync. Sizes stay small (splits x T x N floats; auto splits only where N is small: ~1 MiB
+// for a 4096-row projection at T = 16), and growth is geometric.
 std::mutex g_ws_mu;
 float* g_ws = nullptr;
 size_t g_ws_floats = 0;
+std::vector<float*> g_ws_retired;
 
 float* skinny_workspace(size_t floats) {
   std::lock_guard<std::mutex> lk(g_ws_mu);
   if (floats > g_ws_floats) {
-    if (g_ws) {  // launches queued on any stream may still read the old one
-      check_cuda(cudaDeviceSynchronize(), "gemm_skinny: sync before growing the split-K workspace");
-      check_cuda(cudaFree(g_ws), "gemm_skinny: cudaFree");
-      g_ws = nullptr;
-      g_ws_floats = 0;
-    }
-    check_cuda(cudaMalloc(reinterpret_cast<void**>(&g_ws), floats * sizeof(float)),
+    const size_t n = std::max(floats, 2 * g_ws_floats);
+    float* p = nullptr;
+    check_cuda(cudaMalloc(reinterpret_cast<void**>(&p), n * sizeof(float)),
                "gemm_skinny: cudaMalloc of the split-K workspace");
-    g_ws_floats = floats;
+    if (g_ws) g_ws_retired.push_back(g_ws);  // launches queued or captured may still use it
+    g_ws = p;
+    g_ws_floats = n;
   }
   return g_ws;
 }

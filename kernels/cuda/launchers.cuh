@@ -104,8 +104,9 @@ void gather_rows(const float* x,       // [T, H]
 // most s splits of K (in multiples of 8). Partial sums go to a process-wide fp32 workspace and a
 // second kernel adds them in split order (no atomics: results do not vary run to run; different
 // split counts differ only by fp32 summation order). The workspace grows on demand, which allocates
-// and synchronises: call gemm_skinny_reserve first for the largest (T, N, split) a captured
-// (cudaStreamBeginCapture) launch will use. One stream at a time (the engine thread) may use it.
+// (cudaMalloc; no sync, and a buffer once used is never freed, so captured graphs stay valid): call
+// gemm_skinny_reserve first for the largest (T, N, split) a captured (cudaStreamBeginCapture)
+// launch will use. One stream at a time (the engine thread) may run split launches.
 // 16-byte loads need K % 8 == 0; other K take a scalar path (correct, slower).
 constexpr int kSkinnyMaxT = 16;
 void gemm_skinny(const void* x,      // [T, K] dtype xt

@@ -497,6 +497,50 @@ void run_skinny_split_case(Rng& rng, int xt, int wt, int yt, int T, int K, int N
   }
 }
 
+#ifndef LORAPLEX_CUDA_EMU
+// warm() then run() captured into a CUDA graph (as the backend captures decode steps): the capture
+// must succeed (no allocation, sync or other capture-unsafe call inside run()), and the replayed
+// graph must compute the product. GPU only: the emulator has no stream capture.
+void run_gemm_graph_case(Rng& rng, cu::Gemm& gemm, int T, int K, int N) {
+  const Weights W = random_weights(rng, 1, size_t(N) * K, 0.05f);
+  const DevWeights dW(W);
+  const std::vector<float> x = round_bf16(rng.vec(size_t(T) * K)), bias = rng.vec(N);
+  const std::vector<float> want = gemm_truth(x, T, K, W, N, &bias, 1);
+  Act dx(1, x), y(1, want.size());
+  Dev<float> db(bias);
+  const std::string what = fmt("gemm graph capture x=BF16 W=BF16 y=BF16 T=%d K=%d N=%d %s", T, K, N,
+                               gemm.path(T, 1, 1, 1));
+  gemm.warm(T, K, N, 1, 1, 1, true);
+  sync();
+  std::string err;
+  cudaGraph_t graph = nullptr;
+  cudaError_t e = cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal);
+  if (e == cudaSuccess) {
+    try {
+      gemm.run(dx.p(), 1, T, K, dW.p, 1, N, db.p(), y.p(), 1, g_stream);
+    } catch (const std::exception& ex) {
+      err = ex.what();
+    }
+    e = cudaStreamEndCapture(g_stream, &graph);
+  }
+  if (e != cudaSuccess && err.empty()) err = cudaGetErrorString(e);
+  (void)cudaGetLastError();
+  record(err.empty(), what, err);
+  if (!err.empty()) {
+    if (graph) cudaGraphDestroy(graph);
+    return;
+  }
+  cudaGraphExec_t exec = nullptr;
+  ck(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate");
+  ck(cudaGraphLaunch(exec, g_stream), "cudaGraphLaunch");
+  sync();
+  expect_close(what + " replay", y.host().data(), want.data(), want.size(), gemm_tol(gemm.path(T, 1, 1, 1), 1, K, 1));
+  y.guard(what);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+}
+#endif
+
 void test_gemm(Rng& rng) {
   Section sec("gemm");
   cu::Gemm gemm;
@@ -520,6 +564,11 @@ void test_gemm(Rng& rng) {
             run_gemm_case(rng, gemm, xy[c][0], wt, xy[c][1], T, K, N, (T + N) % 2 == 1, W, dW);
           }
       }
+#ifndef LORAPLEX_CUDA_EMU
+  // Decode shapes (split-K on a large GPU) and one cuBLASLt shape, captured into graphs.
+  for (auto [T, K, N] : std::vector<std::array<int, 3>>{{1, 4096, 4096}, {16, 4096, 1024}, {48, 1024, 512}})
+    run_gemm_graph_case(rng, gemm, T, K, N);
+#endif
   // Skinny split-K at the decode widths (K a multiple of 8 for 16-byte loads, and not).
   for (int wt : {1, 0, 2})
     for (auto [K, N] : std::vector<std::array<int, 2>>{{1024, 40}, {1002, 24}})
