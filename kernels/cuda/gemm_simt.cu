@@ -346,7 +346,7 @@ int gemm_skinny_splits(int T, int K, int N, int split_k) {
     want = std::min(want, std::max(1, K / kSkMinSplitK));
     want = std::min(want, 16);
   }
-  want = std::max(1, std::min(want, ceil_div(K, 8)));
+  want = std::max(1, std::min({want, ceil_div(K, 8), 65535}));  // grid.y <= 65535
   return ceil_div(K, split_cols(K, want));  // no empty split
 }
 
@@ -361,7 +361,6 @@ void gemm_skinny(const void* x, int xt, int T, int K, const void* W, int wt, int
   check_args("gemm_skinny", xt, T, K, N, wt, yt);
   if (T == 0) return;
   if (T > kSkinnyMaxT) throw std::runtime_error("gemm_skinny: T > kSkinnyMaxT (16)");
-  if (ceil_div(N, kSkBlockRows) > 2147483647 / 2) throw std::runtime_error("gemm_skinny: N too large");
   const int splits = gemm_skinny_splits(T, K, N, split_k);
   if (wt == kF32) skinny_x<kF32>(x, xt, T, K, W, N, bias, y, yt, splits, stream);
   else if (wt == kBF16) skinny_x<kBF16>(x, xt, T, K, W, N, bias, y, yt, splits, stream);
