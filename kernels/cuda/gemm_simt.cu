@@ -1,12 +1,26 @@
-// Base-weight GEMM without cuBLAS: y[T, N] = x[T, K] . W[N, K]^T (+ bias), W in F32 / BF16 / F16,
-// converted to fp32 in registers (exactly), fp32 accumulation: the CPU oracle's arithmetic.
+// Base-weight GEMM without cuBLAS: y[T, N] = x[T, K] . W[N, K]^T (+ bias). x is fp32 or BF16, W is
+// F32 / BF16 / F16, both converted to fp32 in registers (exactly), fp32 accumulation: the CPU
+// oracle's arithmetic on the same values. y is written as fp32 or BF16 (rounded once, at the end).
 //
-// gemm_skinny (T <= 8, decode): the step is bound by reading W once. One warp per output row; each
-// lane loads 16 bytes of W per step (8 BF16/F16 weights or 4 F32), and applies them to all T tokens
-// (x rows stay in L1: T * K * 4 bytes), so W is streamed exactly once per call.
-// gemm_tiled (any T): 64 x 64 output tiles, K in chunks of 16 staged in shared memory (W converted
-// while staging, so each weight is converted once per tile, not once per token), 4 x 4 outputs per
-// thread read as float4 from k-major tiles. SIMT fp32: the fallback when cuBLAS is absent.
+// gemm_skinny (T <= 16, decode): the step is bound by reading W once. A block of 8 warps owns 32
+// output rows (4 per warp) and one K range (its split); x[:, chunk] is staged in shared memory as
+// fp32, then each lane streams 16 bytes of each of its warp's 4 rows per step (8 BF16/F16 weights,
+// or 2 x 16 bytes of F32) and applies them to all T tokens: W is read exactly once per call, each
+// lane keeps 4 independent 16-byte loads in flight, and each x value read from shared memory serves
+// 4 rows. With few rows (N / 32 blocks cannot fill the GPU) K is split across blocks; the partial
+// sums land in an fp32 workspace and a second kernel adds them in split order (deterministic).
+// Why this should run near the HBM bound: at T <= 8 the arithmetic is at most 8 FMA per weight
+// (16 per 2-byte BF16 weight = 8 flop/byte: an H200's ~67 fp32 TFLOPS cover ~8 TB/s), and enough
+// bytes are in flight (2 blocks x 256 threads x 64 bytes = 32 KiB per SM against ~22 KiB that
+// Little's law asks of an H200 at ~600 ns). At T = 16 the SIMT FMA rate itself (16 flop/byte) is
+// the limit (~4.2 TB/s at peak issue, so ~70-85% of HBM at best); tensor-core mma for that case is
+// future work (see test/cuda/README.md).
+// gemm_tiled (any T): 64 x 64 output tiles, K in chunks of 16 staged in shared memory (x and W
+// converted while staging, so each value is converted once per tile, not once per use), 4 x 4
+// outputs per thread read as float4 from k-major tiles. SIMT fp32: the fallback when cuBLAS is absent.
+#include <algorithm>
+#include <mutex>
+
 #include "kernels/cuda/launchers.cuh"
 
 namespace loraplex::cuda {
@@ -15,9 +29,14 @@ namespace {
 
 // ---- skinny ---------------------------------------------------------------------------------------
 
-constexpr int kSkinnyWarps = 8;  // output rows per block
+constexpr int kSkWarps = 8;                      // warps per block
+constexpr int kSkRows = 4;                       // output rows per warp
+constexpr int kSkBlockRows = kSkWarps * kSkRows;  // output rows per block (32)
+constexpr int kSkSmemBudget = 32768;             // bytes of staged x per block (at the compiled T width)
+constexpr int kSkMinSplitK = 512;                // columns per split at least (auto split)
 
-// 8 consecutive weights of row n starting at column k (k % 8 == 0, K % 8 == 0).
+// 8 consecutive values of dtype WT (weights, or activations: F32 / BF16) from a 16-byte aligned
+// address (row n, column k with k % 8 == 0 and K % 8 == 0), as fp32.
 template <int WT>
 __device__ __forceinline__ void load_w8(const void* W, size_t at, float* w) {
   if (WT == kF32) {
@@ -29,82 +48,218 @@ __device__ __forceinline__ void load_w8(const void* W, size_t at, float* w) {
   }
 }
 
-template <int WT, int TT, bool VEC>
-__global__ void __launch_bounds__(kSkinnyWarps * 32) gemm_skinny_kernel(const float* __restrict__ x,  // [T, K]
-                                                                         int T, int K,
-                                                                         const void* __restrict__ W,  // [N, K]
-                                                                         int N,
-                                                                         const float* __restrict__ bias,  // [N] or null
-                                                                         float* __restrict__ y) {  // [T, N]
-  const int lane = threadIdx.x & 31;
-  const int n = blockIdx.x * kSkinnyWarps + (threadIdx.x >> 5);
-  if (n >= N) return;  // warp-uniform
-  float acc[TT];
+// Grid (ceil(N / 32), splits); block 256; dynamic shared memory T * KC floats.
+// Split s covers columns [s * kper, min(K, (s + 1) * kper)); kper % 8 == 0, KC % 256 == 0.
+template <int WT, int XT, int TT, bool VEC>
+__global__ void __launch_bounds__(kSkWarps * 32) gemm_skinny_kernel(const void* __restrict__ x,  // [T, K]
+                                                                     int T, int K,
+                                                                     const void* __restrict__ W,  // [N, K]
+                                                                     int N, int kper, int KC,
+                                                                     const float* __restrict__ bias,  // [N] or null
+                                                                     void* __restrict__ y,  // [T, N] dtype yt
+                                                                     int yt,
+                                                                     float* __restrict__ ws) {  // [splits, T, N]
+  LP_DYN_SMEM(float, xs);  // [T][KC]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n0 = (blockIdx.x * kSkWarps + warp) * kSkRows;
+  const int ks = blockIdx.y * kper, ke = imin(K, ks + kper);
+  const bool active = n0 < N;  // warp-uniform
+  const auto* xe = static_cast<const typename Elem<XT>::T*>(x);
+  float acc[kSkRows][TT];
 #pragma unroll
-  for (int t = 0; t < TT; t++) acc[t] = 0.f;
-  const size_t row = size_t(n) * K;
-  if (VEC) {
-#pragma unroll 2
-    for (int k = lane * 8; k < K; k += 32 * 8) {
-      float w[8];
-      load_w8<WT>(W, row + k, w);
+  for (int r = 0; r < kSkRows; r++)
+#pragma unroll
+    for (int t = 0; t < TT; t++) acc[r][t] = 0.f;
+
+  for (int c0 = ks; c0 < ke; c0 += KC) {
+    const int kc = imin(KC, ke - c0);
+    __syncthreads();  // the previous chunk is consumed
+    // Stage x[:, c0 : c0 + kc) as fp32, zero beyond kc (the compute loop reads whole 8-column groups).
+    if (VEC) {  // kc % 8 == 0 and x rows 16-byte aligned: one 16-byte (BF16) / 2 x 16-byte (F32) load per 8
+      const int groups = KC / 8;
+      for (int g = threadIdx.x; g < T * groups; g += kSkWarps * 32) {
+        const int t = g / groups, kk = (g - t * groups) * 8;
+        float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        if (kk < kc) load_w8<XT>(x, size_t(t) * K + c0 + kk, v);
+        float4* dst = reinterpret_cast<float4*>(xs + t * KC + kk);
+        dst[0] = make_float4(v[0], v[1], v[2], v[3]);
+        dst[1] = make_float4(v[4], v[5], v[6], v[7]);
+      }
+    } else {
+      for (int i = threadIdx.x; i < T * KC; i += kSkWarps * 32) {
+        const int t = i / KC, kk = i - t * KC;
+        xs[i] = kk < kc ? Elem<XT>::load(xe, size_t(t) * K + c0 + kk) : 0.f;
+      }
+    }
+    __syncthreads();
+    if (!active) continue;
+    for (int kk = lane * 8; kk < kc; kk += 32 * 8) {
+      float w[kSkRows][8];
+#pragma unroll
+      for (int r = 0; r < kSkRows; r++) {
+        const int n = n0 + r;
+        const size_t at = size_t(n) * K + c0 + kk;
+        if (n < N && VEC) {
+          load_w8<WT>(W, at, w[r]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; e++) w[r][e] = n < N && kk + e < kc ? load_w(W, WT, at + e) : 0.f;
+        }
+      }
 #pragma unroll
       for (int t = 0; t < TT; t++) {
         if (t < T) {
-          const float4* xp = reinterpret_cast<const float4*>(x + size_t(t) * K + k);
-          const float4 a = xp[0], b = xp[1];
-          acc[t] += w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * b.x + w[5] * b.y + w[6] * b.z +
-                    w[7] * b.w;
+          // kk + 8 <= KC (KC % 256 == 0), and columns past kc are zero in xs.
+          const float4 a = *reinterpret_cast<const float4*>(xs + t * KC + kk);
+          const float4 b = *reinterpret_cast<const float4*>(xs + t * KC + kk + 4);
+#pragma unroll
+          for (int r = 0; r < kSkRows; r++)
+            acc[r][t] += w[r][0] * a.x + w[r][1] * a.y + w[r][2] * a.z + w[r][3] * a.w + w[r][4] * b.x +
+                         w[r][5] * b.y + w[r][6] * b.z + w[r][7] * b.w;
         }
       }
     }
-  } else {
-    for (int k = lane; k < K; k += 32) {
-      const float w = load_w(W, WT, row + k);
-#pragma unroll
-      for (int t = 0; t < TT; t++)
-        if (t < T) acc[t] += w * x[size_t(t) * K + k];
-    }
   }
-  const float b = bias ? bias[n] : 0.f;
+  if (!active) return;  // no barrier follows
+  const bool direct = gridDim.y == 1;
 #pragma unroll
-  for (int t = 0; t < TT; t++) {
-    if (t < T) {  // T is uniform: the whole warp shuffles or none of it
-      const float v = warp_sum(acc[t]);
-      if (lane == 0) y[size_t(t) * N + n] = v + b;
+  for (int r = 0; r < kSkRows; r++) {
+    const int n = n0 + r;
+#pragma unroll
+    for (int t = 0; t < TT; t++) {
+      if (t < T) {  // T is uniform: the whole warp shuffles or none of it
+        const float v = warp_sum(acc[r][t]);
+        if (lane == 0 && n < N) {
+          if (direct) store_as(y, yt, size_t(t) * N + n, v + (bias ? bias[n] : 0.f));
+          else ws[(size_t(blockIdx.y) * T + t) * N + n] = v;
+        }
+      }
     }
   }
 }
 
-template <int WT, int TT>
-void skinny(const float* x, int T, int K, const void* W, int N, const float* bias, float* y, cudaStream_t stream) {
-  const dim3 grid(ceil_div(N, kSkinnyWarps)), block(kSkinnyWarps * 32);
-  // 16-byte loads need K % 8 == 0 (row starts of W and x stay 16-byte aligned).
-  if (K % 8 == 0) LP_LAUNCH((gemm_skinny_kernel<WT, TT, true>), grid, block, 0, stream, x, T, K, W, N, bias, y);
-  else LP_LAUNCH((gemm_skinny_kernel<WT, TT, false>), grid, block, 0, stream, x, T, K, W, N, bias, y);
+// y[i] = (sum over splits, in split order, of ws[s, i]) + bias, stored as yt.
+__global__ void __launch_bounds__(256) gemm_skinny_reduce_kernel(const float* __restrict__ ws,  // [splits, T * N]
+                                                                  int splits, size_t tn, int N,
+                                                                  const float* __restrict__ bias,  // [N] or null
+                                                                  void* __restrict__ y, int yt) {
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < tn; i += size_t(gridDim.x) * blockDim.x) {
+    float s = ws[i];
+    for (int p = 1; p < splits; p++) s += ws[size_t(p) * tn + i];
+    store_as(y, yt, i, s + (bias ? bias[i % N] : 0.f));
+  }
+}
+
+int sm_count() {
+  static const int n = [] {
+    int dev = 0;
+    cudaDeviceProp p{};
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaGetDeviceProperties(&p, dev) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 1;
+    }
+    return p.multiProcessorCount > 0 ? p.multiProcessorCount : 1;
+  }();
+  return n;
+}
+
+// Columns per split (a multiple of 8) for the split count asked.
+int split_cols(int K, int splits) { return (ceil_div(K, splits) + 7) / 8 * 8; }
+
+// The process-wide split-K workspace (fp32 partial sums). A buffer once handed out is never freed
+// (growing retires it): CUDA graphs captured with it keep a valid pointer, and growing needs no
+// device sync. Sizes stay small (splits x T x N floats; auto splits only where N is small: ~1 MiB
+// for a 4096-row projection at T = 16), and growth is geometric.
+std::mutex g_ws_mu;
+float* g_ws = nullptr;
+size_t g_ws_floats = 0;
+std::vector<float*> g_ws_retired;
+
+float* skinny_workspace(size_t floats) {
+  std::lock_guard<std::mutex> lk(g_ws_mu);
+  if (floats > g_ws_floats) {
+    const size_t n = std::max(floats, 2 * g_ws_floats);
+    float* p = nullptr;
+    check_cuda(cudaMalloc(reinterpret_cast<void**>(&p), n * sizeof(float)),
+               "gemm_skinny: cudaMalloc of the split-K workspace");
+    if (g_ws) g_ws_retired.push_back(g_ws);  // launches queued or captured may still use it
+    g_ws = p;
+    g_ws_floats = n;
+  }
+  return g_ws;
+}
+
+template <int WT, int XT, int TT, bool VEC>
+void skinny_launch(const void* x, int T, int K, const void* W, int N, const float* bias, void* y, int yt, int splits,
+                   cudaStream_t stream) {
+  const int kper = split_cols(K, splits);
+  // Staged chunk: as many columns as fit the budget at this width, at most the split's range.
+  const int kc_budget = kSkSmemBudget / (TT * 4) / 256 * 256;
+  const int KC = std::min(kc_budget, (kper + 255) / 256 * 256);
+  float* ws = splits > 1 ? skinny_workspace(size_t(splits) * T * N) : nullptr;
+  const dim3 grid(ceil_div(N, kSkBlockRows), splits);
+  LP_LAUNCH((gemm_skinny_kernel<WT, XT, TT, VEC>), grid, dim3(kSkWarps * 32), size_t(T) * KC * sizeof(float), stream, x,
+            T, K, W, N, kper, KC, bias, y, yt, ws);
+  if (splits > 1) {
+    check_launch("gemm_skinny");
+    const size_t tn = size_t(T) * N;
+    const int blocks = int(tn / 256 + 1 < 1024 ? tn / 256 + 1 : 1024);
+    LP_LAUNCH(gemm_skinny_reduce_kernel, dim3(blocks), dim3(256), 0, stream, ws, splits, tn, N, bias, y, yt);
+  }
+}
+
+template <int WT, int XT>
+void skinny_t(const void* x, int T, int K, const void* W, int N, const float* bias, void* y, int yt, int splits,
+              cudaStream_t stream) {
+  // 16-byte loads need K % 8 == 0 (row starts of W stay 16-byte aligned); other K: scalar loads.
+  if (K % 8 != 0) return skinny_launch<WT, XT, 16, false>(x, T, K, W, N, bias, y, yt, splits, stream);
+  // Round T up to a compiled width; rows t >= T are skipped inside.
+  if (T <= 1) skinny_launch<WT, XT, 1, true>(x, T, K, W, N, bias, y, yt, splits, stream);
+  else if (T <= 2) skinny_launch<WT, XT, 2, true>(x, T, K, W, N, bias, y, yt, splits, stream);
+  else if (T <= 4) skinny_launch<WT, XT, 4, true>(x, T, K, W, N, bias, y, yt, splits, stream);
+  else if (T <= 8) skinny_launch<WT, XT, 8, true>(x, T, K, W, N, bias, y, yt, splits, stream);
+  else skinny_launch<WT, XT, 16, true>(x, T, K, W, N, bias, y, yt, splits, stream);
 }
 
 template <int WT>
-void skinny_t(const float* x, int T, int K, const void* W, int N, const float* bias, float* y, cudaStream_t stream) {
-  // Round T up to a compiled width; rows t >= T are skipped inside.
-  if (T <= 1) skinny<WT, 1>(x, T, K, W, N, bias, y, stream);
-  else if (T <= 2) skinny<WT, 2>(x, T, K, W, N, bias, y, stream);
-  else if (T <= 4) skinny<WT, 4>(x, T, K, W, N, bias, y, stream);
-  else skinny<WT, 8>(x, T, K, W, N, bias, y, stream);
+void skinny_x(const void* x, int xt, int T, int K, const void* W, int N, const float* bias, void* y, int yt, int splits,
+              cudaStream_t stream) {
+  if (xt == kF32) skinny_t<WT, kF32>(x, T, K, W, N, bias, y, yt, splits, stream);
+  else skinny_t<WT, kBF16>(x, T, K, W, N, bias, y, yt, splits, stream);
 }
 
 // ---- tiled ----------------------------------------------------------------------------------------
 
 constexpr int kBM = 64, kBN = 64, kBK = 16;
 
-template <int WT, bool VEC>
-__global__ void __launch_bounds__(256) gemm_tiled_kernel(const float* __restrict__ x,  // [T, K]
+// 4 consecutive 16-bit values (8 bytes) unpacked to fp32.
+template <int DT>
+__device__ __forceinline__ void unpack4(const void* p, size_t at, float* out) {
+  const uint2 u = *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(p) + at);
+  float w8[8];
+  unpack8<DT>(make_uint4(u.x, u.y, 0u, 0u), w8);
+  out[0] = w8[0], out[1] = w8[1], out[2] = w8[2], out[3] = w8[3];
+}
+
+template <int DT>
+__device__ __forceinline__ void load4(const void* p, size_t at, float* out) {
+  if (DT == kF32) {
+    const float4 v = *reinterpret_cast<const float4*>(static_cast<const float*>(p) + at);
+    out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+  } else {
+    unpack4<DT>(p, at, out);
+  }
+}
+
+template <int WT, int XT, bool VEC>
+__global__ void __launch_bounds__(256) gemm_tiled_kernel(const void* __restrict__ x,  // [T, K] dtype XT
                                                          int T, int K,
                                                          const void* __restrict__ W,  // [N, K]
                                                          int N,
                                                          const float* __restrict__ bias,  // [N] or null
-                                                         float* __restrict__ y) {  // [T, N]
-  __shared__ __align__(16) float As[kBK][kBM];  // x tile, k-major
+                                                         void* __restrict__ y,  // [T, N] dtype yt
+                                                         int yt) {
+  __shared__ __align__(16) float As[kBK][kBM];  // x tile (fp32), k-major
   __shared__ __align__(16) float Bs[kBK][kBN];  // W tile (fp32), k-major
   const int m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
@@ -115,33 +270,16 @@ __global__ void __launch_bounds__(256) gemm_tiled_kernel(const float* __restrict
   for (int k0 = 0; k0 < K; k0 += kBK) {
     const int k = k0 + lk;
     float xv[4], wv[4];
-    if (VEC) {  // K % 4 == 0: the 4 values are all in bounds or all out
+    if (VEC) {  // K % 4 == 0: the 4 values are all in bounds or all out (8- or 16-byte aligned)
       const bool kin = k < K;
-      if (xm < T && kin) {
-        const float4 v = *reinterpret_cast<const float4*>(x + size_t(xm) * K + k);
-        xv[0] = v.x, xv[1] = v.y, xv[2] = v.z, xv[3] = v.w;
-      } else {
-        xv[0] = xv[1] = xv[2] = xv[3] = 0.f;
-      }
-      if (wn < N && kin) {
-        const size_t at = size_t(wn) * K + k;
-        if (WT == kF32) {
-          const float4 v = *reinterpret_cast<const float4*>(static_cast<const float*>(W) + at);
-          wv[0] = v.x, wv[1] = v.y, wv[2] = v.z, wv[3] = v.w;
-        } else {
-          const uint2 u = *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(W) + at);
-          const uint4 u4 = make_uint4(u.x, u.y, 0u, 0u);
-          float w8[8];
-          unpack8<WT>(u4, w8);
-          wv[0] = w8[0], wv[1] = w8[1], wv[2] = w8[2], wv[3] = w8[3];
-        }
-      } else {
-        wv[0] = wv[1] = wv[2] = wv[3] = 0.f;
-      }
+      if (xm < T && kin) load4<XT>(x, size_t(xm) * K + k, xv);
+      else xv[0] = xv[1] = xv[2] = xv[3] = 0.f;
+      if (wn < N && kin) load4<WT>(W, size_t(wn) * K + k, wv);
+      else wv[0] = wv[1] = wv[2] = wv[3] = 0.f;
     } else {
 #pragma unroll
       for (int e = 0; e < 4; e++) {
-        xv[e] = xm < T && k + e < K ? x[size_t(xm) * K + k + e] : 0.f;
+        xv[e] = xm < T && k + e < K ? load_as(x, XT, size_t(xm) * K + k + e) : 0.f;
         wv[e] = wn < N && k + e < K ? load_w(W, WT, size_t(wn) * K + k + e) : 0.f;
       }
     }
@@ -170,45 +308,74 @@ __global__ void __launch_bounds__(256) gemm_tiled_kernel(const float* __restrict
 #pragma unroll
     for (int j = 0; j < 4; j++) {
       const int n = n0 + tx * 4 + j;
-      if (n < N) y[size_t(m) * N + n] = acc[i][j] + (bias ? bias[n] : 0.f);
+      if (n < N) store_as(y, yt, size_t(m) * N + n, acc[i][j] + (bias ? bias[n] : 0.f));
     }
   }
 }
 
-template <int WT>
-void tiled(const float* x, int T, int K, const void* W, int N, const float* bias, float* y, cudaStream_t stream) {
+template <int WT, int XT>
+void tiled(const void* x, int T, int K, const void* W, int N, const float* bias, void* y, int yt, cudaStream_t stream) {
   const dim3 grid(ceil_div(N, kBN), ceil_div(T, kBM));
-  if (K % 4 == 0) LP_LAUNCH((gemm_tiled_kernel<WT, true>), grid, dim3(256), 0, stream, x, T, K, W, N, bias, y);
-  else LP_LAUNCH((gemm_tiled_kernel<WT, false>), grid, dim3(256), 0, stream, x, T, K, W, N, bias, y);
+  if (K % 4 == 0) LP_LAUNCH((gemm_tiled_kernel<WT, XT, true>), grid, dim3(256), 0, stream, x, T, K, W, N, bias, y, yt);
+  else LP_LAUNCH((gemm_tiled_kernel<WT, XT, false>), grid, dim3(256), 0, stream, x, T, K, W, N, bias, y, yt);
 }
 
-void check_args(const char* what, int T, int K, int N, int wt) {
-  if (T < 0 || K <= 0 || N <= 0 || wt < kF32 || wt > kF16)
+template <int WT>
+void tiled_x(const void* x, int xt, int T, int K, const void* W, int N, const float* bias, void* y, int yt,
+             cudaStream_t stream) {
+  if (xt == kF32) tiled<WT, kF32>(x, T, K, W, N, bias, y, yt, stream);
+  else tiled<WT, kBF16>(x, T, K, W, N, bias, y, yt, stream);
+}
+
+void check_args(const char* what, int xt, int T, int K, int N, int wt, int yt) {
+  if (T < 0 || K <= 0 || N <= 0 || wt < kF32 || wt > kF16 || (xt != kF32 && xt != kBF16) || (yt != kF32 && yt != kBF16))
     throw std::runtime_error(std::string(what) + ": bad shape or dtype (T=" + std::to_string(T) + " K=" +
-                             std::to_string(K) + " N=" + std::to_string(N) + " wt=" + std::to_string(wt) + ")");
+                             std::to_string(K) + " N=" + std::to_string(N) + " xt=" + std::to_string(xt) + " wt=" +
+                             std::to_string(wt) + " yt=" + std::to_string(yt) + ")");
 }
 
 }  // namespace
 
-void gemm_skinny(const float* x, int T, int K, const void* W, int wt, int N, const float* bias, float* y,
-                 cudaStream_t stream) {
-  check_args("gemm_skinny", T, K, N, wt);
-  if (T == 0) return;
-  if (T > kSkinnyMaxT) throw std::runtime_error("gemm_skinny: T > 8");
-  if (wt == kF32) skinny_t<kF32>(x, T, K, W, N, bias, y, stream);
-  else if (wt == kBF16) skinny_t<kBF16>(x, T, K, W, N, bias, y, stream);
-  else skinny_t<kF16>(x, T, K, W, N, bias, y, stream);
-  check_launch("gemm_skinny");
+int gemm_skinny_splits(int T, int K, int N, int split_k) {
+  int want = split_k;
+  if (want <= 0) {
+    // Aim for ~3 blocks per SM (2 resident at ~100 registers a thread, plus the tail); each split
+    // keeps >= 512 columns (1 KiB of BF16 per row and lane group) and there are at most 16.
+    const int blocks = ceil_div(N, kSkBlockRows), target = 3 * sm_count();
+    want = blocks >= target ? 1 : ceil_div(target, blocks);
+    want = std::min(want, std::max(1, K / kSkMinSplitK));
+    want = std::min(want, 16);
+  }
+  want = std::max(1, std::min({want, ceil_div(K, 8), 65535}));  // grid.y <= 65535
+  return ceil_div(K, split_cols(K, want));  // no empty split
 }
 
-void gemm_tiled(const float* x, int T, int K, const void* W, int wt, int N, const float* bias, float* y,
+void gemm_skinny_reserve(int T, int K, int N, int split_k) {
+  if (T <= 0 || K <= 0 || N <= 0) return;
+  const int s = gemm_skinny_splits(T, K, N, split_k);
+  if (s > 1) skinny_workspace(size_t(s) * T * N);
+}
+
+void gemm_skinny(const void* x, int xt, int T, int K, const void* W, int wt, int N, const float* bias, void* y, int yt,
+                 cudaStream_t stream, int split_k) {
+  check_args("gemm_skinny", xt, T, K, N, wt, yt);
+  if (T == 0) return;
+  if (T > kSkinnyMaxT) throw std::runtime_error("gemm_skinny: T > kSkinnyMaxT (16)");
+  const int splits = gemm_skinny_splits(T, K, N, split_k);
+  if (wt == kF32) skinny_x<kF32>(x, xt, T, K, W, N, bias, y, yt, splits, stream);
+  else if (wt == kBF16) skinny_x<kBF16>(x, xt, T, K, W, N, bias, y, yt, splits, stream);
+  else skinny_x<kF16>(x, xt, T, K, W, N, bias, y, yt, splits, stream);
+  check_launch(splits > 1 ? "gemm_skinny (split-K reduce)" : "gemm_skinny");
+}
+
+void gemm_tiled(const void* x, int xt, int T, int K, const void* W, int wt, int N, const float* bias, void* y, int yt,
                 cudaStream_t stream) {
-  check_args("gemm_tiled", T, K, N, wt);
+  check_args("gemm_tiled", xt, T, K, N, wt, yt);
   if (T == 0) return;
   if (ceil_div(T, kBM) > 65535) throw std::runtime_error("gemm_tiled: T too large");
-  if (wt == kF32) tiled<kF32>(x, T, K, W, N, bias, y, stream);
-  else if (wt == kBF16) tiled<kBF16>(x, T, K, W, N, bias, y, stream);
-  else tiled<kF16>(x, T, K, W, N, bias, y, stream);
+  if (wt == kF32) tiled_x<kF32>(x, xt, T, K, W, N, bias, y, yt, stream);
+  else if (wt == kBF16) tiled_x<kBF16>(x, xt, T, K, W, N, bias, y, yt, stream);
+  else tiled_x<kF16>(x, xt, T, K, W, N, bias, y, yt, stream);
   check_launch("gemm_tiled");
 }
 

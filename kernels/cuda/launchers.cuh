@@ -4,9 +4,10 @@
 //
 // Conventions
 // - All pointers are device pointers unless a comment says "host".
-// - Activations, KV cache and LoRA rows are fp32; base weights stay in their stored dtype
-//   (WDType: F32, BF16, F16) and are converted to fp32 in registers: accumulation is always fp32,
-//   so every kernel computes what the CPU oracle computes, up to summation order.
+// - Base weights stay in their stored dtype (WDType: F32, BF16, F16) and are converted to fp32 in
+//   registers; activations, KV cache and LoRA rows are fp32 or (the BF16 path) BF16 where a
+//   launcher takes a dtype code for them. Accumulation is always fp32, so every kernel computes what
+//   the CPU oracle computes on the same (rounded) values, up to summation order.
 // - Every launcher enqueues on `stream`, never synchronises, and checks its launch with
 //   cudaGetLastError (throwing std::runtime_error naming the kernel). Shapes are given as
 //   `// [T, H]` comments on each parameter.
@@ -94,28 +95,46 @@ void gather_rows(const float* x,       // [T, H]
                  cudaStream_t stream);
 
 // ------------------------------------------------------------------------------------------------
-// Base-weight GEMM (gemm_simt.cu; the dispatching wrapper with cuBLAS is gemm.cuh)
+// Base-weight GEMM (gemm_simt.cu; the dispatching wrapper with cuBLAS / cuBLASLt is gemm.cuh)
 
-// y = x . W^T (+ bias), fp32 accumulation, W in its stored dtype. For T <= kSkinnyMaxT (decode):
-// one warp per output row streams W once with 16-byte loads for all T tokens, so decode runs at
-// memory bandwidth. Needs nothing but T <= kSkinnyMaxT.
-constexpr int kSkinnyMaxT = 8;
-void gemm_skinny(const float* x,     // [T, K]
-                 int T, int K,
+// y = x . W^T (+ bias): x [T, K] in xt (kF32 or kBF16), W [N, K] in its stored dtype wt (kF32,
+// kBF16, kF16), bias [N] fp32 or nullptr, y [T, N] written in yt (kF32 or kBF16: rounded once, to
+// nearest even, after the bias is added). Products and sums are fp32 (x and W converted exactly),
+// so with BF16 x the result is cpu::matmul on the BF16 values, up to summation order.
+//
+// gemm_skinny (decode, T <= kSkinnyMaxT): W is streamed once for all T tokens with 16-byte loads
+// (a warp owns 4 output rows, so each lane keeps 4 independent 16-byte loads in flight), x is
+// staged per K chunk in shared memory as fp32. Split-K over blocks when N alone cannot fill the
+// GPU: split_k = 0 chooses from the shape and the SM count (read once), 1 = no split, s > 1 = at
+// most s splits of K (in multiples of 8). Partial sums go to a process-wide fp32 workspace and a
+// second kernel adds them in split order (no atomics: results do not vary run to run; different
+// split counts differ only by fp32 summation order). The workspace grows on demand, which allocates
+// (cudaMalloc; no sync, and a buffer once used is never freed, so captured graphs stay valid): call
+// gemm_skinny_reserve first for the largest (T, N, split) a captured (cudaStreamBeginCapture)
+// launch will use. One stream at a time (the engine thread) may run split launches.
+// 16-byte loads need K % 8 == 0; other K take a scalar path (correct, slower).
+constexpr int kSkinnyMaxT = 16;
+void gemm_skinny(const void* x,      // [T, K] dtype xt
+                 int xt, int T, int K,
                  const void* W,      // [N, K] dtype wt
                  int wt, int N,
                  const float* bias,  // [N] or nullptr
-                 float* y,           // [T, N]
-                 cudaStream_t stream);
-// Any T: 64x64 output tiles, W converted to fp32 as it is staged in shared memory, 4x4 register
-// blocking. The fallback for T > kSkinnyMaxT when cuBLAS is absent (SIMT fp32, no tensor cores).
-void gemm_tiled(const float* x,     // [T, K]
-                int T, int K,
+                 void* y,            // [T, N] dtype yt
+                 int yt, cudaStream_t stream, int split_k = 0);
+// The split gemm_skinny uses for this shape (split_k as passed to it): >= 1.
+int gemm_skinny_splits(int T, int K, int N, int split_k = 0);
+// Grows the split-K workspace for gemm_skinny(T, K, N, split_k) now (may allocate and synchronise),
+// so that the launch itself allocates nothing (CUDA graph capture).
+void gemm_skinny_reserve(int T, int K, int N, int split_k = 0);
+// Any T: 64x64 output tiles, x and W converted to fp32 as they are staged in shared memory, 4x4
+// register blocking. The fallback when cuBLAS is absent (SIMT fp32, no tensor cores).
+void gemm_tiled(const void* x,      // [T, K] dtype xt
+                int xt, int T, int K,
                 const void* W,      // [N, K] dtype wt
                 int wt, int N,
                 const float* bias,  // [N] or nullptr
-                float* y,           // [T, N]
-                cudaStream_t stream);
+                void* y,            // [T, N] dtype yt
+                int yt, cudaStream_t stream);
 
 // ------------------------------------------------------------------------------------------------
 // Paged KV cache and attention (kv_write.cu, attention_decode.cu, attention_prefill.cu)
@@ -189,7 +208,10 @@ void paged_attention_prefill(const uint8_t* pool,   // [num_pages * page_bytes]
 // ------------------------------------------------------------------------------------------------
 // Heterogeneous LoRA (lora_shrink.cu, lora_expand.cu): y += s_a * (x . A_a^T) . B_a per token's
 // adapter a, rows read from the unified pool through per-adapter row-offset tables, exactly as
-// CpuBackend::install_adapter / place_rows lay them out (fp32 rows at byte offsets into the pool).
+// CpuBackend::install_adapter / place_rows lay them out (rows at 64-byte aligned byte offsets into
+// the pool, elements of dtype lt: kF32, or kBF16 with --lora-dtype bfloat16, the same offsets with
+// 2-byte elements). Activations x / y are xt / yt (kF32 or kBF16); z and all sums stay fp32; a BF16
+// y is read, the LoRA term added in fp32, and rounded once.
 
 // One adapter's view of one (layer, projection). The same bytes on host and device.
 struct LoraRef {
@@ -201,21 +223,22 @@ struct LoraRef {
 // refs: the ref of slot s is refs[s * ref_stride] (the backend keeps [slot][layer][proj]).
 
 // BGMV (decode: per-token adapter index). Shrink: z[t, j] = s_a * A_a[j, :] . x[t, :] for j < r_a
-// (0 for r_a <= j < max_rank). Expand: y[t, :] += sum_j z[t, j] B_a^T[j, :].
-void lora_shrink_bgmv(const uint8_t* pool, const LoraRef* refs, int ref_stride,
+// (0 for r_a <= j < max_rank). Expand: y[t, :] += sum_j z[t, j] B_a^T[j, :]. Which slots a step
+// uses is read from token_slot on the device (graph-safe: the launch depends only on T, max_rank).
+void lora_shrink_bgmv(const uint8_t* pool, int lt, const LoraRef* refs, int ref_stride,
                       const int32_t* token_slot,  // [T]
                       int T,
-                      const float* x,             // [T, in]
-                      int in,
+                      const void* x,              // [T, in] dtype xt
+                      int xt, int in,
                       float* z,                   // [T, max_rank]
                       int max_rank, cudaStream_t stream);
-void lora_expand_bgmv(const uint8_t* pool, const LoraRef* refs, int ref_stride,
+void lora_expand_bgmv(const uint8_t* pool, int lt, const LoraRef* refs, int ref_stride,
                       const int32_t* token_slot,  // [T]
                       int T,
                       const float* z,             // [T, max_rank]
                       int max_rank,
-                      float* y,                   // [T, out]
-                      int out, cudaStream_t stream);
+                      void* y,                    // [T, out] dtype yt
+                      int yt, int out, cudaStream_t stream);
 
 // SGMV (prefill / mixed: segments of consecutive tokens sharing an adapter, cut into tiles of at
 // most kSgmvTileT tokens): each A / B^T row chunk staged in shared memory serves the whole tile,
@@ -223,19 +246,19 @@ void lora_expand_bgmv(const uint8_t* pool, const LoraRef* refs, int ref_stride,
 constexpr int kSgmvTileT = 32;
 // host: tiles (t0, t1, slot) over the runs of equal token_slot, slot 0 (base model) skipped: [n, 3].
 std::vector<int32_t> make_sgmv_tiles(const int32_t* token_slot, int T);
-void lora_shrink_sgmv(const uint8_t* pool, const LoraRef* refs, int ref_stride,
+void lora_shrink_sgmv(const uint8_t* pool, int lt, const LoraRef* refs, int ref_stride,
                       const int32_t* tiles,  // [n_tiles, 3] from make_sgmv_tiles
                       int n_tiles,
-                      const float* x,        // [T, in]
-                      int in,
+                      const void* x,         // [T, in] dtype xt
+                      int xt, int in,
                       float* z,              // [T, max_rank] (rows of tiled tokens written)
                       int max_rank, cudaStream_t stream);
-void lora_expand_sgmv(const uint8_t* pool, const LoraRef* refs, int ref_stride,
+void lora_expand_sgmv(const uint8_t* pool, int lt, const LoraRef* refs, int ref_stride,
                       const int32_t* tiles,  // [n_tiles, 3]
                       int n_tiles,
                       const float* z,        // [T, max_rank]
                       int max_rank,
-                      float* y,              // [T, out]
-                      int out, cudaStream_t stream);
+                      void* y,               // [T, out] dtype yt
+                      int yt, int out, cudaStream_t stream);
 
 }  // namespace loraplex::cuda

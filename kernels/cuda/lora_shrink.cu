@@ -1,14 +1,24 @@
 // LoRA shrink: z[t, j] = s_a * A_a[j, :] . x[t, :] for the adapter a of each token (Punica's
-// BGMV / SGMV "shrink"). A rows are fp32 rows of the unified pool reached through the adapter's
-// row-offset table, so adapters of any rank share pages with the KV cache.
+// BGMV / SGMV "shrink"). A rows are rows of the unified pool (fp32, or BF16 with --lora-dtype
+// bfloat16: the same 64-byte aligned offsets, 2-byte elements) reached through the adapter's
+// row-offset table, so adapters of any rank share pages with the KV cache. x is fp32 or BF16; both
+// are converted to fp32 exactly, and z is fp32.
 #include "kernels/cuda/launchers.cuh"
 
 namespace loraplex::cuda {
 
 namespace {
 
-__device__ __forceinline__ const float* pool_row(const uint8_t* pool, int64_t off) {
-  return reinterpret_cast<const float*>(pool + off);
+// 8 consecutive elements of dtype DT from a 16-byte aligned address, as fp32.
+template <int DT>
+__device__ __forceinline__ void load8(const void* p, size_t at, float* out) {
+  if (DT == kF32) {
+    const float4* q = reinterpret_cast<const float4*>(static_cast<const float*>(p) + at);
+    const float4 a = q[0], b = q[1];
+    out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+  } else {
+    unpack8<kBF16>(*reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p) + at), out);
+  }
 }
 
 // ---- BGMV: one block per (token, rank row); the block's warps split the row --------------------
@@ -18,11 +28,11 @@ __device__ __forceinline__ const float* pool_row(const uint8_t* pool, int64_t of
 
 constexpr int kBgmvThreads = 128;
 
-template <bool VEC4>
+template <int LT, int XT, bool VEC8>
 __global__ void __launch_bounds__(kBgmvThreads) shrink_bgmv_kernel(const uint8_t* __restrict__ pool,
                                                                    const LoraRef* __restrict__ refs, int ref_stride,
                                                                    const int32_t* __restrict__ token_slot,  // [T]
-                                                                   const float* __restrict__ x,  // [T, in]
+                                                                   const void* __restrict__ x,  // [T, in] dtype XT
                                                                    int in,
                                                                    float* __restrict__ z,  // [T, max_rank]
                                                                    int max_rank) {
@@ -34,20 +44,21 @@ __global__ void __launch_bounds__(kBgmvThreads) shrink_bgmv_kernel(const uint8_t
     if (threadIdx.x == 0) zt[j] = 0.f;
     return;
   }
-  const float* a = pool_row(pool, r.a_rows[j]);
-  const float* xr = x + size_t(t) * in;
+  const void* a = pool + r.a_rows[j];
+  const size_t x0 = size_t(t) * in;
   float acc = 0.f;
-  if (VEC4) {
-    // Rows are 64-byte aligned in the pool and in % 4 == 0 keeps x rows 16-byte aligned.
-    const float4* a4 = reinterpret_cast<const float4*>(a);
-    const float4* x4 = reinterpret_cast<const float4*>(xr);
-#pragma unroll 4
-    for (int i = threadIdx.x; i < in / 4; i += kBgmvThreads) {
-      const float4 av = a4[i], xv = x4[i];
-      acc += av.x * xv.x + av.y * xv.y + av.z * xv.z + av.w * xv.w;
+  if (VEC8) {
+    // Rows are 64-byte aligned in the pool and in % 8 == 0 keeps x rows 16-byte aligned.
+#pragma unroll 2
+    for (int i = threadIdx.x * 8; i < in; i += kBgmvThreads * 8) {
+      float av[8], xv[8];
+      load8<LT>(a, i, av);
+      load8<XT>(x, x0 + i, xv);
+#pragma unroll
+      for (int e = 0; e < 8; e++) acc += av[e] * xv[e];
     }
   } else {
-    for (int i = threadIdx.x; i < in; i += kBgmvThreads) acc += a[i] * xr[i];
+    for (int i = threadIdx.x; i < in; i += kBgmvThreads) acc += load_as(a, LT, i) * load_as(x, XT, x0 + i);
   }
   acc = block_sum(acc, scratch);
   if (threadIdx.x == 0) zt[j] = r.scale * acc;
@@ -59,10 +70,11 @@ constexpr int kTileT = kSgmvTileT;  // tokens per tile (32)
 constexpr int kTileR = 32;          // rank rows per block
 constexpr int kBK = 32;             // reduction chunk
 
+template <int LT, int XT>
 __global__ void __launch_bounds__(256) shrink_sgmv_kernel(const uint8_t* __restrict__ pool,
                                                           const LoraRef* __restrict__ refs, int ref_stride,
                                                           const int32_t* __restrict__ tiles,  // [n_tiles, 3]
-                                                          const float* __restrict__ x,        // [T, in]
+                                                          const void* __restrict__ x,         // [T, in] dtype XT
                                                           int in,
                                                           float* __restrict__ z,  // [T, max_rank]
                                                           int max_rank) {
@@ -71,6 +83,7 @@ __global__ void __launch_bounds__(256) shrink_sgmv_kernel(const uint8_t* __restr
   const int j0 = blockIdx.y * kTileR;
   if (j0 >= r.rank) return;  // block-uniform: this adapter has fewer rank rows (or none here)
   const int nt = t1 - t0, nr = imin(kTileR, r.rank - j0);
+  const auto* xe = static_cast<const typename Elem<XT>::T*>(x);
 
   // k-major tiles, padded by one: the transposed stores and the per-k reads are conflict-free.
   __shared__ float Xs[kBK][kTileT + 1];
@@ -84,11 +97,11 @@ __global__ void __launch_bounds__(256) shrink_sgmv_kernel(const uint8_t* __restr
   float acc[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
   for (int k0 = 0; k0 < in; k0 += kBK) {
     __syncthreads();  // arow written (first pass) / previous chunk consumed
-    // Stage 32 x 32 of x and of A: lanes walk k, so each row chunk is one 128-byte read.
+    // Stage 32 x 32 of x and of A: lanes walk k, so each row chunk is one contiguous read.
     for (int i = threadIdx.x; i < kTileT * kBK; i += 256) {
       const int rr = i / kBK, kk = i % kBK, k = k0 + kk;
-      Xs[kk][rr] = rr < nt && k < in ? x[size_t(t0 + rr) * in + k] : 0.f;
-      As[kk][rr] = rr < nr && k < in ? pool_row(pool, arow[rr])[k] : 0.f;
+      Xs[kk][rr] = rr < nt && k < in ? Elem<XT>::load(xe, size_t(t0 + rr) * in + k) : 0.f;
+      As[kk][rr] = rr < nr && k < in ? load_as(pool + arow[rr], LT, k) : 0.f;
     }
     __syncthreads();
 #pragma unroll 8
@@ -106,6 +119,30 @@ __global__ void __launch_bounds__(256) shrink_sgmv_kernel(const uint8_t* __restr
       const int tt = ty + 16 * a, jj = tx + 16 * b;
       if (tt < nt && jj < nr) z[size_t(t0 + tt) * max_rank + j0 + jj] = r.scale * acc[a][b];
     }
+}
+
+void check_dtypes(const char* what, int lt, int xt) {
+  if ((lt != kF32 && lt != kBF16) || (xt != kF32 && xt != kBF16))
+    throw std::runtime_error(std::string(what) + ": LoRA rows and activations must be F32 or BF16");
+}
+
+template <int LT, int XT>
+void bgmv(const uint8_t* pool, const LoraRef* refs, int ref_stride, const int32_t* token_slot, int T, const void* x,
+          int in, float* z, int max_rank, cudaStream_t stream) {
+  const dim3 grid(T, max_rank);
+  if (in % 8 == 0)
+    LP_LAUNCH((shrink_bgmv_kernel<LT, XT, true>), grid, dim3(kBgmvThreads), 0, stream, pool, refs, ref_stride,
+              token_slot, x, in, z, max_rank);
+  else
+    LP_LAUNCH((shrink_bgmv_kernel<LT, XT, false>), grid, dim3(kBgmvThreads), 0, stream, pool, refs, ref_stride,
+              token_slot, x, in, z, max_rank);
+}
+
+template <int LT, int XT>
+void sgmv(const uint8_t* pool, const LoraRef* refs, int ref_stride, const int32_t* tiles, int n_tiles, const void* x,
+          int in, float* z, int max_rank, cudaStream_t stream) {
+  LP_LAUNCH((shrink_sgmv_kernel<LT, XT>), dim3(n_tiles, ceil_div(max_rank, kTileR)), dim3(256), 0, stream, pool, refs,
+            ref_stride, tiles, x, in, z, max_rank);
 }
 
 }  // namespace
@@ -126,25 +163,26 @@ std::vector<int32_t> make_sgmv_tiles(const int32_t* token_slot, int T) {
   return tiles;
 }
 
-void lora_shrink_bgmv(const uint8_t* pool, const LoraRef* refs, int ref_stride, const int32_t* token_slot, int T,
-                      const float* x, int in, float* z, int max_rank, cudaStream_t stream) {
+void lora_shrink_bgmv(const uint8_t* pool, int lt, const LoraRef* refs, int ref_stride, const int32_t* token_slot, int T,
+                      const void* x, int xt, int in, float* z, int max_rank, cudaStream_t stream) {
   if (T <= 0 || max_rank <= 0) return;
+  check_dtypes("lora_shrink_bgmv", lt, xt);
   if (max_rank > 65535) throw std::runtime_error("lora_shrink_bgmv: rank too large");
-  const dim3 grid(T, max_rank);
-  if (in % 4 == 0)
-    LP_LAUNCH(shrink_bgmv_kernel<true>, grid, dim3(kBgmvThreads), 0, stream, pool, refs, ref_stride, token_slot, x, in, z,
-              max_rank);
-  else
-    LP_LAUNCH(shrink_bgmv_kernel<false>, grid, dim3(kBgmvThreads), 0, stream, pool, refs, ref_stride, token_slot, x, in,
-              z, max_rank);
+  if (lt == kF32 && xt == kF32) bgmv<kF32, kF32>(pool, refs, ref_stride, token_slot, T, x, in, z, max_rank, stream);
+  else if (lt == kF32) bgmv<kF32, kBF16>(pool, refs, ref_stride, token_slot, T, x, in, z, max_rank, stream);
+  else if (xt == kF32) bgmv<kBF16, kF32>(pool, refs, ref_stride, token_slot, T, x, in, z, max_rank, stream);
+  else bgmv<kBF16, kBF16>(pool, refs, ref_stride, token_slot, T, x, in, z, max_rank, stream);
   check_launch("lora_shrink_bgmv");
 }
 
-void lora_shrink_sgmv(const uint8_t* pool, const LoraRef* refs, int ref_stride, const int32_t* tiles, int n_tiles,
-                      const float* x, int in, float* z, int max_rank, cudaStream_t stream) {
+void lora_shrink_sgmv(const uint8_t* pool, int lt, const LoraRef* refs, int ref_stride, const int32_t* tiles,
+                      int n_tiles, const void* x, int xt, int in, float* z, int max_rank, cudaStream_t stream) {
   if (n_tiles <= 0 || max_rank <= 0) return;
-  LP_LAUNCH(shrink_sgmv_kernel, dim3(n_tiles, ceil_div(max_rank, kTileR)), dim3(256), 0, stream, pool, refs, ref_stride,
-            tiles, x, in, z, max_rank);
+  check_dtypes("lora_shrink_sgmv", lt, xt);
+  if (lt == kF32 && xt == kF32) sgmv<kF32, kF32>(pool, refs, ref_stride, tiles, n_tiles, x, in, z, max_rank, stream);
+  else if (lt == kF32) sgmv<kF32, kBF16>(pool, refs, ref_stride, tiles, n_tiles, x, in, z, max_rank, stream);
+  else if (xt == kF32) sgmv<kBF16, kF32>(pool, refs, ref_stride, tiles, n_tiles, x, in, z, max_rank, stream);
+  else sgmv<kBF16, kBF16>(pool, refs, ref_stride, tiles, n_tiles, x, in, z, max_rank, stream);
   check_launch("lora_shrink_sgmv");
 }
 

@@ -474,84 +474,246 @@ void test_elementwise_bf16(Rng& rng) {
 // ------------------------------------------------------------------------------------------------
 // 2. GEMM
 
-Tol gemm_tol(const std::string& path, int wt, int K) {
+// BF16 helpers for activations (round to nearest even: cpu::f32_to_bf16, the device's arithmetic).
+std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
+  std::vector<uint16_t> h(v.size());
+  for (size_t i = 0; i < v.size(); i++) h[i] = cpu::f32_to_bf16(v[i]);
+  return h;
+}
+std::vector<float> from_bf16(const std::vector<uint16_t>& h) {
+  std::vector<float> v(h.size());
+  for (size_t i = 0; i < h.size(); i++) v[i] = cpu::bf16_to_f32(h[i]);
+  return v;
+}
+std::vector<float> round_bf16(const std::vector<float>& v) { return from_bf16(to_bf16(v)); }
+const char* aname(int t) { return t == 0 ? "F32" : "BF16"; }
+
+// A device activation tensor of dtype t (F32 or BF16) with canaries; values given as fp32 (exact
+// for BF16 when they were rounded first).
+struct Act {
+  int t;
+  std::unique_ptr<Dev<float>> f;
+  std::unique_ptr<Dev<uint16_t>> h;
+  Act(int t_, size_t n) : t(t_) {
+    if (t == 0) f = std::make_unique<Dev<float>>(n);
+    else h = std::make_unique<Dev<uint16_t>>(n);
+  }
+  Act(int t_, const std::vector<float>& v) : t(t_) {
+    if (t == 0) f = std::make_unique<Dev<float>>(v);
+    else h = std::make_unique<Dev<uint16_t>>(to_bf16(v));
+  }
+  void* p() const { return t == 0 ? static_cast<void*>(f->p()) : static_cast<void*>(h->p()); }
+  std::vector<float> host() const { return t == 0 ? f->host() : from_bf16(h->host()); }
+  void guard(const std::string& what) const {
+    if (t == 0) expect_guard(what, *f);
+    else expect_guard(what, *h);
+  }
+};
+
+// One BF16 ulp relative to the value (7 stored bits): the bound for a result rounded once to BF16
+// against the rounded truth (the two may round to neighbours when the fp32 sum is near a tie).
+constexpr double kBf16Ulp = 1.0 / 128;
+
+Tol gemm_tol(const std::string& path, int wt, int K, int yt) {
   const double grow = std::max(1.0, std::sqrt(K / 576.0));  // fp32 rounding of a K-term sum
+  Tol t{1e-4 * grow, 1e-4};
   if (path.rfind("cublas-split", 0) == 0 && wt != 0) {
     const int parts = path.back() - '0';
     // Relative precision of x after the split: bf16 keeps 8 bits per part, f16 11.
     const double u = std::pow(2.0, -(wt == 1 ? 8 : 11) * parts - 1);
-    return {std::max(1e-4 * grow, 4.0 * u * std::sqrt(double(K))), std::max(1e-4, 4.0 * u)};
+    t = {std::max(1e-4 * grow, 4.0 * u * std::sqrt(double(K))), std::max(1e-4, 4.0 * u)};
   }
-  return {1e-4 * grow, 1e-4};
+  // "cublaslt-bf16", "skinny", "tiled" with BF16 x: exact products of the BF16 values, fp32 sums.
+  if (yt == 1) t.rtol += kBf16Ulp;
+  return t;
 }
 
-void run_gemm_case(Rng& rng, cu::Gemm& gemm, int wt, int T, int K, int N, bool with_bias, const Weights& W,
-                   const DevWeights& dW) {
-  const std::vector<float> x = rng.vec(size_t(T) * K), bias = rng.vec(N);
-  std::vector<float> want(size_t(T) * N);
-  // The truth, accumulated in fp64: an fp32 CPU GEMM sums in another order than cuBLAS, and at
-  // K = 4096 two fp32 orders alone differ by ~3e-4 on a few outputs (seen on an H200), which is
-  // the tolerance itself. Rows converted once (~17 G multiply-adds in all: seconds).
-  {
-    std::vector<float> wf(size_t(N) * K);
-    cpu::convert_row(W.data(), cpu::WType(wt), 0, N * K, wf.data());
-    for (int t = 0; t < T; t++)
-      for (int n = 0; n < N; n++) {
-        double acc = with_bias ? bias[n] : 0.0;
-        const float* xr = x.data() + size_t(t) * K;
-        const float* wr = wf.data() + size_t(n) * K;
-        for (int k = 0; k < K; k++) acc += double(xr[k]) * wr[k];
-        want[size_t(t) * N + n] = float(acc);
-      }
-  }
-  Dev<float> dx(x), db(bias);
-  const std::string base = fmt("gemm W=%s T=%d K=%d N=%d bias=%d", wname(wt), T, K, N, with_bias);
-  // Through the dispatcher (cuBLAS when built with it), then each SIMT kernel directly.
+// The truth, accumulated in fp64 on the values the kernels see (x already BF16-rounded for BF16
+// activations): an fp32 CPU GEMM sums in another order than cuBLAS, and at K = 4096 two fp32 orders
+// alone differ by ~3e-4 on a few outputs (seen on an H200), which is the tolerance itself. For BF16
+// outputs the truth is rounded to BF16 once, as the kernels do.
+std::vector<float> gemm_truth(const std::vector<float>& x, int T, int K, const Weights& W, int N,
+                              const std::vector<float>* bias, int yt) {
+  std::vector<float> wf(size_t(N) * K), want(size_t(T) * N);
+  cpu::convert_row(W.data(), cpu::WType(W.t), 0, N * K, wf.data());
+  for (int t = 0; t < T; t++)
+    for (int n = 0; n < N; n++) {
+      double acc = bias ? (*bias)[n] : 0.0;
+      const float* xr = x.data() + size_t(t) * K;
+      const float* wr = wf.data() + size_t(n) * K;
+      for (int k = 0; k < K; k++) acc += double(xr[k]) * wr[k];
+      want[size_t(t) * N + n] = float(acc);
+    }
+  return yt == 1 ? round_bf16(want) : want;
+}
+
+void run_gemm_case(Rng& rng, cu::Gemm& gemm, int xt, int wt, int yt, int T, int K, int N, bool with_bias,
+                   const Weights& W, const DevWeights& dW) {
+  std::vector<float> x = rng.vec(size_t(T) * K);
+  if (xt == 1) x = round_bf16(x);
+  const std::vector<float> bias = rng.vec(N);
+  const std::vector<float> want = gemm_truth(x, T, K, W, N, with_bias ? &bias : nullptr, yt);
+  Act dx(xt, x);
+  Dev<float> db(bias);
+  const std::string base = fmt("gemm x=%s W=%s y=%s T=%d K=%d N=%d bias=%d", aname(xt), wname(wt), aname(yt), T, K, N,
+                               with_bias);
+  // Through the dispatcher (cuBLAS / cuBLASLt when built with it), then each SIMT kernel directly.
   for (int impl = 0; impl < 3; impl++) {
     if (impl == 1 && T > cu::kSkinnyMaxT) continue;
-    Dev<float> y(want.size());
+    Act y(yt, want.size());
     std::string path;
     if (impl == 0) {
-      path = gemm.path(T, wt);
-      gemm.run(dx.p(), T, K, dW.p, wt, N, with_bias ? db.p() : nullptr, y.p(), g_stream);
+      path = gemm.path(T, xt, wt, yt);
+      gemm.run(dx.p(), xt, T, K, dW.p, wt, N, with_bias ? db.p() : nullptr, y.p(), yt, g_stream);
     } else if (impl == 1) {
       path = "skinny";
-      cu::gemm_skinny(dx.p(), T, K, dW.p, wt, N, with_bias ? db.p() : nullptr, y.p(), g_stream);
+      cu::gemm_skinny(dx.p(), xt, T, K, dW.p, wt, N, with_bias ? db.p() : nullptr, y.p(), yt, g_stream);
     } else {
       path = "tiled";
-      cu::gemm_tiled(dx.p(), T, K, dW.p, wt, N, with_bias ? db.p() : nullptr, y.p(), g_stream);
+      cu::gemm_tiled(dx.p(), xt, T, K, dW.p, wt, N, with_bias ? db.p() : nullptr, y.p(), yt, g_stream);
     }
     sync();
     const std::string what = base + " " + (impl == 0 ? "run:" : "") + path;
-    expect_close(what, y.host().data(), want.data(), want.size(), gemm_tol(path, wt, K));
-    expect_guard(what, y);
+    expect_close(what, y.host().data(), want.data(), want.size(), gemm_tol(path, wt, K, yt));
+    y.guard(what);
   }
 }
+
+// The skinny kernel's split-K: every split count (auto, none, 2, 5) against the truth, split-K
+// really splitting, and a split run repeated giving the same bits (the partial sums are reduced
+// in a fixed order).
+void run_skinny_split_case(Rng& rng, int xt, int wt, int yt, int T, int K, int N) {
+  const Weights W = random_weights(rng, wt, size_t(N) * K, 0.5f);
+  const DevWeights dW(W);
+  std::vector<float> x = rng.vec(size_t(T) * K);
+  if (xt == 1) x = round_bf16(x);
+  const std::vector<float> bias = rng.vec(N);
+  const std::vector<float> want = gemm_truth(x, T, K, W, N, &bias, yt);
+  Act dx(xt, x);
+  Dev<float> db(bias);
+  const std::string base =
+      fmt("gemm_skinny split-K x=%s W=%s y=%s T=%d K=%d N=%d", aname(xt), wname(wt), aname(yt), T, K, N);
+  std::vector<float> first;
+  for (int split : {0, 1, 2, 5, 5}) {
+    const int used = cu::gemm_skinny_splits(T, K, N, split);
+    if (split > 1) record(used == std::min(split, (K + 7) / 8), fmt("%s split_k=%d splits", base.c_str(), split),
+                          fmt("gemm_skinny_splits gave %d", used));
+    cu::gemm_skinny_reserve(T, K, N, split);
+    Act y(yt, want.size());
+    cu::gemm_skinny(dx.p(), xt, T, K, dW.p, wt, N, db.p(), y.p(), yt, g_stream, split);
+    sync();
+    const std::string what = base + fmt(" split_k=%d (%d splits)", split, used);
+    const std::vector<float> got = y.host();
+    expect_close(what, got.data(), want.data(), want.size(), gemm_tol("skinny", wt, K, yt));
+    y.guard(what);
+    if (split == 5) {
+      if (first.empty()) first = got;
+      else record(std::memcmp(first.data(), got.data(), got.size() * 4) == 0, what + " repeated", "results differ bitwise");
+    }
+  }
+}
+
+#ifndef LORAPLEX_CUDA_EMU
+// warm() then run() captured into a CUDA graph (as the backend captures decode steps): the capture
+// must succeed (no allocation, sync or other capture-unsafe call inside run()), and the replayed
+// graph must compute the product. GPU only: the emulator has no stream capture.
+void run_gemm_graph_case(Rng& rng, cu::Gemm& gemm, int T, int K, int N) {
+  const Weights W = random_weights(rng, 1, size_t(N) * K, 0.05f);
+  const DevWeights dW(W);
+  const std::vector<float> x = round_bf16(rng.vec(size_t(T) * K)), bias = rng.vec(N);
+  const std::vector<float> want = gemm_truth(x, T, K, W, N, &bias, 1);
+  Act dx(1, x), y(1, want.size());
+  Dev<float> db(bias);
+  const std::string what = fmt("gemm graph capture x=BF16 W=BF16 y=BF16 T=%d K=%d N=%d %s", T, K, N,
+                               gemm.path(T, 1, 1, 1));
+  gemm.warm(T, K, N, 1, 1, 1, true);
+  sync();
+  std::string err;
+  cudaGraph_t graph = nullptr;
+  cudaError_t e = cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal);
+  if (e == cudaSuccess) {
+    try {
+      gemm.run(dx.p(), 1, T, K, dW.p, 1, N, db.p(), y.p(), 1, g_stream);
+    } catch (const std::exception& ex) {
+      err = ex.what();
+    }
+    e = cudaStreamEndCapture(g_stream, &graph);
+  }
+  if (e != cudaSuccess && err.empty()) err = cudaGetErrorString(e);
+  (void)cudaGetLastError();
+  record(err.empty(), what, err);
+  if (!err.empty()) {
+    if (graph) cudaGraphDestroy(graph);
+    return;
+  }
+  cudaGraphExec_t exec = nullptr;
+  ck(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate");
+  ck(cudaGraphLaunch(exec, g_stream), "cudaGraphLaunch");
+  sync();
+  expect_close(what + " replay", y.host().data(), want.data(), want.size(), gemm_tol(gemm.path(T, 1, 1, 1), 1, K, 1));
+  y.guard(what);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+}
+#endif
 
 void test_gemm(Rng& rng) {
   Section sec("gemm");
   cu::Gemm gemm;
-  printf("gemm: %s, activation split %d\n", gemm.has_cublas() ? "cuBLAS for T > 8" : "no cuBLAS (SIMT tiles)",
-         gemm.act_split());
+  printf("gemm: %s, activation split %d\n",
+         gemm.has_cublas() ? "cuBLAS (F32 x) / cuBLASLt (BF16 x) for T > 16" : "no cuBLAS (SIMT tiles)", gemm.act_split());
   const std::vector<int> Ks = g_quick ? std::vector<int>{8, 30, 100, 576} : std::vector<int>{8, 24, 30, 64, 100, 576, 4096};
   const std::vector<int> Ns = g_quick ? std::vector<int>{1, 17, 130} : std::vector<int>{1, 7, 64, 250, 1000};
   const std::vector<int> Ts =
-      g_quick ? std::vector<int>{1, 3, 8, 9, 70} : std::vector<int>{1, 2, 3, 5, 8, 9, 16, 33, 64, 130, 300};
+      g_quick ? std::vector<int>{1, 3, 8, 9, 16, 70} : std::vector<int>{1, 2, 3, 5, 8, 9, 16, 17, 33, 64, 130, 300};
+  // (x, y) dtypes: the fp32 path, BF16 activations with fp32 and BF16 outputs, fp32 x into BF16 y.
+  const std::vector<std::array<int, 2>> xy = {{0, 0}, {1, 0}, {1, 1}, {0, 1}};
   for (int wt : {0, 1, 2})
     for (int K : Ks)
       for (int N : Ns) {
         const Weights W = random_weights(rng, wt, size_t(N) * K);
         const DevWeights dW(W);
-        for (int T : Ts) run_gemm_case(rng, gemm, wt, T, K, N, (T + N) % 2 == 1, W, dW);
+        for (int T : Ts)
+          for (size_t c = 0; c < xy.size(); c++) {
+            // --quick: each mixed dtype pair on every third (T, N) only; in full, not on the few
+            // largest products (their fp64 truth dominates the suite's host time).
+            if (c > 0 && (g_quick ? (T + N + int(c)) % 3 != 0 : double(T) * K * N > 6e7)) continue;
+            run_gemm_case(rng, gemm, xy[c][0], wt, xy[c][1], T, K, N, (T + N) % 2 == 1, W, dW);
+          }
       }
-  // Model-sized projections (a 7B's q and down widths) in every dtype.
-  if (!g_quick)
+#ifndef LORAPLEX_CUDA_EMU
+  // Decode shapes (split-K on a large GPU) and one cuBLASLt shape, captured into graphs.
+  for (auto [T, K, N] : std::vector<std::array<int, 3>>{{1, 4096, 4096}, {16, 4096, 1024}, {48, 1024, 512}})
+    run_gemm_graph_case(rng, gemm, T, K, N);
+#endif
+  // Skinny split-K at the decode widths (K a multiple of 8 for 16-byte loads, and not).
+  for (int wt : {1, 0, 2})
+    for (auto [K, N] : std::vector<std::array<int, 2>>{{1024, 40}, {1002, 24}})
+      for (int T : {1, 2, 7, 8, 9, 16}) {
+        if (g_quick && (wt == 1 ? T == 2 || T == 8 : T != 16)) continue;
+        run_skinny_split_case(rng, 1, wt, 1, T, K, N);
+        run_skinny_split_case(rng, 0, wt, 0, T, K, N);
+      }
+  // Model-sized projections (a 7B's q and down widths) in every dtype; BF16 x with BF16 weights.
+  if (!g_quick) {
     for (int wt : {0, 1, 2})
       for (auto [T, K, N] : std::vector<std::array<int, 3>>{{1, 4096, 4096}, {64, 4096, 1024}, {257, 11008, 512}}) {
         const Weights W = random_weights(rng, wt, size_t(N) * K, 0.05f);
         const DevWeights dW(W);
-        run_gemm_case(rng, gemm, wt, T, K, N, true, W, dW);
+        run_gemm_case(rng, gemm, 0, wt, 0, T, K, N, true, W, dW);
+        if (wt == 1) {
+          run_gemm_case(rng, gemm, 1, wt, 1, T, K, N, true, W, dW);
+          run_gemm_case(rng, gemm, 1, wt, 0, T, K, N, false, W, dW);
+        }
       }
+    // Warmed shapes: warm() then run() (the capture-safe sequence) on the BF16 route.
+    const Weights W = random_weights(rng, 1, size_t(512) * 4096, 0.05f);
+    const DevWeights dW(W);
+    for (int T : {16, 48, 100}) {
+      gemm.warm(T, 4096, 512, 1, 1, 1, true);
+      run_gemm_case(rng, gemm, 1, 1, 1, T, 4096, 512, true, W, dW);
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -708,10 +870,11 @@ void test_attention(Rng& rng) {
 
 // Adapters for one projection, rows scattered through a byte pool at random 64-byte aligned offsets
 // (unused bytes NaN), visible to the CPU kernels and (same bytes, same offsets) to the CUDA ones.
+// Rows are fp32 (lt 0) or BF16 (lt 1: 2-byte elements, as the CPU backend's --lora-dtype bfloat16).
 // The device ref table is strided (ref_stride 3, as the backend's [slot][layer][proj] table is),
 // with NaN-scaled decoys in between that must never be read.
 struct AdapterSet {
-  int in, out, n;
+  int in, out, n, lt;
   static constexpr int kStride = 3;
   std::vector<uint8_t> pool_h;
   std::vector<cpu::LoraRef> refs;  // [slot]
@@ -719,7 +882,8 @@ struct AdapterSet {
   std::unique_ptr<Dev<uint8_t>> pool_d;
   std::unique_ptr<Dev<int64_t>> rows_d;
   std::unique_ptr<Dev<cu::LoraRef>> refs_d;
-  AdapterSet(Rng& rng, int in_, int out_, const std::vector<int>& ranks) : in(in_), out(out_), n(int(ranks.size())) {
+  AdapterSet(Rng& rng, int in_, int out_, const std::vector<int>& ranks, int lt_ = 0)
+      : in(in_), out(out_), n(int(ranks.size())), lt(lt_) {
     refs.resize(n);
     a_rows.resize(n);
     b_rows.resize(n);
@@ -728,7 +892,8 @@ struct AdapterSet {
     for (int s = 0; s < n; s++)
       for (int j = 0; j < ranks[s]; j++) rows.push_back({s, j, false}), rows.push_back({s, j, true});
     rng.shuffle(rows);
-    auto padded = [](int floats) { return (size_t(floats) * 4 + 63) / 64 * 64; };
+    const size_t eb = lt == 1 ? 2 : 4;
+    auto padded = [&](int elems) { return (size_t(elems) * eb + 63) / 64 * 64; };
     std::vector<int64_t> offs(rows.size());
     size_t at = 64 * size_t(rng.below(4));
     for (size_t i = 0; i < rows.size(); i++) {
@@ -741,15 +906,19 @@ struct AdapterSet {
       const Row& r = rows[i];
       (r.is_b ? b_rows : a_rows)[r.slot][r.j] = offs[i];
       const int len = r.is_b ? out : in;
-      float* dst = reinterpret_cast<float*>(pool_h.data() + offs[i]);
       const float amp = r.is_b ? 0.1f : 1.0f / std::sqrt(float(in));
-      for (int k = 0; k < len; k++) dst[k] = rng.uniform(-amp, amp);
+      for (int k = 0; k < len; k++) {
+        const float v = rng.uniform(-amp, amp);
+        if (lt == 1) reinterpret_cast<uint16_t*>(pool_h.data() + offs[i])[k] = cpu::f32_to_bf16(v);
+        else reinterpret_cast<float*>(pool_h.data() + offs[i])[k] = v;
+      }
     }
     for (int s = 0; s < n; s++) {
       refs[s].rank = ranks[s];
       refs[s].scale = ranks[s] ? rng.uniform(0.25f, 2.f) : 0.f;
       refs[s].a_rows = ranks[s] ? a_rows[s].data() : nullptr;
       refs[s].b_rows = ranks[s] ? b_rows[s].data() : nullptr;
+      refs[s].bf16 = lt == 1;
     }
     // Device copies: the pool, one table of all row offsets, and the strided ref table.
     pool_d = std::make_unique<Dev<uint8_t>>(pool_h);
@@ -776,40 +945,52 @@ struct AdapterSet {
   }
 };
 
-void run_lora_case(Rng& rng, const AdapterSet& A, const std::vector<int32_t>& slot, const std::string& tag) {
+// x in xt and y in yt (0 = F32, 1 = BF16); the oracle is cpu::lora_ref on the same (rounded)
+// values, its result rounded to BF16 once for a BF16 y (so the bound gains one BF16 ulp).
+void run_lora_case(Rng& rng, const AdapterSet& A, const std::vector<int32_t>& slot, const std::string& tag0, int xt,
+                   int yt) {
   const int T = int(slot.size());
+  const std::string tag = tag0 + fmt(" rows=%s x=%s y=%s", aname(A.lt), aname(xt), aname(yt));
   int batch_rank = 0;
   for (int32_t s : slot) batch_rank = std::max(batch_rank, A.refs[s].rank);
-  const std::vector<float> x = rng.vec(size_t(T) * A.in);
-  const std::vector<float> y0 = rng.vec(size_t(T) * A.out);
+  std::vector<float> x = rng.vec(size_t(T) * A.in), y0 = rng.vec(size_t(T) * A.out);
+  if (xt == 1) x = round_bf16(x);
+  if (yt == 1) y0 = round_bf16(y0);
   std::vector<float> want(y0);
   cpu::lora_ref(A.pool_h.data(), A.refs.data(), slot.data(), T, x.data(), A.in, want.data(), A.out);
-  const Tol tol{2e-5 * std::max(1.0, std::sqrt(batch_rank / 16.0)), 1e-4};
-  Dev<float> dx(x);
+  if (yt == 1) want = round_bf16(want);
+  const Tol tol{2e-5 * std::max(1.0, std::sqrt(batch_rank / 16.0)), 1e-4 + (yt == 1 ? kBf16Ulp : 0.0)};
+  Act dx(xt, x);
   Dev<int32_t> dslot(slot);
   const uint8_t* pool = A.pool_d->p();
   const cu::LoraRef* refs = A.refs_d->p();
   if (batch_rank == 0) batch_rank = 1;  // the backend never launches then; the kernels must still be no-ops
   {
-    Dev<float> y(y0), z(size_t(T) * batch_rank);
-    cu::lora_shrink_bgmv(pool, refs, AdapterSet::kStride, dslot.p(), T, dx.p(), A.in, z.p(), batch_rank, g_stream);
-    cu::lora_expand_bgmv(pool, refs, AdapterSet::kStride, dslot.p(), T, z.p(), batch_rank, y.p(), A.out, g_stream);
+    Act y(yt, y0);
+    Dev<float> z(size_t(T) * batch_rank);
+    cu::lora_shrink_bgmv(pool, A.lt, refs, AdapterSet::kStride, dslot.p(), T, dx.p(), xt, A.in, z.p(), batch_rank,
+                         g_stream);
+    cu::lora_expand_bgmv(pool, A.lt, refs, AdapterSet::kStride, dslot.p(), T, z.p(), batch_rank, y.p(), yt, A.out,
+                         g_stream);
     sync();
     expect_close(tag + " bgmv", y.host().data(), want.data(), want.size(), tol);
-    expect_guard(tag + " bgmv y", y);
+    y.guard(tag + " bgmv y");
     expect_guard(tag + " bgmv z", z);
   }
   {
     const std::vector<int32_t> tiles = cu::make_sgmv_tiles(slot.data(), T);
     Dev<int32_t> dtiles(tiles.empty() ? std::vector<int32_t>{0} : tiles);
-    Dev<float> y(y0), z(size_t(T) * batch_rank);
+    Act y(yt, y0);
+    Dev<float> z(size_t(T) * batch_rank);
     const int n_tiles = int(tiles.size() / 3);
-    cu::lora_shrink_sgmv(pool, refs, AdapterSet::kStride, dtiles.p(), n_tiles, dx.p(), A.in, z.p(), batch_rank, g_stream);
-    cu::lora_expand_sgmv(pool, refs, AdapterSet::kStride, dtiles.p(), n_tiles, z.p(), batch_rank, y.p(), A.out, g_stream);
+    cu::lora_shrink_sgmv(pool, A.lt, refs, AdapterSet::kStride, dtiles.p(), n_tiles, dx.p(), xt, A.in, z.p(), batch_rank,
+                         g_stream);
+    cu::lora_expand_sgmv(pool, A.lt, refs, AdapterSet::kStride, dtiles.p(), n_tiles, z.p(), batch_rank, y.p(), yt, A.out,
+                         g_stream);
     sync();
     const std::string what = tag + fmt(" sgmv tiles=%d", n_tiles);
     expect_close(what, y.host().data(), want.data(), want.size(), tol);
-    expect_guard(what + " y", y);
+    y.guard(what + " y");
     expect_guard(what + " z", z);
   }
 }
@@ -825,48 +1006,59 @@ void test_lora(Rng& rng) {
   const std::vector<std::array<int, 2>> widths =
       g_quick ? std::vector<std::array<int, 2>>{{64, 64}, {100, 37}, {576, 130}}
               : std::vector<std::array<int, 2>>{{64, 64}, {576, 192}, {4096, 4096}, {4096, 11008}, {100, 37}};
-  for (const auto& wd : widths) {
-    const AdapterSet A(rng, wd[0], wd[1], ranks);
-    const std::string base = fmt("lora in=%d out=%d", A.in, A.out);
-    auto run = [&](const char* mix, const std::vector<int32_t>& slot) {
-      std::string ids;
-      for (size_t i = 0; i < slot.size() && i < 16; i++) ids += fmt("%s%d", i ? "," : "", slot[i]);
-      run_lora_case(rng, A, slot,
-                    base + fmt(" mix=%s T=%zu slots=[%s%s]", mix, slot.size(), ids.c_str(), slot.size() > 16 ? ",..." : ""));
-    };
-    // identical: every token on one adapter, each adapter in turn (and the base model).
-    for (int s = 0; s < n_slots; s++) run("identical", std::vector<int32_t>(g_quick ? 5 : 40, s));
-    // distinct: every token its own adapter.
-    std::vector<int32_t> distinct;
-    for (int s = 1; s < n_slots; s++) distinct.push_back(s);
-    rng.shuffle(distinct);
-    run("distinct", distinct);
-    // uniform over all slots (base included).
-    std::vector<int32_t> uni(g_quick ? 24 : 64);
-    for (auto& s : uni) s = rng.below(n_slots);
-    run("uniform", uni);
-    // skewed: zipf-like (p ~ 1/k^1.5) over a random ordering of the adapters; sorted by slot as the
-    // scheduler orders a batch (long SGMV segments), and unsorted.
-    std::vector<double> cdf;
-    double acc = 0;
-    for (size_t k = 0; k < distinct.size(); k++) cdf.push_back(acc += 1.0 / std::pow(double(k + 1), 1.5));
-    std::vector<int32_t> skew(g_quick ? 40 : 100);
-    for (auto& s : skew) {
-      const size_t k = std::lower_bound(cdf.begin(), cdf.end(), rng.uniform(0.f, 1.f) * acc) - cdf.begin();
-      s = distinct[std::min(k, distinct.size() - 1)];
+  // (rows, x, y) dtypes: the fp32 path; BF16 rows; BF16 activations; both. --quick runs the mixed
+  // dtypes on the first two widths and every third mix.
+  const std::vector<std::array<int, 3>> dts = {{0, 0, 0}, {1, 0, 0}, {0, 1, 1}, {1, 1, 1}};
+  for (size_t w = 0; w < widths.size(); w++)
+    for (size_t d = 0; d < dts.size(); d++) {
+      if (g_quick && d > 0 && w + 1 == widths.size()) continue;
+      const auto& wd = widths[w];
+      const int lt = dts[d][0], xt = dts[d][1], yt = dts[d][2];
+      const AdapterSet A(rng, wd[0], wd[1], ranks, lt);
+      const std::string base = fmt("lora in=%d out=%d", A.in, A.out);
+      int n_mix = 0;
+      auto run = [&](const char* mix, const std::vector<int32_t>& slot) {
+        if (g_quick && d > 0 && n_mix++ % 3) return;
+        std::string ids;
+        for (size_t i = 0; i < slot.size() && i < 16; i++) ids += fmt("%s%d", i ? "," : "", slot[i]);
+        run_lora_case(rng, A, slot,
+                      base + fmt(" mix=%s T=%zu slots=[%s%s]", mix, slot.size(), ids.c_str(),
+                                 slot.size() > 16 ? ",..." : ""),
+                      xt, yt);
+      };
+      // identical: every token on one adapter, each adapter in turn (and the base model).
+      for (int s = 0; s < n_slots; s++) run("identical", std::vector<int32_t>(g_quick ? 5 : 40, s));
+      // distinct: every token its own adapter.
+      std::vector<int32_t> distinct;
+      for (int s = 1; s < n_slots; s++) distinct.push_back(s);
+      rng.shuffle(distinct);
+      run("distinct", distinct);
+      // uniform over all slots (base included).
+      std::vector<int32_t> uni(g_quick ? 24 : 64);
+      for (auto& s : uni) s = rng.below(n_slots);
+      run("uniform", uni);
+      // skewed: zipf-like (p ~ 1/k^1.5) over a random ordering of the adapters; sorted by slot as the
+      // scheduler orders a batch (long SGMV segments), and unsorted.
+      std::vector<double> cdf;
+      double acc = 0;
+      for (size_t k = 0; k < distinct.size(); k++) cdf.push_back(acc += 1.0 / std::pow(double(k + 1), 1.5));
+      std::vector<int32_t> skew(g_quick ? 40 : 100);
+      for (auto& s : skew) {
+        const size_t k = std::lower_bound(cdf.begin(), cdf.end(), rng.uniform(0.f, 1.f) * acc) - cdf.begin();
+        s = distinct[std::min(k, distinct.size() - 1)];
+      }
+      run("skewed", skew);
+      std::sort(skew.begin(), skew.end());
+      run("skewed-sorted", skew);
+      // base-heavy, and prefill-like runs (one adapter in two non-adjacent segments, longer than a tile).
+      std::vector<int32_t> based(48);
+      for (auto& s : based) s = rng.below(10) < 4 ? 0 : 1 + rng.below(n_slots - 1);
+      run("with-base", based);
+      std::vector<int32_t> runs;
+      auto add = [&](int s, int k) { runs.insert(runs.end(), k, s); };
+      add(3, g_quick ? 35 : 70), add(0, 5), add(7, 3), add(n_slots - 1, 33), add(3, 1), add(1, 2);
+      run("runs", runs);
     }
-    run("skewed", skew);
-    std::sort(skew.begin(), skew.end());
-    run("skewed-sorted", skew);
-    // base-heavy, and prefill-like runs (one adapter in two non-adjacent segments, longer than a tile).
-    std::vector<int32_t> based(48);
-    for (auto& s : based) s = rng.below(10) < 4 ? 0 : 1 + rng.below(n_slots - 1);
-    run("with-base", based);
-    std::vector<int32_t> runs;
-    auto add = [&](int s, int k) { runs.insert(runs.end(), k, s); };
-    add(3, g_quick ? 35 : 70), add(0, 5), add(7, 3), add(n_slots - 1, 33), add(3, 1), add(1, 2);
-    run("runs", runs);
-  }
 }
 
 // ------------------------------------------------------------------------------------------------

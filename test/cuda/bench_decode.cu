@@ -6,7 +6,9 @@
 // so the [batch, vocab] logits copy to the host is included, as in the engine) at batch 1 / 16 / 64
 // with 0 / 8 / 64 distinct adapters (rank 16 on all seven projections, installed through
 // install_adapter like the engine does), and one 512-token prefill. KV contents are whatever the
-// pool holds (zeros): attention cost depends on the context length, not on the values.
+// pool holds (zeros): attention cost depends on the context length, not on the values. First, the
+// decode GEMM alone (gemm_skinny with BF16 activations) on the 7B projection shapes at T = 1..16,
+// in GB/s of weights and percent of the HBM peak.
 //
 // Modes (--modes, default all): f32 (the exact path: fp32 activations, KV and adapter rows, eager
 // launches), bf16 (BF16 activations, KV and adapter rows, tensor-core GEMMs, eager) and bf16-graphs
@@ -91,6 +93,52 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
+// The decode GEMM alone (gemm_skinny, BF16 x and y, auto split-K) on the Llama-7B projection shapes
+// at T = 1..16: weight bytes streamed per second against the HBM peak from the device attributes.
+// Each iteration uses the next layer's weight (up to 8), so the 32-90 MB matrices do not sit in L2.
+void bench_skinny(const Model& m, int layers, int iters) {
+  int khz = 0, bus = 0;
+  ck(cudaDeviceGetAttribute(&khz, cudaDevAttrMemoryClockRate, 0), "memory clock");
+  ck(cudaDeviceGetAttribute(&bus, cudaDevAttrGlobalMemoryBusWidth, 0), "bus width");
+  const double peak = 2.0 * khz * 1e3 * bus / 8.0;  // bytes/s (double data rate)
+  const int n_w = std::min(layers, 8);
+  const int H = m.spec.hidden, I = m.spec.intermediate, V = m.spec.vocab;
+  void* x = nullptr;
+  void* y = nullptr;
+  ck(cudaMalloc(&x, size_t(16) * std::max(H, I) * 2), "cudaMalloc x");
+  ck(cudaMalloc(&y, size_t(16) * std::max(V, I) * 2), "cudaMalloc y");
+  ck(cudaMemset(x, 0, size_t(16) * std::max(H, I) * 2), "cudaMemset x");
+  cudaEvent_t e0, e1;
+  ck(cudaEventCreate(&e0), "event");
+  ck(cudaEventCreate(&e1), "event");
+  printf("gemm_skinny (BF16 x, W, y; auto split-K), HBM peak %.0f GB/s from the device attributes\n", peak / 1e9);
+  printf("%-18s %3s %7s %10s %8s %8s\n", "shape NxK", "T", "splits", "us", "GB/s", "of peak");
+  struct Shape { const char* name; int p; int N, K; };
+  const Shape shapes[] = {{"q 4096x4096", kQ, H, H}, {"gate 11008x4096", kGate, I, H}, {"down 4096x11008", kDown, H, I},
+                          {"lm_head 32000x4096", -1, V, H}};
+  for (const Shape& sh : shapes)
+    for (int T : {1, 2, 4, 8, 16}) {
+      auto w_of = [&](int i) { return sh.p < 0 ? m.lm_head.data : m.layers[i % n_w].proj[sh.p].data; };
+      const int reps = sh.p < 0 ? 1 : n_w;
+      for (int i = 0; i < reps; i++)  // warm-up (and the split-K workspace)
+        cuda::gemm_skinny(x, cuda::kBF16, T, sh.K, w_of(i), cuda::kBF16, sh.N, nullptr, y, cuda::kBF16, nullptr);
+      ck(cudaEventRecord(e0), "record");
+      for (int i = 0; i < iters; i++)
+        cuda::gemm_skinny(x, cuda::kBF16, T, sh.K, w_of(i), cuda::kBF16, sh.N, nullptr, y, cuda::kBF16, nullptr);
+      ck(cudaEventRecord(e1), "record");
+      ck(cudaEventSynchronize(e1), "sync");
+      float ms = 0.f;
+      ck(cudaEventElapsedTime(&ms, e0, e1), "elapsed");
+      const double s = ms / 1e3 / iters, bytes = double(sh.N) * sh.K * 2;
+      printf("%-18s %3d %7d %10.1f %8.0f %7.0f%%\n", sh.name, T, cuda::gemm_skinny_splits(T, sh.K, sh.N), s * 1e6,
+             bytes / s / 1e9, 100.0 * bytes / s / peak);
+    }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaFree(x);
+  cudaFree(y);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -153,6 +201,7 @@ int main(int argc, char** argv) {
   for (int i = 0; i < s.head_dim / 2; i++) model->inv_freq[i] = 1.f / std::pow(s.rope_theta, float(2 * i) / s.head_dim);
   ck(cudaDeviceSynchronize(), "model init");
   const double build_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_build).count();
+  bench_skinny(*model, layers, std::max(iters, 8) * 4);
 
   // Device bandwidth: a 1 GiB device-to-device copy reads and writes every byte once.
   double bw = 0;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, in one script for a machine with an NVIDIA GPU (sm_80 or newer), nvcc and CMake:
-#   1. build the CUDA backend and its test programs (cuBLAS from the toolkit, from $CUBLAS_ROOT, or
-#      from python3's nvidia-cublas wheel; the built-in GEMM without it),
+#   1. build the CUDA backend and its test programs (cuBLAS + cuBLASLt from the toolkit, from
+#      $CUBLAS_ROOT, or from python3's nvidia-cublas wheel; the built-in GEMM without them),
 #   2. the op-by-op CPU-vs-CUDA suite (test/cuda/backend_ops_test.cu),
 #   3. the golden HF-parity suite on the CUDA device (LORAPLEX_DEVICE=cuda npx vitest run
 #      test/golden), when node and node_modules are there; the addon is rebuilt with CUDA first.
@@ -53,7 +53,9 @@ note "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || echo "nvidia-smi: not available"
 command -v nvcc >/dev/null && nvcc --version | tail -2 || echo "nvcc: not on PATH (CMake looks for it too)"
 
-# cuBLAS: $CUBLAS_ROOT, else the toolkit (CMake finds it itself), else the pip wheel python3 has.
+# cuBLAS + cuBLASLt: $CUBLAS_ROOT, else the toolkit (CMake finds it itself), else the pip wheel
+# python3 has (a folder with include/cublas_v2.h, include/cublasLt.h and lib/libcublasLt.so*; the
+# GEMM uses cuBLAS for fp32 activations and cuBLASLt for BF16 ones, so both or neither).
 if [ -z "${CUBLAS_ROOT:-}" ]; then
   hdr=$(python3 - <<'EOF' 2>/dev/null
 import os
@@ -61,8 +63,12 @@ try:
     import nvidia
     for root in nvidia.__path__:
         for d, _, files in os.walk(root):
-            if "cublas_v2.h" in files:
-                print(os.path.dirname(d)); raise SystemExit
+            if "cublas_v2.h" in files and "cublasLt.h" in files:
+                top = os.path.dirname(d)
+                libs = [f for sub in ("lib", "lib64") if os.path.isdir(os.path.join(top, sub))
+                        for f in os.listdir(os.path.join(top, sub))]
+                if any(f.startswith("libcublasLt.so") for f in libs) and any(f.startswith("libcublas.so") for f in libs):
+                    print(top); raise SystemExit
 except ImportError:
     pass
 EOF
