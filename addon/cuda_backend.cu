@@ -614,14 +614,14 @@ void CudaBackend::forward(const StepBatch& b, float* logits, const RowLogits* ex
     const bool local = s.local_rope(l);
     cuda::rope(q, s.n_heads, k, s.n_kv_heads, T, s.head_dim, P.positions, local ? inv_freq_local_ : inv_freq_,
                local ? 1.0f : m.attn_scaling, compute_, s.rot_dim(), P.any_long ? inv_freq_long_ : nullptr, P.token_long);
-    cuda::kv_write(pool_, layout_, l, ab, T, k, v, compute_);
+    cuda::kv_write(pool_, layout_, l, ab, T, k, v, cuda::kF32, compute_);
     ab.sliding_window = s.window(l);
     if (P.decode_attn)
-      cuda::paged_attention_decode(pool_, layout_, l, ab, T, q, s.n_heads, scale, P.n_splits, attn_ws_.as<float>(), att,
-                                   compute_);
+      cuda::paged_attention_decode(pool_, layout_, l, ab, T, q, cuda::kF32, s.n_heads, scale, P.n_splits,
+                                   attn_ws_.as<float>(), att, compute_);
     else
-      cuda::paged_attention_prefill(pool_, layout_, l, ab, P.prefill_tiles, P.n_prefill_tiles, q, s.n_heads, scale, att,
-                                    compute_);
+      cuda::paged_attention_prefill(pool_, layout_, l, ab, P.prefill_tiles, P.n_prefill_tiles, q, cuda::kF32, s.n_heads,
+                                    scale, att, compute_);
     project(l, kO, att, o, nullptr);
     if (s.sandwich_norm) cuda::rmsnorm(o, nullptr, L.post_attn_norm, T, H, s.rms_eps, o, compute_);
     cuda::rmsnorm(x, o, L.mlp_norm, T, H, s.rms_eps, h, compute_);  // x += attention output
