@@ -12,6 +12,7 @@
 #include <string>
 
 #ifndef LORAPLEX_CUDA_EMU
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #endif
@@ -46,7 +47,7 @@ inline int ceil_div(long a, long b) { return int((a + b - 1) / b); }
 #else
 // Arguments by value: a launch recorded during stream capture runs after its caller returned.
 #define LP_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  ::emu::launch((grid), (block), (smem), (stream), [=] { kernel(__VA_ARGS__); })
+  ::emu::launch_kernel(&(kernel), (grid), (block), (smem), (stream), [=] { kernel(__VA_ARGS__); })
 #define LP_DYN_SMEM(type, name) type* name = reinterpret_cast<type*>(::emu::dyn_smem())
 #endif
 
@@ -100,6 +101,22 @@ struct Elem<kBF16> {
   static __device__ __forceinline__ float load(const T* p, size_t i) { return bf16_bits_to_f32(p[i]); }
   static __device__ __forceinline__ void store(T* p, size_t i, float v) { p[i] = f32_to_bf16_bits(v); }
 };
+
+// The BF16 element type that tensor-core fragments (nvcuda::wmma) are declared with: CUDA's
+// __nv_bfloat16 on the device, the emulator's stand-in (a struct around the 16 bits) on the host.
+// Kernel signatures keep uint16_t; kernels reinterpret BF16 shared-memory tiles as bf16_t.
+using bf16_t = __nv_bfloat16;
+__device__ __forceinline__ bf16_t bf16_from_bits(uint16_t b) { return __ushort_as_bfloat16(b); }
+
+// Sets the dynamic shared-memory limit of `kernel` to `bytes` when that is over the default 48 KiB
+// (the opt-in every kernel with larger tiles needs); a no-op below. Not a stream operation, so it
+// may run while a stream is being captured.
+template <typename K>
+inline void allow_smem(K* kernel, size_t bytes) {
+  if (bytes > 48 * 1024)
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+               "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+}
 
 // Bytes per element of an activation / KV / LoRA dtype (host and device).
 inline size_t dtype_bytes(int t) { return t == kF32 ? 4 : 2; }

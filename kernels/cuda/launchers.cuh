@@ -138,9 +138,16 @@ void gemm_tiled(const void* x,      // [T, K] dtype xt
 
 // ------------------------------------------------------------------------------------------------
 // Paged KV cache and attention (kv_write.cu, attention_decode.cu, attention_prefill.cu)
+//
+// Dtypes: activations (q, k, v, out) are `at` in {kF32, kBF16}; the pool's K/V elements are L.kt in
+// {kF32, kBF16}. Softmax and accumulation are fp32 everywhere; BF16 values are rounded to nearest
+// even where stored (KV pages, outputs).
+// Graph padding: a sequence with context_lens[s] == 0 is a padding entry (a CUDA graph captured for
+// a larger batch): kv_write writes nothing for its tokens and attention writes zeros for them,
+// neither reading its block table.
 
 // The page layout of kernels/cpu (KvLayout): inside each page, [layer][k|v][block_size][n_kv_heads]
-// [head_dim] fp32; pages are page_bytes apart in the pool.
+// [head_dim] elements of dtype kt (dtype_bytes(kt) each); pages are page_bytes apart in the pool.
 struct KvLayout {
   int n_layers, block_size, n_kv_heads, head_dim;
   size_t page_bytes;
@@ -152,7 +159,7 @@ struct KvLayout {
 struct AttnBatch {
   int n_seqs;
   const int32_t* query_start;   // [S+1]
-  const int32_t* context_lens;  // [S] KV length after this step (incl. this step's tokens)
+  const int32_t* context_lens;  // [S] KV length after this step (incl. this step's tokens); 0 = padding
   const int32_t* block_tables;  // [S, max_blocks] page ids
   const int32_t* token_seq;     // [T] the sequence of each token
   int max_blocks;
@@ -160,21 +167,49 @@ struct AttnBatch {
   float softcap = 0.f;          // 0 = none; else scores s -> softcap * tanh(s / softcap) before softmax
 };
 
-// Writes this step's k, v of layer `layer` into their pages.
+// Writes this step's k, v of layer `layer` into their pages, converted to L.kt (BF16: round to
+// nearest even, bit-exact with cpu::kv_write on a cpu::KvLayout with bf16). Tokens at a negative
+// position (those of padding sequences) are skipped.
 void kv_write(uint8_t* pool,      // [num_pages * page_bytes]
               const KvLayout& L, int layer, const AttnBatch& B,
               int T,
-              const float* k,     // [T, n_kv_heads, head_dim]
-              const float* v,     // [T, n_kv_heads, head_dim]
-              cudaStream_t stream);
+              const void* k,      // [T, n_kv_heads, head_dim] dtype at
+              const void* v,      // [T, n_kv_heads, head_dim] dtype at
+              int at, cudaStream_t stream);
 
-// Per-query paged attention (flash-decoding): one block per (token, head, split); the keys of each
-// query are cut into splits of kDecodePartition so that a few long sequences still fill the GPU;
-// splits > 1 are merged by a second kernel through `workspace`. Works for any token of any step and
-// any head_dim (the fallback of the prefill kernel).
-constexpr int kDecodePartition = 512;
-// Splits needed for a longest attention span (keys one query sees) of max_span.
+// Per-query paged attention (flash-decoding): one block per (token, KV head, split) computes all the
+// query heads of that KV head's group (GQA: each K/V row is read once for the group; groups of more
+// than kDecodeMaxGroup heads take ceil(group / kDecodeMaxGroup) blocks). Each query cuts its own key
+// span into n_splits partitions of decode_partition_len(span, n_splits) keys; a block walks its
+// partition in chunks with an online softmax, and for n_splits > 1 a second kernel merges the
+// non-empty partitions through `workspace` by their (max, sum) statistics.
+// CUDA graphs: n_splits is the caller's choice and nothing of the launch depends on context lengths
+// (grid, smem and arguments are the same for any context_lens / block_tables in device memory), so
+// one captured launch is correct for every replay; partitions beyond a short query's keys are empty
+// and contribute nothing. Works for any token of any step and any head_dim (the fallback of the
+// prefill kernel).
+constexpr int kDecodeMaxGroup = 8;      // query heads per block
+constexpr int kDecodeGranule = 32;      // partitions are a multiple of this many keys
+constexpr int kDecodePartition = 512;   // eager launches: about this many keys per split
+// Keys per partition of a query whose span (keys it sees) is `span`, cut into n_splits.
+__host__ __device__ inline int decode_partition_len(int span, int n_splits) {
+  const int per = (span + n_splits - 1) / n_splits;
+  return (per + kDecodeGranule - 1) / kDecodeGranule * kDecodeGranule;
+}
+// Splits for an eager launch whose longest attention span is max_span: ~kDecodePartition keys each.
 inline int decode_splits(int max_span) { return max_span <= kDecodePartition ? 1 : ceil_div(max_span, kDecodePartition); }
+// Splits for a launch that must serve any span up to max_span_cap (a captured graph): enough
+// (token, KV head, split) blocks to give each of n_sms SMs about two, but no partition shorter than
+// ~kDecodePartition / 2 keys at the cap and at most 64 splits. T * n_kv_heads already >= 2 n_sms: 1.
+inline int decode_splits_for(int T, int n_kv_heads, int max_span_cap, int n_sms) {
+  const long blocks = long(T) * n_kv_heads;
+  if (blocks <= 0 || blocks >= 2L * n_sms) return 1;
+  const int want = ceil_div(2L * n_sms, blocks);
+  const int by_len = ceil_div(max_span_cap, kDecodePartition / 2);
+  int n = want < by_len ? want : by_len;
+  n = n < 64 ? n : 64;
+  return n < 1 ? 1 : n;
+}
 // Floats of workspace for T tokens (0 when n_splits == 1).
 inline size_t decode_workspace_floats(int T, int n_heads, int head_dim, int n_splits) {
   return n_splits == 1 ? 0 : size_t(T) * n_heads * n_splits * (head_dim + 2);
@@ -182,17 +217,27 @@ inline size_t decode_workspace_floats(int T, int n_heads, int head_dim, int n_sp
 void paged_attention_decode(const uint8_t* pool,  // [num_pages * page_bytes]
                             const KvLayout& L, int layer, const AttnBatch& B,
                             int T,
-                            const float* q,       // [T, n_heads, head_dim]
-                            int n_heads, float scale,
-                            int n_splits,         // decode_splits(longest span in the step)
+                            const void* q,        // [T, n_heads, head_dim] dtype at
+                            int at, int n_heads, float scale,
+                            int n_splits,         // decode_splits(longest span) or decode_splits_for(...)
                             float* workspace,     // [decode_workspace_floats(...)] or nullptr if 1 split
-                            float* out,           // [T, n_heads, head_dim]
+                            void* out,            // [T, n_heads, head_dim] dtype at
                             cudaStream_t stream);
 
-// Query-tiled paged attention for prefill and chunked prefill (flash-attention style, fp32 SIMT,
-// online softmax): one block per (tile of up to kPrefillTileQ consecutive tokens of one sequence,
-// head); each K/V tile is read once per query tile instead of once per query.
+// Query-tiled paged attention for prefill and chunked prefill (flash-attention style, online
+// softmax): one block per tile of up to kPrefillTileQ consecutive tokens of one sequence; each K/V
+// tile is staged in shared memory once for all the tile's queries. Two kernels:
+// - fp32 SIMT (at == kF32, or head_dim not a multiple of 16): one block per (tile, head);
+// - tensor cores (at == kBF16 and head_dim % 16 == 0, head_dim <= 256; prefill_path() ==
+//   kPrefillWmma): one block per (tile, KV head, group of up to 4 query heads), one warp per query
+//   head; S = Q K^T and O += P V on BF16 wmma fragments with fp32 accumulators, K/V staged as BF16
+//   (converted while staging when kt == kF32), P rounded to BF16, O and the softmax in fp32.
 constexpr int kPrefillTileQ = 16;
+enum PrefillPath : int { kPrefillNone = 0, kPrefillSimt = 1, kPrefillWmma = 2 };
+inline int prefill_path(int head_dim, int at) {
+  if (head_dim > 256) return kPrefillNone;  // use paged_attention_decode
+  return at == kBF16 && head_dim % 16 == 0 ? kPrefillWmma : kPrefillSimt;
+}
 inline bool prefill_supported(int head_dim) { return head_dim <= 256; }
 // host: (sequence, first token) of every query tile of the step: [n_tiles, 2].
 std::vector<int32_t> make_prefill_tiles(const int32_t* query_start, int n_seqs);
@@ -200,9 +245,9 @@ void paged_attention_prefill(const uint8_t* pool,   // [num_pages * page_bytes]
                              const KvLayout& L, int layer, const AttnBatch& B,
                              const int32_t* tiles,  // [n_tiles, 2] from make_prefill_tiles
                              int n_tiles,
-                             const float* q,        // [T, n_heads, head_dim]
-                             int n_heads, float scale,
-                             float* out,            // [T, n_heads, head_dim]
+                             const void* q,         // [T, n_heads, head_dim] dtype at
+                             int at, int n_heads, float scale,
+                             void* out,             // [T, n_heads, head_dim] dtype at
                              cudaStream_t stream);
 
 // ------------------------------------------------------------------------------------------------

@@ -42,8 +42,7 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_kernel(void* x_,            
 
 template <int XT, int DT, int YT>
 void launch(void* x, const void* delta, const float* w, int T, int H, float eps, void* y, cudaStream_t stream) {
-  const auto kernel = rmsnorm_kernel<XT, DT, YT>;  // (a macro argument cannot hold the commas)
-  LP_LAUNCH(kernel, dim3(T), dim3(kThreads), 0, stream, x, delta, w, H, eps, y);
+  LP_LAUNCH((rmsnorm_kernel<XT, DT, YT>), dim3(T), dim3(kThreads), 0, stream, x, delta, w, H, eps, y);
 }
 
 }  // namespace

@@ -31,6 +31,7 @@
 #include "addon/backend.h"
 #include "addon/cuda_backend.h"
 #include "kernels/cpu/kernels.h"
+#include "kernels/cpu/kv_access.h"
 #include "kernels/cuda/gemm.cuh"
 #include "kernels/cuda/launchers.cuh"
 #include "test/native/check.h"
@@ -724,15 +725,83 @@ struct AttnCase {
   const char* mix;  // prefill, decode, mixed
   std::vector<int> ctx;
   float q_amp = 1.f;
-  float softcap = 0.f;  // Gemma 2's attention logit soft-capping (0 = none)
+  float softcap = 0.f;      // Gemma 2's attention logit soft-capping (0 = none)
+  int at = 0, kt = 0;       // activation and KV-pool dtypes (cu::kF32 / cu::kBF16)
+  int n_pad = 0;            // padding sequences (context 0, as a CUDA graph pads a batch) among the real ones
+  std::vector<int> splits;  // decode-kernel split counts (empty: decode_splits(longest span), and 2 more)
 };
+
+// A device tensor of activations in dtype at (F32 or BF16 bits), from / to fp32 values.
+struct DevAct {
+  int at;
+  std::unique_ptr<Dev<float>> f;
+  std::unique_ptr<Dev<uint16_t>> h;
+  DevAct(int at_, const std::vector<float>& v) : at(at_) {
+    if (at == cu::kF32) {
+      f = std::make_unique<Dev<float>>(v);
+    } else {
+      std::vector<uint16_t> b(v.size());
+      for (size_t i = 0; i < v.size(); i++) b[i] = cpu::f32_to_bf16(v[i]);
+      h = std::make_unique<Dev<uint16_t>>(b);
+    }
+  }
+  DevAct(int at_, size_t n) : at(at_) {
+    if (at == cu::kF32) f = std::make_unique<Dev<float>>(n);
+    else h = std::make_unique<Dev<uint16_t>>(n);
+  }
+  void* p() const { return f ? static_cast<void*>(f->p()) : static_cast<void*>(h->p()); }
+  std::vector<float> host() const {
+    if (f) return f->host();
+    const std::vector<uint16_t> b = h->host();
+    std::vector<float> v(b.size());
+    for (size_t i = 0; i < b.size(); i++) v[i] = cpu::bf16_bits(b[i]);
+    return v;
+  }
+  bool intact() const { return f ? f->intact() : h->intact(); }
+};
+
+// Values as the device sees them in dtype at (BF16: rounded to nearest even).
+std::vector<float> as_dtype(std::vector<float> v, int at) {
+  if (at == cu::kBF16)
+    for (auto& x : v) x = cpu::bf16_bits(cpu::f32_to_bf16(x));
+  return v;
+}
+
+// Tolerances of the attention kernels. fp32 activations: summation order only (the KV dtype does
+// not matter: both sides read the same BF16 pages exactly). BF16 activations: q is the same BF16 on
+// both sides; the output is rounded to BF16 (unit roundoff u = 2^-8 relative: rtol 2u). The
+// tensor-core prefill kernel also rounds the probabilities P to BF16 (output error <= u max|v| =
+// 2^-8 for |v| <= 1: atol 2^-7 is twice that) and, over an fp32 pool, K and V to BF16 as it stages
+// them: each score moves by ~u scale sqrt(sum q_i^2 k_i^2) (random signs), a few u q_amp on the
+// output, hence 2^-6 q_amp more.
+constexpr double kBiasLimit = 1.0 / 1024;
+Tol attn_tol(const AttnCase& c, bool tensor_core) {
+  const double base = 2e-5 * std::max(1.f, c.q_amp);
+  if (c.at == cu::kF32) return {base, 1e-4};
+  if (!tensor_core) return {base + 1e-6, 1.0 / 128};
+  return {base + 1.0 / 128 + (c.kt == cu::kF32 ? c.q_amp / 64.0 : 0.0), 1.0 / 128};
+}
+
+// BF16 outputs: the element-wise bound above is a worst case (every rounding error aligned) and
+// leaves room for systematic errors of the same size (a normaliser off by 1%). Round-to-nearest
+// errors are unbiased, so the least-squares scale of got against want, sum(got want) / sum(want^2),
+// stays within ~u / sqrt(n) of 1; a systematic error moves it by its own relative size.
+void expect_unbiased(const std::string& what, const std::vector<float>& got, const std::vector<float>& want, double lim) {
+  double gw = 0, ww = 0;
+  for (size_t i = 0; i < got.size(); i++) gw += double(got[i]) * want[i], ww += double(want[i]) * want[i];
+  const double dev = ww > 0 ? gw / ww - 1 : 0;
+  record(std::fabs(dev) <= lim, what + " [scale bias]", fmt("sum(got want) / sum(want^2) - 1 = %.3g, limit %.3g", dev, lim));
+}
 
 void run_attention_case(Rng& rng, const AttnCase& c) {
   const int n_layers = 2, layer = 1, n_kv = 2, n_heads = n_kv * c.group, hd = c.head_dim, bs = c.block_size;
   const std::vector<int>& ctx = c.ctx;
   const int S = int(ctx.size());
-  const std::string tag = fmt("attention bs=%d group=%d hd=%d window=%d mix=%s q_amp=%g softcap=%g ctx=%d..%d", bs,
-                              c.group, hd, c.window, c.mix, c.q_amp, c.softcap, ctx.front(), ctx.back());
+  const bool kv16 = c.kt == cu::kBF16;
+  const std::string tag =
+      fmt("attention bs=%d group=%d hd=%d window=%d mix=%s q_amp=%g softcap=%g ctx=%d..%d act=%s kv=%s%s", bs, c.group,
+          hd, c.window, c.mix, c.q_amp, c.softcap, ctx.front(), ctx.back(), wname(c.at), wname(c.kt),
+          c.n_pad ? fmt(" pad=%d", c.n_pad).c_str() : "");
   std::vector<int> n_new(S);
   for (int s = 0; s < S; s++) {
     const std::string m = c.mix;
@@ -755,21 +824,66 @@ void run_attention_case(Rng& rng, const AttnCase& c) {
   for (int s = 0, next = 0; s < S; s++)
     for (int b = 0; b < n_blocks[s]; b++) block_tables[size_t(s) * max_blocks + b] = page_ids[next++];
 
-  cpu::KvLayout L{n_layers, bs, n_kv, hd, 0};
+  // The device batch: the real sequences with c.n_pad padding sequences among them (context 0, one
+  // or two tokens each, block-table rows of the never-written page): dev_seq[i] = real index or -1.
+  std::vector<int> dev_seq;
+  for (int s = 0, pads = 0; s < S || pads < c.n_pad;) {
+    if (pads < c.n_pad && (pads <= s || s == S)) dev_seq.push_back(-1), pads++;
+    if (s < S) dev_seq.push_back(s++);
+  }
+  const int DS = int(dev_seq.size());
+  std::vector<int32_t> dev_bt(size_t(DS) * max_blocks, spare);
+  for (int i = 0; i < DS; i++)
+    if (dev_seq[i] >= 0)
+      std::copy_n(block_tables.begin() + size_t(dev_seq[i]) * max_blocks, max_blocks, dev_bt.begin() + size_t(i) * max_blocks);
+  // Device token rows for per-real-sequence token counts cnt (context cl): rows[] = real token index
+  // or -1 (a padding token), and the device query_start / context_lens / token_seq.
+  struct DevBatch {
+    std::vector<int32_t> qs{0}, cl, ts;
+    std::vector<int> rows;
+  };
+  auto dev_batch = [&](const std::vector<int32_t>& real_qs, const std::vector<int32_t>& real_cl) {
+    DevBatch d;
+    for (int i = 0, pad_i = 0; i < DS; i++) {
+      const int s = dev_seq[i];
+      const int n = s >= 0 ? real_qs[s + 1] - real_qs[s] : 1 + (pad_i++ % 2);
+      for (int k = 0; k < n; k++) d.rows.push_back(s >= 0 ? real_qs[s] + k : -1), d.ts.push_back(i);
+      d.qs.push_back(d.qs.back() + n);
+      d.cl.push_back(s >= 0 ? real_cl[s] : 0);
+    }
+    return d;
+  };
+  // Rows of x [T_real, width] spread over the device tokens; padding tokens get random values.
+  auto spread = [&](const std::vector<float>& x, const std::vector<int>& rows, size_t width) {
+    std::vector<float> y(rows.size() * width);
+    for (size_t t = 0; t < rows.size(); t++) {
+      if (rows[t] >= 0) std::copy_n(x.begin() + size_t(rows[t]) * width, width, y.begin() + t * width);
+      else for (size_t i = 0; i < width; i++) y[t * width + i] = rng.uniform(-1.f, 1.f);
+    }
+    return y;
+  };
+
+  cpu::KvLayout L{n_layers, bs, n_kv, hd, 0, kv16};
   const size_t row = size_t(n_kv) * hd;
-  L.page_bytes = size_t(n_layers) * L.layer_stride() * sizeof(float) + 64;
-  const cu::KvLayout DL{n_layers, bs, n_kv, hd, L.page_bytes};
-  std::vector<float> pool_f(L.page_bytes / 4 * n_pages, canary());
+  L.page_bytes = size_t(n_layers) * L.layer_stride() * L.elem_bytes() + 64;
+  cu::KvLayout DL{n_layers, bs, n_kv, hd, L.page_bytes};
+  DL.kt = c.kt;
+  float pool_fill = canary();
+  if (kv16) {  // two BF16 NaNs per float
+    const uint32_t bits = 0x7FC17FC1u;
+    std::memcpy(&pool_fill, &bits, 4);
+  }
+  std::vector<float> pool_f(L.page_bytes / 4 * n_pages, pool_fill);
   uint8_t* pool = reinterpret_cast<uint8_t*>(pool_f.data());
   Dev<float> dpool(pool_f);
 
+  // K and V as the activation dtype holds them (the CPU kv_write then rounds to the pool's dtype).
   std::vector<std::vector<float>> K(S), V(S);
-  for (int s = 0; s < S; s++) K[s] = rng.vec(ctx[s] * row), V[s] = rng.vec(ctx[s] * row);
-  Dev<int32_t> dbt(block_tables);
+  for (int s = 0; s < S; s++) K[s] = as_dtype(rng.vec(ctx[s] * row), c.at), V[s] = as_dtype(rng.vec(ctx[s] * row), c.at);
+  Dev<int32_t> dbt(dev_bt);
   std::vector<int32_t> query_start, context_lens;
-  bool kv_same = true;
   for (int step = 0; step < 2; step++) {  // history, then this step's new tokens
-    std::vector<int32_t> qs(1, 0), cl, token_seq;
+    std::vector<int32_t> qs(1, 0), cl;
     std::vector<float> k, v;
     for (int s = 0; s < S; s++) {
       const int p0 = step == 0 ? 0 : ctx[s] - n_new[s], p1 = step == 0 ? ctx[s] - n_new[s] : ctx[s];
@@ -777,92 +891,158 @@ void run_attention_case(Rng& rng, const AttnCase& c) {
       v.insert(v.end(), V[s].begin() + p0 * row, V[s].begin() + p1 * row);
       qs.push_back(qs.back() + (p1 - p0));
       cl.push_back(p1);
-      token_seq.insert(token_seq.end(), p1 - p0, s);
     }
-    const int T = qs[S];
     const cpu::AttnBatch B{S, qs.data(), cl.data(), block_tables.data(), max_blocks, c.window};
     cpu::kv_write(pool, L, layer, B, k.data(), v.data());
+    const DevBatch d = dev_batch(qs, cl);
+    const int T = d.qs[DS];
     if (T > 0) {
-      Dev<int32_t> dqs(qs), dcl(cl), dts(token_seq);
-      Dev<float> dk(k), dv(v);
-      const cu::AttnBatch DB{S, dqs.p(), dcl.p(), dbt.p(), dts.p(), max_blocks, c.window};
-      cu::kv_write(reinterpret_cast<uint8_t*>(dpool.p()), DL, layer, DB, T, dk.p(), dv.p(), g_stream);
+      Dev<int32_t> dqs(d.qs), dcl(d.cl), dts(d.ts);
+      DevAct dk(c.at, spread(k, d.rows, row)), dv(c.at, spread(v, d.rows, row));
+      const cu::AttnBatch DB{DS, dqs.p(), dcl.p(), dbt.p(), dts.p(), max_blocks, c.window};
+      cu::kv_write(reinterpret_cast<uint8_t*>(dpool.p()), DL, layer, DB, T, dk.p(), dv.p(), c.at, g_stream);
       sync();
     }
     query_start = qs, context_lens = cl;
   }
   const std::vector<float> got_pool = dpool.host();
-  kv_same = std::memcmp(got_pool.data(), pool_f.data(), pool_f.size() * 4) == 0;
+  const bool kv_same = std::memcmp(got_pool.data(), pool_f.data(), pool_f.size() * 4) == 0;
   record(kv_same, tag + " kv_write", "device pool bytes differ from the CPU kv_write's");
   expect_guard(tag + " kv_write", dpool);
 
   const int T = query_start[S];
-  std::vector<int32_t> token_seq;
   int max_span = 1;
   for (int s = 0; s < S; s++)
     for (int t = query_start[s]; t < query_start[s + 1]; t++) {
-      token_seq.push_back(s);
       const int pos = context_lens[s] - n_new[s] + (t - query_start[s]);
       max_span = std::max(max_span, c.window > 0 ? std::min(pos + 1, c.window) : pos + 1);
     }
-  const std::vector<float> q = rng.vec(size_t(T) * n_heads * hd, -c.q_amp, c.q_amp);
+  const std::vector<float> q = as_dtype(rng.vec(size_t(T) * n_heads * hd, -c.q_amp, c.q_amp), c.at);
   const float scale = 1.0f / std::sqrt(float(hd));
   const cpu::AttnBatch B{S, query_start.data(), context_lens.data(), block_tables.data(), max_blocks, c.window, c.softcap};
   std::vector<float> want(q.size());
   cpu::paged_attention(pool, L, layer, B, q.data(), n_heads, scale, want.data());
 
-  Dev<int32_t> dqs(query_start), dcl(context_lens), dts(token_seq);
-  Dev<float> dq(q);
-  const cu::AttnBatch DB{S, dqs.p(), dcl.p(), dbt.p(), dts.p(), max_blocks, c.window, c.softcap};
-  const Tol tol{2e-5 * std::max(1.f, c.q_amp), 1e-4};
-  {  // decode kernel (any batch), with the step's number of splits and with forced extra splits
-    for (int extra : {0, 2}) {
-      const int n_splits = cu::decode_splits(max_span) + extra;
-      Dev<float> ws(std::max<size_t>(cu::decode_workspace_floats(T, n_heads, hd, n_splits), 1)), out(q.size());
-      cu::paged_attention_decode(reinterpret_cast<const uint8_t*>(dpool.p()), DL, layer, DB, T, dq.p(), n_heads, scale,
-                                 n_splits, ws.p(), out.p(), g_stream);
+  const DevBatch d = dev_batch(query_start, context_lens);
+  const int DT = d.qs[DS];
+  const size_t hrow = size_t(n_heads) * hd;
+  std::vector<float> want_dev(size_t(DT) * hrow, 0.f);  // padding tokens: zeros
+  for (int t = 0; t < DT; t++)
+    if (d.rows[t] >= 0) std::copy_n(want.begin() + size_t(d.rows[t]) * hrow, hrow, want_dev.begin() + size_t(t) * hrow);
+  Dev<int32_t> dqs(d.qs), dcl(d.cl), dts(d.ts);
+  DevAct dq(c.at, spread(q, d.rows, hrow));
+  const cu::AttnBatch DB{DS, dqs.p(), dcl.p(), dbt.p(), dts.p(), max_blocks, c.window, c.softcap};
+  {  // decode kernel (any batch): the step's number of splits and forced extra splits, or c.splits
+    const Tol tol = attn_tol(c, false);
+    std::vector<int> splits = c.splits;
+    if (splits.empty()) splits = {cu::decode_splits(max_span), cu::decode_splits(max_span) + 2};
+    std::vector<float> first;
+    for (int n_splits : splits) {
+      Dev<float> ws(std::max<size_t>(cu::decode_workspace_floats(DT, n_heads, hd, n_splits), 1));
+      DevAct out(c.at, want_dev.size());
+      cu::paged_attention_decode(reinterpret_cast<const uint8_t*>(dpool.p()), DL, layer, DB, DT, dq.p(), c.at, n_heads,
+                                 scale, n_splits, ws.p(), out.p(), g_stream);
       sync();
       const std::string what = tag + fmt(" decode-kernel splits=%d", n_splits);
-      expect_close(what, out.host().data(), want.data(), want.size(), tol);
-      expect_guard(what, out);
+      const std::vector<float> got = out.host();
+      expect_close(what, got.data(), want_dev.data(), want_dev.size(), tol);
+      if (c.at == cu::kBF16) expect_unbiased(what, got, want_dev, kBiasLimit);
+      record(out.intact(), what + " [canary]", "wrote outside its output");
+      // The same launch for any split count: equal to the first within fp32 reordering (BF16
+      // outputs: within one rounding step).
+      if (first.empty()) first = got;
+      else if (c.splits.size() > 1)
+        expect_close(what + " vs splits=" + std::to_string(splits[0]), got.data(), first.data(), got.size(),
+                     c.at == cu::kF32 ? Tol{2e-6, 1e-5} : Tol{1e-6, 1.0 / 64});
     }
   }
   if (cu::prefill_supported(hd)) {
-    const std::vector<int32_t> tiles = cu::make_prefill_tiles(query_start.data(), S);
+    const bool tc = cu::prefill_path(hd, c.at) == cu::kPrefillWmma;
+    const std::vector<int32_t> tiles = cu::make_prefill_tiles(d.qs.data(), DS);
     Dev<int32_t> dtiles(tiles);
-    Dev<float> out(q.size());
+    DevAct out(c.at, want_dev.size());
     cu::paged_attention_prefill(reinterpret_cast<const uint8_t*>(dpool.p()), DL, layer, DB, dtiles.p(),
-                                int(tiles.size() / 2), dq.p(), n_heads, scale, out.p(), g_stream);
+                                int(tiles.size() / 2), dq.p(), c.at, n_heads, scale, out.p(), g_stream);
     sync();
-    const std::string what = tag + fmt(" prefill-kernel tiles=%zu", tiles.size() / 2);
-    expect_close(what, out.host().data(), want.data(), want.size(), tol);
-    expect_guard(what, out);
+    const std::string what = tag + fmt(" prefill-kernel%s tiles=%zu", tc ? " (tensor cores)" : "", tiles.size() / 2);
+    const std::vector<float> got = out.host();
+    expect_close(what, got.data(), want_dev.data(), want_dev.size(), attn_tol(c, tc));
+    if (c.at == cu::kBF16) expect_unbiased(what, got, want_dev, kBiasLimit);
+    record(out.intact(), what + " [canary]", "wrote outside its output");
   }
 }
 
 void test_attention(Rng& rng) {
   Section sec("attention");
   const std::vector<int> short_ctx = {1, 15, 16, 17, 70};
+  // Every case in fp32 and, with BF16 activations and / or a BF16 pool, in the other three dtype
+  // combinations (--quick: one of them per case in turn, and in the main grid only for "mixed",
+  // which runs both the prefill-like and the decode-like tokens).
+  int turn = 0;
+  auto run_dtypes = [&](AttnCase c, bool grid = false) {
+    run_attention_case(rng, c);
+    if (g_quick && grid && std::string(c.mix) != "mixed") return;
+    const int combos[3][2] = {{cu::kF32, cu::kBF16}, {cu::kBF16, cu::kF32}, {cu::kBF16, cu::kBF16}};
+    for (int i = 0; i < 3; i++) {
+      if (g_quick && i != turn % 3) continue;
+      c.at = combos[i][0], c.kt = combos[i][1];
+      run_attention_case(rng, c);
+    }
+    turn++;
+  };
   for (int bs : {1, 16})
     for (int group : {1, 4})
       for (int hd : g_quick ? std::vector<int>{24, 100, 130} : std::vector<int>{24, 64, 100, 128, 256, 320})
         for (int window : {0, 8})
           for (const char* mix : {"prefill", "decode", "mixed"})
-            run_attention_case(rng, {bs, group, hd, window, mix, short_ctx});
+            run_dtypes({bs, group, hd, window, mix, short_ctx}, true);
   // Long contexts: several decode splits, many prefill key tiles; large scores (the max matters).
   // (The emulator runs a decode-kernel prefill at O(tokens x span) fiber switches: shorter there.)
   for (const char* mix : {"prefill", "decode", "mixed"}) {
     const bool cheap = std::string(mix) == "decode";
-    run_attention_case(rng, {16, 2, g_quick ? 32 : 128, 0, mix,
-                             g_quick ? std::vector<int>{cheap ? 1100 : 200, 3} : std::vector<int>{1300, 513, 2}});
+    run_dtypes({16, 2, g_quick ? 32 : 128, 0, mix,
+                g_quick ? std::vector<int>{cheap ? 1100 : 200, 3} : std::vector<int>{1300, 513, 2}});
   }
-  run_attention_case(rng, {16, 2, 64, 100, "mixed", g_quick ? std::vector<int>{260, 5} : std::vector<int>{1500, 40}});
-  for (int bs : {1, 16}) run_attention_case(rng, {bs, 2, 64, 0, "mixed", short_ctx, 30.f});
+  run_dtypes({16, 2, 64, 100, "mixed", g_quick ? std::vector<int>{260, 5} : std::vector<int>{1500, 40}});
+  for (int bs : {1, 16}) run_dtypes({bs, 2, 64, 0, "mixed", short_ctx, 30.f});
   // Soft-capped scores (Gemma 2), large enough that the cap clips; Gemma's head_dim 256 among them.
   for (int hd : {24, 64, 256})
     for (int window : {0, 8})
       for (const char* mix : {"prefill", "decode", "mixed"})
-        run_attention_case(rng, {16, 2, hd, window, mix, short_ctx, 30.f, 2.5f});
+        run_dtypes({16, 2, hd, window, mix, short_ctx, 30.f, 2.5f}, hd != 256);
+  // GQA group sizes and the tensor-core head dims (multiples of 16, and 72 which is not: the BF16
+  // SIMT fallback), chunked prefill mixed with decode, every dtype combination.
+  // (--quick: BF16 activations only, the pool's dtype in turn.)
+  for (int group : {1, 2, 4, 8})
+    for (int hd : {64, 72, 128, 256}) {
+      if (g_quick && (group == 2 || group == 8) && hd != 64 && hd != 128) continue;
+      for (int at : {cu::kF32, cu::kBF16})
+        for (int kt : {cu::kF32, cu::kBF16}) {
+          if (g_quick && (at == cu::kF32 || kt != (turn & 1))) continue;
+          AttnCase c{16, group, hd, group == 4 ? 8 : 0, "mixed", {1, 17, 40}};
+          c.at = at, c.kt = kt;
+          run_attention_case(rng, c);
+        }
+      turn++;
+    }
+  // Split-count invariance (the graph-captured launch): the same queries with 1, 3, 8, 32 splits,
+  // more splits than some queries have keys, with GQA, a window and soft-capping.
+  for (int kt : {cu::kF32, cu::kBF16}) {
+    AttnCase c{16, 4, 64, 0, "decode", {3, 40, 300, 129}};
+    c.kt = kt, c.splits = {1, 3, 8, 32};
+    run_attention_case(rng, c);
+    c.window = 50, c.softcap = 30.f, c.q_amp = 2.5f, c.at = cu::kBF16;
+    run_attention_case(rng, c);
+  }
+  // Padding sequences (context 0): no KV writes (the pool must equal the CPU's, which never saw
+  // them), zeros out of both kernels, with 1 and several splits.
+  for (int at : {cu::kF32, cu::kBF16}) {
+    AttnCase c{16, 2, 64, 0, "mixed", {5, 33, 70}};
+    c.at = at, c.kt = at, c.n_pad = 3, c.splits = {1, 4};
+    run_attention_case(rng, c);
+    c.mix = "decode", c.n_pad = 1;
+    run_attention_case(rng, c);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------

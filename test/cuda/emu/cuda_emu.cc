@@ -52,6 +52,7 @@ Block g_block;
 jmp_buf g_main_jb;
 cudaError_t g_last_error = cudaSuccess;
 std::map<uintptr_t, size_t> g_device_allocs;  // base -> bytes
+std::map<const void*, int> g_smem_optin;       // kernel -> cudaFuncAttributeMaxDynamicSharedMemorySize
 constexpr size_t kStack = 256 * 1024;
 
 [[noreturn]] void fail(const std::string& m) {
@@ -171,7 +172,8 @@ void run_block(size_t n_threads) {
 
 uint3 thread_idx() { return cur().tid; }
 
-void* dyn_smem() { return g_block.smem.data(); }
+// 128-byte aligned, as the GPU's shared window is (wmma needs 32-byte aligned tiles).
+void* dyn_smem() { return reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(g_block.smem.data()) + 127) & ~uintptr_t(127)); }
 
 void syncthreads() {
   cur().state = kWaitBlock;
@@ -201,22 +203,39 @@ uint64_t shuffle(uint64_t bits, int arg, int mode) {
   return r;
 }
 
+namespace {
+[[noreturn]] void wmma_fail(const std::string& m) { fail(m); }
+}  // namespace
+
 // __half2float: the project's exact F16 decoding (kernels/cpu, checked by the kernel tests).
 float f16_to_f32(uint16_t h) { return loraplex::cpu::f16_to_f32(h); }
 
-void launch_impl(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
+cudaError_t func_set_attribute(const void* kernel, int attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > 227 * 1024) return cudaErrorInvalidValue;
+  g_smem_optin[kernel] = value;
+  return cudaSuccess;
+}
+
+void launch_impl(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body, const void* kernel) {
   const size_t n_threads = size_t(block.x) * block.y * block.z;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || n_threads == 0 || n_threads > 1024 || grid.y > 65535 ||
       grid.z > 65535 || block.z > 64 || smem > 227 * 1024) {
     g_last_error = cudaErrorInvalidConfiguration;
     return;
   }
+  if (kernel && smem > 48 * 1024) {  // over the default limit: only with the kernel's opt-in
+    auto it = g_smem_optin.find(kernel);
+    if (it == g_smem_optin.end() || size_t(it->second) < smem) {
+      g_last_error = cudaErrorInvalidValue;
+      return;
+    }
+  }
   if (g_block.cur >= 0) fail("kernel launched from inside a kernel");
   grid_dim = grid;
   block_dim = block;
   g_block.body = &body;
   g_block.where = "kernel";
-  g_block.smem.assign(smem + 16, 0xFF);  // NaN bytes: reads of unwritten shared memory show
+  g_block.smem.assign(smem + 128, 0xFF);  // NaN bytes: reads of unwritten shared memory show
   for (unsigned z = 0; z < grid.z; z++)
     for (unsigned y = 0; y < grid.y; y++)
       for (unsigned x = 0; x < grid.x; x++) {
@@ -228,6 +247,15 @@ void launch_impl(dim3 grid, dim3 block, size_t smem, const std::function<void()>
 }
 
 }  // namespace emu
+
+void nvcuda::wmma::detail::check_ptr(const void* p, unsigned ldm, size_t elem_bytes, const char* what) {
+  emu::cur();  // inside a kernel
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0)
+    emu::wmma_fail(std::string(emu::g_block.where) + ": " + what + " with a pointer that is not 256-bit aligned");
+  if ((size_t(ldm) * elem_bytes) % 16 != 0)
+    emu::wmma_fail(std::string(emu::g_block.where) + ": " + what + " with ldm " + std::to_string(ldm) +
+                   " not a multiple of 16 bytes");
+}
 
 // ---- runtime API ---------------------------------------------------------------------------------
 
@@ -254,7 +282,7 @@ bool capture_forbids() {
 }
 }  // namespace
 
-bool record_launch(cudaStream_t s, dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
+bool record_launch(cudaStream_t s, dim3 grid, dim3 block, size_t smem, std::function<void()> body, const void* kernel) {
   if (!s || !s->capture) return false;
   const size_t n_threads = size_t(block.x) * block.y * block.z;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || n_threads == 0 || n_threads > 1024 || grid.y > 65535 ||
@@ -263,7 +291,7 @@ bool record_launch(cudaStream_t s, dim3 grid, dim3 block, size_t smem, std::func
     s->invalid = true;
     return true;
   }
-  s->capture->push_back([grid, block, smem, body] { launch_impl(grid, block, smem, body); });
+  s->capture->push_back([grid, block, smem, body, kernel] { launch_impl(grid, block, smem, body, kernel); });
   return true;
 }
 }  // namespace emu

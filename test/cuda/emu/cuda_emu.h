@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <type_traits>
 
 #ifndef LORAPLEX_CUDA_EMU
 #define LORAPLEX_CUDA_EMU 1
@@ -162,6 +163,16 @@ cudaError_t cudaGraphInstantiate(cudaGraphExec_t* e, cudaGraph_t g, unsigned lon
 cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s);
 cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e);
 cudaError_t cudaGraphDestroy(cudaGraph_t g);
+// Kernel attributes: only the dynamic shared-memory opt-in. Launches with more than 48 KiB of
+// dynamic shared memory fail (as on the GPU) unless the kernel was opted in to at least that much.
+enum cudaFuncAttribute : int { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+namespace emu {
+cudaError_t func_set_attribute(const void* kernel, int attr, int value);
+}
+template <typename F>
+cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {
+  return ::emu::func_set_attribute(reinterpret_cast<const void*>(kernel), attr, value);
+}
 
 // ---- device-side built-ins ---------------------------------------------------------------------------
 
@@ -175,14 +186,22 @@ void syncthreads();
 void syncwarp();
 uint64_t shuffle(uint64_t bits, int src_lane_or_mask, int mode);  // mode 0: xor, 1: index, 2: down, 3: up
 float f16_to_f32(uint16_t h);
-// Runs body for every thread of every block; sets the launch error on a bad configuration.
-void launch_impl(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
+// Runs body for every thread of every block; sets the launch error on a bad configuration
+// (kernel: the launched function, for its shared-memory opt-in; nullptr = unknown).
+void launch_impl(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body, const void* kernel = nullptr);
 // A launch on a capturing stream is recorded (configuration checked now, body run at replay).
-bool record_launch(cudaStream_t s, dim3 grid, dim3 block, size_t smem, std::function<void()> body);
+bool record_launch(cudaStream_t s, dim3 grid, dim3 block, size_t smem, std::function<void()> body,
+                   const void* kernel = nullptr);
 template <typename F>
 void launch(dim3 grid, dim3 block, size_t smem, cudaStream_t s, F&& f) {
   std::function<void()> body(std::forward<F>(f));
   if (!record_launch(s, grid, block, smem, body)) launch_impl(grid, block, smem, body);
+}
+template <typename K, typename F>
+void launch_kernel(K* kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t s, F&& f) {
+  std::function<void()> body(std::forward<F>(f));
+  const void* k = reinterpret_cast<const void*>(kernel);
+  if (!record_launch(s, grid, block, smem, body, k)) launch_impl(grid, block, smem, body, k);
 }
 
 }  // namespace emu
@@ -241,3 +260,104 @@ inline int atomicAdd(int* p, int v) {
   *p = old + v;
   return old;
 }
+
+// ---- BF16 and tensor cores (nvcuda::wmma) ------------------------------------------------------------
+// __nv_bfloat16 as a struct around its bits (kernels name it through cuda::bf16_t).
+struct __nv_bfloat16 {
+  unsigned short __x;
+};
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short b) { return {b}; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.__x; }
+inline float __bfloat162float(__nv_bfloat16 h) { return __uint_as_float(uint32_t(h.__x) << 16); }
+
+// The subset of nvcuda::wmma the kernels use: 16x16x16 fragments of BF16 (matrix_a, matrix_b) and
+// float (accumulator). Exact and simple rather than faithful to the hardware's register layout:
+// every lane's fragment holds the whole tile (x[] is the tile in row-major order, num_elements =
+// 256), so element-wise operations applied uniformly to x[] work as on the GPU, while code that
+// assumes which elements a lane holds does not. load/store/mma are warp-collective: each is a warp
+// barrier on entry and exit (a lane that skips one, or exited lanes, abort like a bad __syncwarp),
+// and pointers / ldm are checked against wmma's rules (256-bit aligned, ldm a multiple of 16 bytes).
+// mma_sync: d = c + a.b with each product exact (BF16 x BF16 fits fp32) and the sum in fp32 in k order.
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, typename T, typename Layout = void>
+struct fragment_base {
+  using element_type = T;
+  static constexpr int num_elements = 256;
+  T x[num_elements];  // the whole 16 x 16 tile, row-major (row = M or K index, column = N or K index)
+};
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment : fragment_base<Use, T, Layout> {
+  static_assert(M == 16 && N == 16 && K == 16, "the emulator has 16x16x16 fragments only");
+};
+
+namespace detail {
+inline float to_f(float v) { return v; }
+inline float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+inline void from_f(float& d, float v) { d = v; }
+inline void from_f(__nv_bfloat16& d, float v) {  // round to nearest even, as __float2bfloat16
+  const uint32_t u = __float_as_uint(v);
+  d.__x = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+void check_ptr(const void* p, unsigned ldm, size_t elem_bytes, const char* what);  // aborts on misuse
+inline bool is_col(row_major) { return false; }
+inline bool is_col(col_major) { return true; }
+}  // namespace detail
+
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, const T& v) {
+  for (int i = 0; i < f.num_elements; i++) f.x[i] = v;
+}
+inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float v) {
+  for (int i = 0; i < f.num_elements; i++) f.x[i] = v;
+}
+
+// matrix_a / matrix_b with their layout in the type. Element (r, c) of the tile (r: row of A / k of
+// B) is p[r * ldm + c] for row_major, p[c * ldm + r] for col_major.
+template <typename Use, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  static_assert(!std::is_same<Layout, void>::value, "matrix_a / matrix_b fragments need a layout");
+  detail::check_ptr(p, ldm, sizeof(T), "load_matrix_sync");
+  __syncwarp();
+  const bool col = detail::is_col(Layout{});
+  for (int r = 0; r < 16; r++)
+    for (int c = 0; c < 16; c++) f.x[r * 16 + c] = col ? p[size_t(c) * ldm + r] : p[size_t(r) * ldm + c];
+  __syncwarp();
+}
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm, layout_t l) {
+  detail::check_ptr(p, ldm, 4, "load_matrix_sync");
+  __syncwarp();
+  for (int r = 0; r < 16; r++)
+    for (int c = 0; c < 16; c++) f.x[r * 16 + c] = l == mem_col_major ? p[size_t(c) * ldm + r] : p[size_t(r) * ldm + c];
+  __syncwarp();
+}
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t l) {
+  detail::check_ptr(p, ldm, 4, "store_matrix_sync");
+  __syncwarp();
+  for (int r = 0; r < 16; r++)
+    for (int c = 0; c < 16; c++) (l == mem_col_major ? p[size_t(c) * ldm + r] : p[size_t(r) * ldm + c]) = f.x[r * 16 + c];
+  __syncwarp();
+}
+template <typename TA, typename LA, typename LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, TA, LA>& a,
+                     const fragment<matrix_b, 16, 16, 16, TA, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+  __syncwarp();
+  float r[256];
+  for (int i = 0; i < 16; i++)
+    for (int j = 0; j < 16; j++) {
+      float s = c.x[i * 16 + j];
+      for (int k = 0; k < 16; k++) s += detail::to_f(a.x[i * 16 + k]) * detail::to_f(b.x[k * 16 + j]);
+      r[i * 16 + j] = s;
+    }
+  for (int i = 0; i < 256; i++) d.x[i] = r[i];
+  __syncwarp();
+}
+}  // namespace wmma
+}  // namespace nvcuda
