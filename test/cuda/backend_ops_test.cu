@@ -374,7 +374,7 @@ std::vector<float> round_bf16(std::vector<float> v) {
   for (auto& x : v) x = cpu::bf16_to_f32(cpu::f32_to_bf16(x));
   return v;
 }
-const Tol kBf16Ulp{1e-6, 1.0 / 128 + 1e-5};
+const Tol kBf16Tol{1e-6, 1.0 / 128 + 1e-5};
 
 void test_elementwise_bf16(Rng& rng) {
   Section sec("elementwise-bf16");
@@ -396,7 +396,7 @@ void test_elementwise_bf16(Rng& rng) {
         cu::rmsnorm(dx.p(), dd.p(), dw.p(), T, H, eps, dy.p(), g_stream, F, B, B);
         sync();
         const std::string what = fmt("rmsnorm bf16 T=%d H=%d +residual", T, H);
-        expect_close(what, from_bf16(dy.host()).data(), round_bf16(want).data(), want.size(), kBf16Ulp);
+        expect_close(what, from_bf16(dy.host()).data(), round_bf16(want).data(), want.size(), kBf16Tol);
         expect_close(what + " (fp32 residual written back)", dx.host().data(), xs.data(), xs.size(), kExact);
         expect_guard(what, dy);
       }
@@ -410,7 +410,7 @@ void test_elementwise_bf16(Rng& rng) {
         cu::rmsnorm(dx.p(), nullptr, dw.p(), T, H, eps, dx.p(), g_stream, B, B, B);
         sync();
         const std::string what = fmt("rmsnorm bf16 T=%d H=%d in place", T, H);
-        expect_close(what, from_bf16(dx.host()).data(), round_bf16(want).data(), want.size(), kBf16Ulp);
+        expect_close(what, from_bf16(dx.host()).data(), round_bf16(want).data(), want.size(), kBf16Tol);
         expect_guard(what, dx);
       }
     }
@@ -475,18 +475,7 @@ void test_elementwise_bf16(Rng& rng) {
 // ------------------------------------------------------------------------------------------------
 // 2. GEMM
 
-// BF16 helpers for activations (round to nearest even: cpu::f32_to_bf16, the device's arithmetic).
-std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
-  std::vector<uint16_t> h(v.size());
-  for (size_t i = 0; i < v.size(); i++) h[i] = cpu::f32_to_bf16(v[i]);
-  return h;
-}
-std::vector<float> from_bf16(const std::vector<uint16_t>& h) {
-  std::vector<float> v(h.size());
-  for (size_t i = 0; i < h.size(); i++) v[i] = cpu::bf16_to_f32(h[i]);
-  return v;
-}
-std::vector<float> round_bf16(const std::vector<float>& v) { return from_bf16(to_bf16(v)); }
+// BF16 helpers for activations: to_bf16 / from_bf16 / round_bf16 above (cpu::f32_to_bf16's rounding).
 const char* aname(int t) { return t == 0 ? "F32" : "BF16"; }
 
 // A device activation tensor of dtype t (F32 or BF16) with canaries; values given as fp32 (exact
@@ -1365,6 +1354,11 @@ struct SeqState {
   std::vector<int32_t> pages;
 };
 
+// BF16-activation backend bounds (see run_backend_case) and the worst values seen, printed at the
+// end of the section so the bounds' margin is visible.
+constexpr double kBf16BackendRelL2 = 0.03, kBf16BackendMaxAbs = 0.05;
+double g_bf16_worst_rel = 0, g_bf16_worst_abs = 0;
+
 // The backend's options for a case: CudaOptions{} is the exact fp32 path launched eagerly.
 // The CPU oracle takes the same KV and adapter-row dtypes (the same rounding of the stored
 // values) and computes in fp32; BF16 activations on the GPU get the BF16 tolerance.
@@ -1499,8 +1493,30 @@ void run_backend_case(Rng& rng, const std::string& name0, TinyModel& tm, const V
       record(false, name + fmt(" step %zu forward", st), e.what());
       return;
     }
-    expect_close(name + fmt(" step %zu (T=%d, S=%d) logits", st, b.n_tokens, b.n_seqs), got.data(), want.data(),
-                 want.size(), tol);
+    const std::string what = name + fmt(" step %zu (T=%d, S=%d) logits", st, b.n_tokens, b.n_seqs);
+    if (!co.compute_bf16) {
+      expect_close(what, got.data(), want.data(), want.size(), tol);
+      continue;
+    }
+    // BF16 activations: each kernel output rounded to 8 significant bits (2^-9 relative), through
+    // a few layers and large random adapters. Checked as the relative L2 error of each step's
+    // logits and the largest element error against the logits' scale; a wrong kernel (a missed
+    // adapter row, a wrong conversion, a stale KV page) moves logits by tens of percent.
+    double num = 0, den = 0, worst = 0, scale = 0;
+    bool finite = true;
+    for (size_t i = 0; i < want.size(); i++) {
+      finite = finite && std::isfinite(got[i]);
+      num += double(got[i] - want[i]) * (got[i] - want[i]);
+      den += double(want[i]) * want[i];
+      worst = std::max(worst, double(std::fabs(got[i] - want[i])));
+      scale = std::max(scale, double(std::fabs(want[i])));
+    }
+    const double rel = std::sqrt(num / std::max(den, 1e-30));
+    g_bf16_worst_rel = std::max(g_bf16_worst_rel, rel);
+    g_bf16_worst_abs = std::max(g_bf16_worst_abs, worst / std::max(scale, 1.0));
+    record(finite && rel <= kBf16BackendRelL2 && worst <= kBf16BackendMaxAbs * std::max(scale, 1.0), what,
+           fmt("relative L2 error %.4f (bound %.3f), largest error %.4f of logits up to %.3f (bound %.2f x max(1, that))", rel,
+               kBf16BackendRelL2, worst, scale, kBf16BackendMaxAbs));
   }
   if (next_page > num_pages) record(false, name + " test bug: more pages than the pool", "");
   if (co.graphs) {
@@ -1582,23 +1598,26 @@ void test_backend(Rng& rng) {
   CudaOptions bf16_graphs = bf16, f32_graphs;
   bf16_graphs.graphs = f32_graphs.graphs = true;
   const Variant kBf16{" [bf16]", bf16}, kBf16Graphs{" [bf16, graphs]", bf16_graphs}, kF32Graphs{" [graphs]", f32_graphs};
+  // BF16 eager on every model; graphs (fp32 and BF16) on a Llama, Gemma 2 (soft-capping,
+  // alternating windows) and Phi-3 (LongRoPE, fused targets), which cover the graph-specific paths.
   for (const Variant& var : {kBf16, kBf16Graphs, kF32Graphs}) {
     const int wt = var.cuda.compute_bf16 ? 1 : 0;
+    const bool all = !var.cuda.graphs;
     {
       TinyModel tm = make_tiny_model(rng, "llama", wt, 64, 96, 2, 4, 2, 16, 97, false, false, 0, RopeType::None);
       run_backend_case(rng, fmt("backend llama-gqa %s", wname(wt)), tm, var);
     }
-    if (!var.cuda.compute_bf16) continue;
-    {
+    if (all) {
       TinyModel tm = make_tiny_model(rng, "qwen2", wt, 48, 80, 2, 2, 1, 24, 61, true, true, 0, RopeType::Linear);
       run_backend_case(rng, fmt("backend qwen2-tied-bias %s", wname(wt)), tm, var);
     }
-    {
+    if (all) {
       TinyModel tm = make_tiny_model(rng, "mistral", wt, 32, 64, 3, 2, 2, 24, 50, false, false, 6, RopeType::None);
       run_backend_case(rng, fmt("backend mistral-window %s", wname(wt)), tm, var);
     }
     for (const char* fam : {"qk-norm", "gemma2", "gemma3", "partial-rotary", "phi3-longrope"}) {
       const std::string f = fam;
+      if (!all && f != "gemma2" && f != "phi3-longrope") continue;
       const std::string arch = f == "qk-norm" ? "qwen3" : f == "partial-rotary" ? "llama" : f == "phi3-longrope" ? "phi3" : f;
       TinyModel tm = make_tiny_model(rng, arch, wt, 48, 80, 3, 4, 2, 16, 61, f != "partial-rotary" && f != "phi3-longrope", false, 0,
                                      f == "gemma3" ? RopeType::Linear : RopeType::None);
@@ -1606,6 +1625,8 @@ void test_backend(Rng& rng) {
       run_backend_case(rng, fmt("backend %s %s", fam, wname(wt)), tm, var);
     }
   }
+  printf("backend, BF16 activations: worst relative L2 error %.4f (bound %.3f), worst element error %.4f of the logits' scale (bound %.2f)\n",
+         g_bf16_worst_rel, kBf16BackendRelL2, g_bf16_worst_abs, kBf16BackendMaxAbs);
   for (int wt : {0, 1, 2}) {
     {
       TinyModel tm = make_tiny_model(rng, "llama", wt, 64, 96, 2, 4, 2, 16, 97, false, false, 0, RopeType::None);
