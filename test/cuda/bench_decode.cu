@@ -384,7 +384,6 @@ int main(int argc, char** argv) {
   if (f32_pages > 0 && bf16_pages > 0)
     printf("  KV pages per GiB: fp32 %ld, BF16 %ld (%.2fx); target 2x: %s\n", f32_pages, bf16_pages,
            double(bf16_pages) / f32_pages, bf16_pages >= 2 * f32_pages ? "met" : "MISSED");
-  be.reset();
   for (void* p : g_device) cudaFree(p);
   printf("bench_decode: ok\n");
   return 0;
