@@ -808,11 +808,9 @@ Graph* CudaBackend::capture(const GraphKey& key) {
   const ModelSpec& s = model_->spec;
   const int B = key.bucket;
   Graph g;
-  // Enough key splits that the step fills the GPU (two blocks per SM) however short its bucket;
-  // each query then cuts its own span into that many parts, so one capture serves any length.
-  const int span_cap = key.blocks * pool_info_.block_size;
-  const int want = cuda::ceil_div(2L * n_sms_, long(B) * s.n_kv_heads);
-  g.n_splits = std::max(1, std::min({want, cuda::ceil_div(span_cap, 256), 32}));
+  // Enough key splits that the step fills the GPU however short its bucket; each query then cuts
+  // its own span into that many parts, so one capture serves any context length.
+  g.n_splits = cuda::decode_splits_for(B, s.n_kv_heads, key.blocks * pool_info_.block_size, n_sms_);
   const size_t tables = size_t(B) * 8 + size_t(B) * key.blocks + 64;
   g.tables.ensure(tables * sizeof(int32_t), "cudaMalloc (graph step tables)");
   ensure_buffers(B, key.z_stride, cuda::decode_workspace_floats(B, s.n_heads, s.head_dim, g.n_splits), B);

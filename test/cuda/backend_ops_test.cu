@@ -1356,7 +1356,7 @@ struct SeqState {
 
 // BF16-activation backend bounds (see run_backend_case) and the worst values seen, printed at the
 // end of the section so the bounds' margin is visible.
-constexpr double kBf16BackendRelL2 = 0.03, kBf16BackendMaxAbs = 0.05;
+constexpr double kBf16BackendRelL2 = 0.06, kBf16BackendMaxAbs = 0.08;
 double g_bf16_worst_rel = 0, g_bf16_worst_abs = 0;
 
 // The backend's options for a case: CudaOptions{} is the exact fp32 path launched eagerly.
@@ -1499,9 +1499,11 @@ void run_backend_case(Rng& rng, const std::string& name0, TinyModel& tm, const V
       continue;
     }
     // BF16 activations: each kernel output rounded to 8 significant bits (2^-9 relative), through
-    // a few layers and large random adapters. Checked as the relative L2 error of each step's
-    // logits and the largest element error against the logits' scale; a wrong kernel (a missed
-    // adapter row, a wrong conversion, a stale KV page) moves logits by tens of percent.
+    // a few layers and large random adapters; random tiny models cancel a lot in their logits, so
+    // the relative error of a step reaches a few percent (worst seen over the suite's models: 2.5%
+    // relative L2, 2.6% of the logits' scale for one element). Checked as the relative L2 error of
+    // each step's logits and the largest element error against the logits' scale; a wrong kernel
+    // (a missed adapter row, a wrong conversion, a stale KV page) moves logits by tens of percent.
     double num = 0, den = 0, worst = 0, scale = 0;
     bool finite = true;
     for (size_t i = 0; i < want.size(); i++) {

@@ -450,7 +450,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
   std::snprintf(p->name, sizeof p->name, "loraplex CUDA emulator (host)");
   p->major = 9;
   p->minor = 0;
-  p->multiProcessorCount = 1;
+  p->multiProcessorCount = 8;  // enough that shape heuristics (split-K, attention splits) take their multi-block paths
   p->totalGlobalMem = emu::g_device_total;
   p->sharedMemPerBlock = 48 * 1024;
   return cudaSuccess;
