@@ -546,6 +546,16 @@ void test_gemm(Rng& rng) {
   cu::Gemm gemm;
   printf("gemm: %s, activation split %d\n",
          gemm.has_cublas() ? "cuBLAS (F32 x) / cuBLASLt (BF16 x) for T > 16" : "no cuBLAS (SIMT tiles)", gemm.act_split());
+  // The documented routes (gemm.cuh): decode sizes always skinny; BF16 x only pairs with BF16 W on
+  // cuBLASLt; the rest of BF16 x, and fp32 x into BF16 y, on the SIMT tiles.
+  {
+    const bool cb = gemm.has_cublas();
+    const std::string s1 = gemm.path(16, 1, 1, 1), s2 = gemm.path(17, 1, 1, 1), s3 = gemm.path(17, 1, 2, 0),
+                      s4 = gemm.path(17, 1, 0, 1), s5 = gemm.path(17, 0, 1, 1), s6 = gemm.path(17, 0, 0, 0);
+    record(s1 == "skinny" && s2 == (cb ? "cublaslt-bf16" : "tiled") && s3 == "tiled" && s4 == "tiled" && s5 == "tiled" &&
+               s6 == (cb ? "cublas-f32" : "tiled"),
+           "gemm paths", s1 + " " + s2 + " " + s3 + " " + s4 + " " + s5 + " " + s6);
+  }
   const std::vector<int> Ks = g_quick ? std::vector<int>{8, 30, 100, 576} : std::vector<int>{8, 24, 30, 64, 100, 576, 4096};
   const std::vector<int> Ns = g_quick ? std::vector<int>{1, 17, 130} : std::vector<int>{1, 7, 64, 250, 1000};
   const std::vector<int> Ts =
