@@ -191,12 +191,12 @@ int sm_count() {
 // Columns per split (a multiple of 8) for the split count asked.
 int split_cols(int K, int splits) { return (ceil_div(K, splits) + 7) / 8 * 8; }
 
-// The process-wide split-K workspace (fp32 partial sums). A buffer once handed out is never freed
-// (growing retires it): CUDA graphs captured with it keep a valid pointer, and growing needs no
-// device sync. Sizes stay small (splits x T x N floats; auto splits only where N is small: ~1 MiB
-// for a 4096-row projection at T = 16), and growth is geometric.
-// The arrival counters (one int per 32-row range) start at zero and every split launch leaves them
-// at zero; a new counter array is zeroed (and synchronised) once, when it is allocated.
+// The process-wide split-K workspace (fp32 partial sums) and arrival counters. A buffer once handed
+// out is never freed (growing retires it), so CUDA graphs captured with it keep a valid pointer and
+// no queued launch can lose it. Sizes stay small (splits x T x N floats; auto splits only where N
+// is small: ~1 MiB for a 4096-row projection at T = 16), and growth is geometric. The counters (one
+// int per 32-row range) start at zero and every split launch leaves them at zero; a new counter
+// array is zeroed with a device sync once, when it is allocated (hence gemm_skinny_reserve).
 struct SkinnyWorkspace {
   float* ws;
   int* counters;
