@@ -8,7 +8,8 @@
 // or 2 x 16 bytes of F32) and applies them to all T tokens: W is read exactly once per call, each
 // lane keeps 4 independent 16-byte loads in flight, and each x value read from shared memory serves
 // 4 rows. With few rows (N / 32 blocks cannot fill the GPU) K is split across blocks; the partial
-// sums land in an fp32 workspace and a second kernel adds them in split order (deterministic).
+// sums land in an fp32 workspace, and the last block of each row range to finish (a per-range
+// arrival counter) adds them in split order, adds the bias and writes y: deterministic, one launch.
 // Why this should run near the HBM bound: at T <= 8 the arithmetic is at most 8 FMA per weight
 // (16 per 2-byte BF16 weight = 8 flop/byte: an H200's ~67 fp32 TFLOPS cover ~8 TB/s), and enough
 // bytes are in flight (2 blocks x 256 threads x 64 bytes = 32 KiB per SM against ~22 KiB that
@@ -48,6 +49,21 @@ __device__ __forceinline__ void load_w8(const void* W, size_t at, float* w) {
   }
 }
 
+// Device-scope fence and an L1-bypassing load for the split-K hand-over (no-ops on the emulator,
+// which runs blocks one after another).
+__device__ __forceinline__ void lp_threadfence() {
+#ifndef LORAPLEX_CUDA_EMU
+  __threadfence();
+#endif
+}
+__device__ __forceinline__ float lp_ldcg(const float* p) {
+#ifndef LORAPLEX_CUDA_EMU
+  return __ldcg(p);
+#else
+  return *p;
+#endif
+}
+
 // Grid (ceil(N / 32), splits); block 256; dynamic shared memory T * KC floats.
 // Split s covers columns [s * kper, min(K, (s + 1) * kper)); kper % 8 == 0, KC % 256 == 0.
 template <int WT, int XT, int TT, bool VEC>
@@ -58,7 +74,8 @@ __global__ void __launch_bounds__(kSkWarps * 32) gemm_skinny_kernel(const void* 
                                                                      const float* __restrict__ bias,  // [N] or null
                                                                      void* __restrict__ y,  // [T, N] dtype yt
                                                                      int yt,
-                                                                     float* __restrict__ ws) {  // [splits, T, N]
+                                                                     float* __restrict__ ws,  // [splits, T, N]
+                                                                     int* __restrict__ counters) {  // [gridDim.x]
   LP_DYN_SMEM(float, xs);  // [T][KC]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int n0 = (blockIdx.x * kSkWarps + warp) * kSkRows;
@@ -120,34 +137,42 @@ __global__ void __launch_bounds__(kSkWarps * 32) gemm_skinny_kernel(const void* 
       }
     }
   }
-  if (!active) return;  // no barrier follows
   const bool direct = gridDim.y == 1;
+  if (active) {
 #pragma unroll
-  for (int r = 0; r < kSkRows; r++) {
-    const int n = n0 + r;
+    for (int r = 0; r < kSkRows; r++) {
+      const int n = n0 + r;
 #pragma unroll
-    for (int t = 0; t < TT; t++) {
-      if (t < T) {  // T is uniform: the whole warp shuffles or none of it
-        const float v = warp_sum(acc[r][t]);
-        if (lane == 0 && n < N) {
-          if (direct) store_as(y, yt, size_t(t) * N + n, v + (bias ? bias[n] : 0.f));
-          else ws[(size_t(blockIdx.y) * T + t) * N + n] = v;
+      for (int t = 0; t < TT; t++) {
+        if (t < T) {  // T is uniform: the whole warp shuffles or none of it
+          const float v = warp_sum(acc[r][t]);
+          if (lane == 0 && n < N) {
+            if (direct) store_as(y, yt, size_t(t) * N + n, v + (bias ? bias[n] : 0.f));
+            else ws[(size_t(blockIdx.y) * T + t) * N + n] = v;
+          }
         }
       }
     }
   }
-}
-
-// y[i] = (sum over splits, in split order, of ws[s, i]) + bias, stored as yt.
-__global__ void __launch_bounds__(256) gemm_skinny_reduce_kernel(const float* __restrict__ ws,  // [splits, T * N]
-                                                                  int splits, size_t tn, int N,
-                                                                  const float* __restrict__ bias,  // [N] or null
-                                                                  void* __restrict__ y, int yt) {
-  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < tn; i += size_t(gridDim.x) * blockDim.x) {
-    float s = ws[i];
-    for (int p = 1; p < splits; p++) s += ws[size_t(p) * tn + i];
-    store_as(y, yt, i, s + (bias ? bias[i % N] : 0.f));
+  if (direct) return;  // grid-uniform
+  // Split-K hand-over (the threadFenceReduction pattern): publish this split's partial sums, count
+  // the arrival; the last split of this row range to arrive sums all of them in split order (so the
+  // bits do not depend on which block came last), adds the bias, writes y and re-arms the counter.
+  __shared__ int last;
+  lp_threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&counters[blockIdx.x], 1) == int(gridDim.y) - 1;
+  __syncthreads();
+  if (!last) return;  // block-uniform
+  lp_threadfence();
+  const int r0 = blockIdx.x * kSkBlockRows, rows = imin(kSkBlockRows, N - r0);
+  for (int i = threadIdx.x; i < T * rows; i += kSkWarps * 32) {
+    const int t = i / rows, n = r0 + (i - t * rows);
+    float sum = 0.f;
+    for (int p = 0; p < int(gridDim.y); p++) sum += lp_ldcg(ws + (size_t(p) * T + t) * N + n);
+    store_as(y, yt, size_t(t) * N + n, sum + (bias ? bias[n] : 0.f));
   }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0;
 }
 
 int sm_count() {
@@ -166,16 +191,24 @@ int sm_count() {
 // Columns per split (a multiple of 8) for the split count asked.
 int split_cols(int K, int splits) { return (ceil_div(K, splits) + 7) / 8 * 8; }
 
-// The process-wide split-K workspace (fp32 partial sums). A buffer once handed out is never freed
-// (growing retires it): CUDA graphs captured with it keep a valid pointer, and growing needs no
-// device sync. Sizes stay small (splits x T x N floats; auto splits only where N is small: ~1 MiB
-// for a 4096-row projection at T = 16), and growth is geometric.
+// The process-wide split-K workspace (fp32 partial sums) and arrival counters. A buffer once handed
+// out is never freed (growing retires it), so CUDA graphs captured with it keep a valid pointer and
+// no queued launch can lose it. Sizes stay small (splits x T x N floats; auto splits only where N
+// is small: ~1 MiB for a 4096-row projection at T = 16), and growth is geometric. The counters (one
+// int per 32-row range) start at zero and every split launch leaves them at zero; a new counter
+// array is zeroed with a device sync once, when it is allocated (hence gemm_skinny_reserve).
+struct SkinnyWorkspace {
+  float* ws;
+  int* counters;
+};
 std::mutex g_ws_mu;
 float* g_ws = nullptr;
 size_t g_ws_floats = 0;
-std::vector<float*> g_ws_retired;
+int* g_cnt = nullptr;
+size_t g_cnt_n = 0;
+std::vector<void*> g_ws_retired;
 
-float* skinny_workspace(size_t floats) {
+SkinnyWorkspace skinny_workspace(size_t floats, size_t counters) {
   std::lock_guard<std::mutex> lk(g_ws_mu);
   if (floats > g_ws_floats) {
     const size_t n = std::max(floats, 2 * g_ws_floats);
@@ -186,7 +219,17 @@ float* skinny_workspace(size_t floats) {
     g_ws = p;
     g_ws_floats = n;
   }
-  return g_ws;
+  if (counters > g_cnt_n) {
+    const size_t n = std::max(counters, 2 * g_cnt_n);
+    int* p = nullptr;
+    check_cuda(cudaMalloc(reinterpret_cast<void**>(&p), n * sizeof(int)), "gemm_skinny: cudaMalloc of split-K counters");
+    check_cuda(cudaMemset(p, 0, n * sizeof(int)), "gemm_skinny: zeroing split-K counters");
+    check_cuda(cudaDeviceSynchronize(), "gemm_skinny: zeroing split-K counters");
+    if (g_cnt) g_ws_retired.push_back(g_cnt);
+    g_cnt = p;
+    g_cnt_n = n;
+  }
+  return {g_ws, g_cnt};
 }
 
 template <int WT, int XT, int TT, bool VEC>
@@ -196,16 +239,10 @@ void skinny_launch(const void* x, int T, int K, const void* W, int N, const floa
   // Staged chunk: as many columns as fit the budget at this width, at most the split's range.
   const int kc_budget = kSkSmemBudget / (TT * 4) / 256 * 256;
   const int KC = std::min(kc_budget, (kper + 255) / 256 * 256);
-  float* ws = splits > 1 ? skinny_workspace(size_t(splits) * T * N) : nullptr;
   const dim3 grid(ceil_div(N, kSkBlockRows), splits);
+  const SkinnyWorkspace w = splits > 1 ? skinny_workspace(size_t(splits) * T * N, grid.x) : SkinnyWorkspace{nullptr, nullptr};
   LP_LAUNCH((gemm_skinny_kernel<WT, XT, TT, VEC>), grid, dim3(kSkWarps * 32), size_t(T) * KC * sizeof(float), stream, x,
-            T, K, W, N, kper, KC, bias, y, yt, ws);
-  if (splits > 1) {
-    check_launch("gemm_skinny");
-    const size_t tn = size_t(T) * N;
-    const int blocks = int(tn / 256 + 1 < 1024 ? tn / 256 + 1 : 1024);
-    LP_LAUNCH(gemm_skinny_reduce_kernel, dim3(blocks), dim3(256), 0, stream, ws, splits, tn, N, bias, y, yt);
-  }
+            T, K, W, N, kper, KC, bias, y, yt, w.ws, w.counters);
 }
 
 template <int WT, int XT>
@@ -353,7 +390,7 @@ int gemm_skinny_splits(int T, int K, int N, int split_k) {
 void gemm_skinny_reserve(int T, int K, int N, int split_k) {
   if (T <= 0 || K <= 0 || N <= 0) return;
   const int s = gemm_skinny_splits(T, K, N, split_k);
-  if (s > 1) skinny_workspace(size_t(s) * T * N);
+  if (s > 1) skinny_workspace(size_t(s) * T * N, size_t(ceil_div(N, kSkBlockRows)));
 }
 
 void gemm_skinny(const void* x, int xt, int T, int K, const void* W, int wt, int N, const float* bias, void* y, int yt,
@@ -365,7 +402,7 @@ void gemm_skinny(const void* x, int xt, int T, int K, const void* W, int wt, int
   if (wt == kF32) skinny_x<kF32>(x, xt, T, K, W, N, bias, y, yt, splits, stream);
   else if (wt == kBF16) skinny_x<kBF16>(x, xt, T, K, W, N, bias, y, yt, splits, stream);
   else skinny_x<kF16>(x, xt, T, K, W, N, bias, y, yt, splits, stream);
-  check_launch(splits > 1 ? "gemm_skinny (split-K reduce)" : "gemm_skinny");
+  check_launch("gemm_skinny");
 }
 
 void gemm_tiled(const void* x, int xt, int T, int K, const void* W, int wt, int N, const float* bias, void* y, int yt,

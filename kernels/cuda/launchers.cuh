@@ -106,12 +106,14 @@ void gather_rows(const float* x,       // [T, H]
 // (a warp owns 4 output rows, so each lane keeps 4 independent 16-byte loads in flight), x is
 // staged per K chunk in shared memory as fp32. Split-K over blocks when N alone cannot fill the
 // GPU: split_k = 0 chooses from the shape and the SM count (read once), 1 = no split, s > 1 = at
-// most s splits of K (in multiples of 8). Partial sums go to a process-wide fp32 workspace and a
-// second kernel adds them in split order (no atomics: results do not vary run to run; different
-// split counts differ only by fp32 summation order). The workspace grows on demand, which allocates
-// (cudaMalloc; no sync, and a buffer once used is never freed, so captured graphs stay valid): call
-// gemm_skinny_reserve first for the largest (T, N, split) a captured (cudaStreamBeginCapture)
-// launch will use. One stream at a time (the engine thread) may run split launches.
+// most s splits of K (in multiples of 8). Partial sums go to a process-wide fp32 workspace; the
+// last block of each 32-row range to finish (an arrival counter, the only atomic) adds them in
+// split order, so results do not vary run to run (different split counts differ only by fp32
+// summation order), in the same launch. The workspace grows on demand (cudaMalloc; a new counter
+// array is zeroed with a device sync; a buffer once used is never freed, so captured graphs stay
+// valid): call gemm_skinny_reserve first for the largest (T, N, split) a captured
+// (cudaStreamBeginCapture) launch will use. One stream at a time (the engine thread) may run split
+// launches.
 // 16-byte loads need K % 8 == 0; other K take a scalar path (correct, slower).
 constexpr int kSkinnyMaxT = 16;
 void gemm_skinny(const void* x,      // [T, K] dtype xt

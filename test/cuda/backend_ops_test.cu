@@ -652,6 +652,16 @@ void test_gemm(Rng& rng) {
   cu::Gemm gemm;
   printf("gemm: %s, activation split %d\n",
          gemm.has_cublas() ? "cuBLAS (F32 x) / cuBLASLt (BF16 x) for T > 16" : "no cuBLAS (SIMT tiles)", gemm.act_split());
+  // The documented routes (gemm.cuh): decode sizes always skinny; BF16 x only pairs with BF16 W on
+  // cuBLASLt; the rest of BF16 x, and fp32 x into BF16 y, on the SIMT tiles.
+  {
+    const bool cb = gemm.has_cublas();
+    const std::string s1 = gemm.path(16, 1, 1, 1), s2 = gemm.path(17, 1, 1, 1), s3 = gemm.path(17, 1, 2, 0),
+                      s4 = gemm.path(17, 1, 0, 1), s5 = gemm.path(17, 0, 1, 1), s6 = gemm.path(17, 0, 0, 0);
+    record(s1 == "skinny" && s2 == (cb ? "cublaslt-bf16" : "tiled") && s3 == "tiled" && s4 == "tiled" && s5 == "tiled" &&
+               s6 == (cb ? "cublas-f32" : "tiled"),
+           "gemm paths", s1 + " " + s2 + " " + s3 + " " + s4 + " " + s5 + " " + s6);
+  }
   const std::vector<int> Ks = g_quick ? std::vector<int>{8, 30, 100, 576} : std::vector<int>{8, 24, 30, 64, 100, 576, 4096};
   const std::vector<int> Ns = g_quick ? std::vector<int>{1, 17, 130} : std::vector<int>{1, 7, 64, 250, 1000};
   const std::vector<int> Ts =
@@ -1164,6 +1174,49 @@ void run_lora_case(Rng& rng, const AdapterSet& A, const std::vector<int32_t>& sl
   }
 }
 
+#ifndef LORAPLEX_CUDA_EMU
+// BGMV captured once into a CUDA graph (as the backend captures decode steps) and replayed with
+// other adapter mixes written into the same token_slot buffer: the kernels read the slots on the
+// device, so one graph serves every mix (ranks differ per mix; max_rank is the graph's).
+void run_lora_graph_case(Rng& rng, const AdapterSet& A, int xt, int yt) {
+  const int T = 8, max_rank = 128;
+  const std::string tag = fmt("lora bgmv graph in=%d out=%d rows=%s x=%s y=%s", A.in, A.out, aname(A.lt), aname(xt),
+                              aname(yt));
+  std::vector<float> x = rng.vec(size_t(T) * A.in), y0 = rng.vec(size_t(T) * A.out);
+  if (xt == 1) x = round_bf16(x);
+  if (yt == 1) y0 = round_bf16(y0);
+  Act dx(xt, x), y(yt, y0);
+  Dev<int32_t> dslot(std::vector<int32_t>(T, 0));
+  Dev<float> z(size_t(T) * max_rank);
+  cudaGraph_t graph = nullptr;
+  ck(cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+  cu::lora_shrink_bgmv(A.pool_d->p(), A.lt, A.refs_d->p(), AdapterSet::kStride, dslot.p(), T, dx.p(), xt, A.in, z.p(),
+                       max_rank, g_stream);
+  cu::lora_expand_bgmv(A.pool_d->p(), A.lt, A.refs_d->p(), AdapterSet::kStride, dslot.p(), T, z.p(), max_rank, y.p(), yt,
+                       A.out, g_stream);
+  ck(cudaStreamEndCapture(g_stream, &graph), "cudaStreamEndCapture");
+  cudaGraphExec_t exec = nullptr;
+  ck(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate");
+  for (int mix = 0; mix < 3; mix++) {
+    std::vector<int32_t> slot(T);
+    for (auto& sl : slot) sl = rng.below(A.n);
+    std::vector<float> want(y0);
+    cpu::lora_ref(A.pool_h.data(), A.refs.data(), slot.data(), T, x.data(), A.in, want.data(), A.out);
+    if (yt == 1) want = round_bf16(want);
+    dslot.upload(slot);
+    if (yt == 1) y.h->upload(to_bf16(y0));
+    else y.f->upload(y0);
+    ck(cudaGraphLaunch(exec, g_stream), "cudaGraphLaunch");
+    sync();
+    expect_close(tag + fmt(" replay %d", mix), y.host().data(), want.data(), want.size(),
+                 Tol{2e-5 * std::sqrt(128 / 16.0), 1e-4 + (yt == 1 ? kBf16Ulp : 0.0)});
+    y.guard(tag);
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+}
+#endif
+
 void test_lora(Rng& rng) {
   Section sec("lora");
   // Slot 0: base model; slot 7: an adapter that does not touch this projection; ranks 1..128 mixed.
@@ -1175,6 +1228,12 @@ void test_lora(Rng& rng) {
   const std::vector<std::array<int, 2>> widths =
       g_quick ? std::vector<std::array<int, 2>>{{64, 64}, {100, 37}, {576, 130}}
               : std::vector<std::array<int, 2>>{{64, 64}, {576, 192}, {4096, 4096}, {4096, 11008}, {100, 37}};
+#ifndef LORAPLEX_CUDA_EMU
+  for (int lt : {0, 1}) {
+    const AdapterSet A(rng, 576, 192, ranks, lt);
+    run_lora_graph_case(rng, A, lt, lt);
+  }
+#endif
   // (rows, x, y) dtypes: the fp32 path; BF16 rows; BF16 activations; both. --quick runs the mixed
   // dtypes on the first two widths and every third mix.
   const std::vector<std::array<int, 3>> dts = {{0, 0, 0}, {1, 0, 0}, {0, 1, 1}, {1, 1, 1}};
