@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const uint8_t* __
   const int pos = B.context_lens[s] - n_new + (t - q0);
 
   const size_t head_off = (size_t(t) * n_heads + h0) * hd;  // q / out of head h0; heads are contiguous
-  auto ws_at = [&](int hh) { return ws + ((size_t(t) * n_heads + h0 + hh) * n_splits + split) * (hd + 2); };
+  auto ws_at = [=](int hh) { return ws + ((size_t(t) * n_heads + h0 + hh) * n_splits + split) * (hd + 2); };
 
   int k_begin = 0, k_end = 0;  // this block's keys, [k_begin, k_end)
   if (pos >= 0) {
@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const uint8_t* __
   }
   const int32_t* bt = B.block_tables + size_t(s) * B.max_blocks;
   const size_t row = size_t(L.n_kv_heads) * hd;  // elements per token in a K or V block
-  auto kv_ptr = [&](int j, int which) {
+  auto kv_ptr = [=](int j, int which) {
     return reinterpret_cast<const typename E::T*>(pool + size_t(bt[j / L.block_size]) * L.page_bytes) +
            size_t(layer) * 2 * L.block_size * row + size_t(which) * L.block_size * row +
            size_t(j % L.block_size) * row + size_t(g) * hd;
@@ -105,12 +105,13 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const uint8_t* __
       }
 #pragma unroll
       for (int hh = 0; hh < kG; hh++) {
-        if (hh >= gb) break;  // warp-uniform
-        const float v = warp_sum(d[hh]);
-        if (lane == 0) {
-          float x = v * scale;
-          if (B.softcap > 0.f) x = tanhf(x / B.softcap) * B.softcap;  // Gemma 2: before the softmax
-          sc[hh * kChunk + jj] = x;
+        if (hh < gb) {  // warp-uniform
+          const float v = warp_sum(d[hh]);
+          if (lane == 0) {
+            float x = v * scale;
+            if (B.softcap > 0.f) x = tanhf(x / B.softcap) * B.softcap;  // Gemma 2: before the softmax
+            sc[hh * kChunk + jj] = x;
+          }
         }
       }
     }

@@ -756,6 +756,23 @@ void test_attention(Rng& rng) {
     c.window = 50, c.softcap = 30.f, c.q_amp = 2.5f, c.at = cu::kBF16;
     run_attention_case(rng, c);
   }
+  // decode_splits_for (the split count of a captured graph): properties over a range of shapes.
+  {
+    std::string bad;
+    for (int T : {1, 3, 16, 64, 256})
+      for (int kv : {1, 2, 8})
+        for (int cap : {1, 100, 4096, 131072})
+          for (int sms : {1, 78, 132}) {
+            const int n = cu::decode_splits_for(T, kv, cap, sms);
+            const long blocks = long(T) * kv;
+            const bool ok = n >= 1 && n <= 64 && (blocks < 2L * sms || n == 1) &&  // never splits a full GPU
+                            (n == 1 || cu::decode_partition_len(cap, n) >= cu::kDecodePartition / 2) &&
+                            (n == 64 || blocks * n >= 2L * sms || n >= cap / (cu::kDecodePartition / 2));
+            if (!ok && bad.empty()) bad = fmt("T=%d kv=%d cap=%d sms=%d -> %d", T, kv, cap, sms, n);
+          }
+    record(bad.empty(), "attention decode_splits_for: in [1, 64], 1 when the tokens fill the GPU, "
+                        "enough blocks unless partitions would get short", bad);
+  }
   // Padding sequences (context 0): no KV writes (the pool must equal the CPU's, which never saw
   // them), zeros out of both kernels, with 1 and several splits.
   for (int at : {cu::kF32, cu::kBF16}) {
