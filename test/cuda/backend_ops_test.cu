@@ -747,6 +747,15 @@ void test_attention(Rng& rng) {
         }
       turn++;
     }
+  // Groups that do not fill the last block: 6 (tensor cores: a block with 2 idle warps) and 12
+  // (decode: a second block of 4 heads per KV head).
+  for (int group : {6, 12}) {
+    AttnCase c{16, group, 64, 0, "mixed", {2, 17, 40}};
+    c.at = cu::kBF16, c.kt = group == 6 ? cu::kBF16 : cu::kF32;
+    run_attention_case(rng, c);
+    c.at = cu::kF32, c.splits = {1, 3};
+    run_attention_case(rng, c);
+  }
   // Split-count invariance (the graph-captured launch): the same queries with 1, 3, 8, 32 splits,
   // more splits than some queries have keys, with GQA, a window and soft-capping.
   for (int kt : {cu::kF32, cu::kBF16}) {
