@@ -2,9 +2,9 @@
 // activations, or head_dim not a multiple of 16), and on BF16 tensor cores (wmma) for BF16
 // activations (the second half of this file).
 //
-// SIMT kernel: one block per (query tile, head). A tile is up to kPrefillTileQ consecutive new tokens of one
-// sequence; the block walks that sequence's keys in tiles of BK, staging K and V rows from their
-// pages into shared memory once for all the tile's queries (vs once per query in the decode kernel),
+// SIMT kernel: one block per (query tile, head). A tile is up to kPrefillTileQ consecutive new
+// tokens of one sequence; the block walks that sequence's keys in tiles of BK, staging K and V rows
+// from their pages into shared memory once for all the tile's queries (vs once per query in decode),
 // and keeps an online softmax (running max m, running sum l, rescaled accumulator) per query row.
 // Layout inside the block: 8 threads per query row; a thread scores keys sub, sub+8, ... of each key
 // tile and owns output dims sub, sub+8, ... of its row, so every row statistic is reduced over 8

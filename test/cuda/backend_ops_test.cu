@@ -774,6 +774,12 @@ void test_attention(Rng& rng) {
         }
       turn++;
     }
+  // Other tensor-core head dims (an odd number of 16-wide chunks; 96 = 6 x 16).
+  for (int hd : {80, 96}) {
+    AttnCase c{16, hd == 80 ? 4 : 2, hd, hd == 80 ? 8 : 0, "mixed", {1, 17, 40}, 1.f, hd == 96 ? 30.f : 0.f};
+    c.at = cu::kBF16, c.kt = hd == 80 ? cu::kF32 : cu::kBF16;
+    run_attention_case(rng, c);
+  }
   // Groups that do not fill the last block: 6 (tensor cores: a block with 2 idle warps) and 12
   // (decode: a second block of 4 heads per KV head).
   for (int group : {6, 12}) {
