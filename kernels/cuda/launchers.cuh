@@ -4,8 +4,7 @@
 //
 // Conventions
 // - All pointers are device pointers unless a comment says "host".
-// - Activations, KV cache and LoRA rows are fp32 (attention and kv_write also take BF16: see
-//   below); base weights stay in their stored dtype
+// - Activations, KV cache and LoRA rows are fp32; base weights stay in their stored dtype
 //   (WDType: F32, BF16, F16) and are converted to fp32 in registers: accumulation is always fp32,
 //   so every kernel computes what the CPU oracle computes, up to summation order.
 // - Every launcher enqueues on `stream`, never synchronises, and checks its launch with
