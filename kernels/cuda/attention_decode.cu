@@ -5,9 +5,9 @@
 // kernel's per-(token, KV head) loop). The query's key span [lo, pos] is cut into n_splits
 // partitions of decode_partition_len(span, n_splits) keys; the block walks its partition in chunks
 // of kChunk keys: scores by warps (one key per warp, lanes across head_dim, one dot per head of the
-// group from the same K elements), a per-head online softmax over the chunk (running max m, sum l,
-// the accumulator rescaled by e^(m_old - m_new)), and the V rows summed with threads across
-// head_dim. A partition past the query's last key is empty: its block writes (max -inf, sum 0) and
+// group from the same K elements, the 8 dots reduced together by warp_sum8), a per-head online
+// softmax over the chunk (running max m, sum l, the accumulator rescaled by e^(m_old - m_new)), and
+// the V rows summed with threads across head_dim. A partition past the query's last key is empty: its block writes (max -inf, sum 0) and
 // the merge kernel skips it, so the launch does not depend on the context lengths (CUDA graphs).
 //
 // Semantics (identical to kernels/cpu paged_attention): the query at position p attends to keys
@@ -23,6 +23,26 @@ constexpr int kThreads = 128;  // 4 warps
 constexpr int kWarps = kThreads / 32;
 constexpr int kG = kDecodeMaxGroup;
 constexpr int kChunk = 64;  // keys per online-softmax step
+
+static_assert(kG == 8, "warp_sum8 reduces 8 values");
+
+// Sums each of the 8 values d[0..7] over the warp in 9 shuffles instead of 8 x 5: at each step the
+// two halves of a lane pair exchange half of their values, so the set of values per lane halves
+// while the lanes each covers doubles. Returns, on lane l, the warp sum of d[(l >> 2) & 7].
+__device__ __forceinline__ float warp_sum8(const float* d, int lane) {
+  const bool b4 = lane & 16, b3 = lane & 8, b2 = lane & 4;
+  float e[4], f[2];
+#pragma unroll
+  for (int i = 0; i < 4; i++)  // e[i]: value (b4 ? 4 : 0) + i over lanes {l, l ^ 16}
+    e[i] = (b4 ? d[i + 4] : d[i]) + __shfl_xor_sync(0xFFFFFFFFu, b4 ? d[i] : d[i + 4], 16);
+#pragma unroll
+  for (int i = 0; i < 2; i++)  // f[i]: value (b4 ? 4 : 0) + (b3 ? 2 : 0) + i over 4 lanes
+    f[i] = (b3 ? e[i + 2] : e[i]) + __shfl_xor_sync(0xFFFFFFFFu, b3 ? e[i] : e[i + 2], 8);
+  float g = (b2 ? f[1] : f[0]) + __shfl_xor_sync(0xFFFFFFFFu, b2 ? f[0] : f[1], 4);  // 8 lanes
+  g += __shfl_xor_sync(0xFFFFFFFFu, g, 2);
+  g += __shfl_xor_sync(0xFFFFFFFFu, g, 1);
+  return g;
+}
 
 template <int AT, int KT>
 __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const uint8_t* __restrict__ pool,  // [pages * page_bytes]
@@ -44,7 +64,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const uint8_t* __
   const int pos = B.context_lens[s] - n_new + (t - q0);
 
   const size_t head_off = (size_t(t) * n_heads + h0) * hd;  // q / out of head h0; heads are contiguous
-  auto ws_at = [&](int hh) { return ws + ((size_t(t) * n_heads + h0 + hh) * n_splits + split) * (hd + 2); };
+  auto ws_at = [=](int hh) { return ws + ((size_t(t) * n_heads + h0 + hh) * n_splits + split) * (hd + 2); };
 
   int k_begin = 0, k_end = 0;  // this block's keys, [k_begin, k_end)
   if (pos >= 0) {
@@ -66,7 +86,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const uint8_t* __
   }
   const int32_t* bt = B.block_tables + size_t(s) * B.max_blocks;
   const size_t row = size_t(L.n_kv_heads) * hd;  // elements per token in a K or V block
-  auto kv_ptr = [&](int j, int which) {
+  auto kv_ptr = [=](int j, int which) {
     return reinterpret_cast<const typename E::T*>(pool + size_t(bt[j / L.block_size]) * L.page_bytes) +
            size_t(layer) * 2 * L.block_size * row + size_t(which) * L.block_size * row +
            size_t(j % L.block_size) * row + size_t(g) * hd;
@@ -103,15 +123,12 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const uint8_t* __
         for (int hh = 0; hh < kG; hh++)
           if (hh < gb) d[hh] += qs[hh * hd + i] * kv;
       }
-#pragma unroll
-      for (int hh = 0; hh < kG; hh++) {
-        if (hh >= gb) break;  // warp-uniform
-        const float v = warp_sum(d[hh]);
-        if (lane == 0) {
-          float x = v * scale;
-          if (B.softcap > 0.f) x = tanhf(x / B.softcap) * B.softcap;  // Gemma 2: before the softmax
-          sc[hh * kChunk + jj] = x;
-        }
+      const float v = warp_sum8(d, lane);  // the dot of head (lane >> 2), on every lane of it
+      const int hh = lane >> 2;
+      if ((lane & 3) == 0 && hh < gb) {
+        float x = v * scale;
+        if (B.softcap > 0.f) x = tanhf(x / B.softcap) * B.softcap;  // Gemma 2: before the softmax
+        sc[hh * kChunk + jj] = x;
       }
     }
     __syncthreads();

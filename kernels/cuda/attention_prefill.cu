@@ -2,9 +2,9 @@
 // activations, or head_dim not a multiple of 16), and on BF16 tensor cores (wmma) for BF16
 // activations (the second half of this file).
 //
-// SIMT kernel: one block per (query tile, head). A tile is up to kPrefillTileQ consecutive new tokens of one
-// sequence; the block walks that sequence's keys in tiles of BK, staging K and V rows from their
-// pages into shared memory once for all the tile's queries (vs once per query in the decode kernel),
+// SIMT kernel: one block per (query tile, head). A tile is up to kPrefillTileQ consecutive new
+// tokens of one sequence; the block walks that sequence's keys in tiles of BK, staging K and V rows
+// from their pages into shared memory once for all the tile's queries (vs once per query in decode),
 // and keeps an online softmax (running max m, running sum l, rescaled accumulator) per query row.
 // Layout inside the block: 8 threads per query row; a thread scores keys sub, sub+8, ... of each key
 // tile and owns output dims sub, sub+8, ... of its row, so every row statistic is reduced over 8
@@ -292,18 +292,23 @@ __global__ void __launch_bounds__(kWarpsMax * 32) attn_prefill_wmma_kernel(
     __syncthreads();
     if (!active) continue;
 
-    // S = Q K^T: K staged [key][d] is K^T in column-major.
-    for (int jc = 0; jc < kWBK / 16; jc++) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> sacc;
-      wmma::fill_fragment(sacc, 0.f);
+    // S = Q K^T: K staged [key][d] is K^T in column-major. Each Q fragment serves every key chunk.
+    {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> sacc[kWBK / 16];
+#pragma unroll
+      for (int jc = 0; jc < kWBK / 16; jc++) wmma::fill_fragment(sacc[jc], 0.f);
       for (int k0 = 0; k0 < hd; k0 += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16_t, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16_t, wmma::col_major> b;
         wmma::load_matrix_sync(a, reinterpret_cast<const bf16_t*>(Qw + k0), ldh);
-        wmma::load_matrix_sync(b, reinterpret_cast<const bf16_t*>(Ks + jc * 16 * ldh + k0), ldh);
-        wmma::mma_sync(sacc, a, b, sacc);
+#pragma unroll
+        for (int jc = 0; jc < kWBK / 16; jc++) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16_t, wmma::col_major> b;
+          wmma::load_matrix_sync(b, reinterpret_cast<const bf16_t*>(Ks + jc * 16 * ldh + k0), ldh);
+          wmma::mma_sync(sacc[jc], a, b, sacc[jc]);
+        }
       }
-      wmma::store_matrix_sync(Sw + jc * 16, sacc, lds, wmma::mem_row_major);
+#pragma unroll
+      for (int jc = 0; jc < kWBK / 16; jc++) wmma::store_matrix_sync(Sw + jc * 16, sacc[jc], lds, wmma::mem_row_major);
     }
     __syncwarp();
 
@@ -337,18 +342,23 @@ __global__ void __launch_bounds__(kWarpsMax * 32) attn_prefill_wmma_kernel(
       for (int d = half; d < hd; d += 2) Ow[r * ldo + d] *= alpha;
     __syncwarp();
 
-    // O += P V (V staged [key][d]: row-major K x N).
-    for (int d0 = 0; d0 < hd; d0 += 16) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
-      wmma::load_matrix_sync(o, Ow + d0, ldo, wmma::mem_row_major);
-      for (int k0 = 0; k0 < kWBK; k0 += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16_t, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16_t, wmma::row_major> b;
-        wmma::load_matrix_sync(a, reinterpret_cast<const bf16_t*>(Pw + k0), ldp);
-        wmma::load_matrix_sync(b, reinterpret_cast<const bf16_t*>(Vs + k0 * ldh + d0), ldh);
-        wmma::mma_sync(o, a, b, o);
+    // O += P V (V staged [key][d]: row-major K x N). The P fragments serve every dim chunk.
+    {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16_t, wmma::row_major> pa[kWBK / 16];
+#pragma unroll
+      for (int kc = 0; kc < kWBK / 16; kc++)
+        wmma::load_matrix_sync(pa[kc], reinterpret_cast<const bf16_t*>(Pw + kc * 16), ldp);
+      for (int d0 = 0; d0 < hd; d0 += 16) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
+        wmma::load_matrix_sync(o, Ow + d0, ldo, wmma::mem_row_major);
+#pragma unroll
+        for (int kc = 0; kc < kWBK / 16; kc++) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16_t, wmma::row_major> b;
+          wmma::load_matrix_sync(b, reinterpret_cast<const bf16_t*>(Vs + kc * 16 * ldh + d0), ldh);
+          wmma::mma_sync(o, pa[kc], b, o);
+        }
+        wmma::store_matrix_sync(Ow + d0, o, ldo, wmma::mem_row_major);
       }
-      wmma::store_matrix_sync(Ow + d0, o, ldo, wmma::mem_row_major);
     }
     __syncwarp();
   }

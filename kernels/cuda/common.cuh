@@ -8,6 +8,8 @@
 // signatures (weights travel as `const void*` + a dtype code, 16-bit values as uint16_t).
 #pragma once
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -108,14 +110,21 @@ struct Elem<kBF16> {
 using bf16_t = __nv_bfloat16;
 __device__ __forceinline__ bf16_t bf16_from_bits(uint16_t b) { return __ushort_as_bfloat16(b); }
 
-// Sets the dynamic shared-memory limit of `kernel` to `bytes` when that is over the default 48 KiB
-// (the opt-in every kernel with larger tiles needs); a no-op below. Not a stream operation, so it
-// may run while a stream is being captured.
+// Raises the dynamic shared-memory limit of `kernel` to `bytes` when that is over the default
+// 48 KiB (the opt-in every kernel with larger tiles needs); a no-op below, and after the first call
+// that raised it as far (remembered per kernel: one device per process). So the attribute is set by
+// the first eager launch, not while a stream is being captured into a CUDA graph.
 template <typename K>
 inline void allow_smem(K* kernel, size_t bytes) {
-  if (bytes > 48 * 1024)
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
-               "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  if (bytes <= 48 * 1024) return;
+  static std::mutex mu;
+  static std::map<const void*, size_t> raised;  // kernel -> limit set
+  std::lock_guard<std::mutex> lock(mu);
+  size_t& have = raised[reinterpret_cast<const void*>(kernel)];
+  if (have >= bytes) return;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+             "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  have = bytes;
 }
 
 // Bytes per element of an activation / KV / LoRA dtype (host and device).

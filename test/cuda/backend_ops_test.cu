@@ -931,6 +931,33 @@ void run_attention_case(Rng& rng, const AttnCase& c) {
   Dev<int32_t> dqs(d.qs), dcl(d.cl), dts(d.ts);
   DevAct dq(c.at, spread(q, d.rows, hrow));
   const cu::AttnBatch DB{DS, dqs.p(), dcl.p(), dbt.p(), dts.p(), max_blocks, c.window, c.softcap};
+  if (std::string(c.mix) == "decode" && c.splits.size() > 1) {
+    // CUDA-graph replay: one launch (the same arguments, buffers and split count) serves two
+    // batches whose context lengths differ only in device memory: first every context halved (the
+    // keys are already in the pool), then the real ones written into the same buffer.
+    std::vector<int32_t> cl_a = context_lens;
+    for (auto& x : cl_a) x = std::max(1, x / 2);
+    const cpu::AttnBatch BA{S, query_start.data(), cl_a.data(), block_tables.data(), max_blocks, c.window, c.softcap};
+    std::vector<float> want_a(q.size());
+    cpu::paged_attention(pool, L, layer, BA, q.data(), n_heads, scale, want_a.data());
+    const DevBatch da = dev_batch(query_start, cl_a);
+    std::vector<float> want_a_dev(want_dev.size(), 0.f);
+    for (int t = 0; t < DT; t++)
+      if (d.rows[t] >= 0) std::copy_n(want_a.begin() + size_t(d.rows[t]) * hrow, hrow, want_a_dev.begin() + size_t(t) * hrow);
+    const int n_splits = c.splits.back();
+    Dev<float> ws(std::max<size_t>(cu::decode_workspace_floats(DT, n_heads, hd, n_splits), 1));
+    DevAct out(c.at, want_dev.size());
+    for (int replay = 0; replay < 2; replay++) {
+      dcl.upload(replay == 0 ? da.cl : d.cl);
+      cu::paged_attention_decode(reinterpret_cast<const uint8_t*>(dpool.p()), DL, layer, DB, DT, dq.p(), c.at, n_heads,
+                                 scale, n_splits, ws.p(), out.p(), g_stream);
+      sync();
+      const std::string what = tag + fmt(" decode-kernel replay %d (contexts %s) splits=%d", replay,
+                                         replay == 0 ? "halved" : "real", n_splits);
+      expect_close(what, out.host().data(), (replay == 0 ? want_a_dev : want_dev).data(), want_dev.size(),
+                   attn_tol(c, false));
+    }
+  }
   {  // decode kernel (any batch): the step's number of splits and forced extra splits, or c.splits
     const Tol tol = attn_tol(c, false);
     std::vector<int> splits = c.splits;
@@ -1024,6 +1051,21 @@ void test_attention(Rng& rng) {
         }
       turn++;
     }
+  // Other tensor-core head dims (an odd number of 16-wide chunks; 96 = 6 x 16).
+  for (int hd : {80, 96}) {
+    AttnCase c{16, hd == 80 ? 4 : 2, hd, hd == 80 ? 8 : 0, "mixed", {1, 17, 40}, 1.f, hd == 96 ? 30.f : 0.f};
+    c.at = cu::kBF16, c.kt = hd == 80 ? cu::kF32 : cu::kBF16;
+    run_attention_case(rng, c);
+  }
+  // Groups that do not fill the last block: 6 (tensor cores: a block with 2 idle warps) and 12
+  // (decode: a second block of 4 heads per KV head).
+  for (int group : {6, 12}) {
+    AttnCase c{16, group, 64, 0, "mixed", {2, 17, 40}};
+    c.at = cu::kBF16, c.kt = group == 6 ? cu::kBF16 : cu::kF32;
+    run_attention_case(rng, c);
+    c.at = cu::kF32, c.splits = {1, 3};
+    run_attention_case(rng, c);
+  }
   // Split-count invariance (the graph-captured launch): the same queries with 1, 3, 8, 32 splits,
   // more splits than some queries have keys, with GQA, a window and soft-capping.
   for (int kt : {cu::kF32, cu::kBF16}) {
@@ -1032,6 +1074,23 @@ void test_attention(Rng& rng) {
     run_attention_case(rng, c);
     c.window = 50, c.softcap = 30.f, c.q_amp = 2.5f, c.at = cu::kBF16;
     run_attention_case(rng, c);
+  }
+  // decode_splits_for (the split count of a captured graph): properties over a range of shapes.
+  {
+    std::string bad;
+    for (int T : {1, 3, 16, 64, 256})
+      for (int kv : {1, 2, 8})
+        for (int cap : {1, 100, 4096, 131072})
+          for (int sms : {1, 78, 132}) {
+            const int n = cu::decode_splits_for(T, kv, cap, sms);
+            const long blocks = long(T) * kv;
+            const bool ok = n >= 1 && n <= 64 && (blocks < 2L * sms || n == 1) &&  // never splits a full GPU
+                            (n == 1 || cu::decode_partition_len(cap, n) >= cu::kDecodePartition / 2) &&
+                            (n == 64 || blocks * n >= 2L * sms || n >= cap / (cu::kDecodePartition / 2));
+            if (!ok && bad.empty()) bad = fmt("T=%d kv=%d cap=%d sms=%d -> %d", T, kv, cap, sms, n);
+          }
+    record(bad.empty(), "attention decode_splits_for: in [1, 64], 1 when the tokens fill the GPU, "
+                        "enough blocks unless partitions would get short", bad);
   }
   // Padding sequences (context 0): no KV writes (the pool must equal the CPU's, which never saw
   // them), zeros out of both kernels, with 1 and several splits.
