@@ -26,6 +26,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "addon/backend.h"
@@ -1474,7 +1475,7 @@ struct SeqState {
 
 // BF16-activation backend bounds (see run_backend_case) and the worst values seen, printed at the
 // end of the section so the bounds' margin is visible.
-constexpr double kBf16BackendRelL2 = 0.06, kBf16BackendMaxAbs = 0.08;
+constexpr double kBf16BackendRelL2 = 0.08, kBf16BackendMaxAbs = 0.1;
 double g_bf16_worst_rel = 0, g_bf16_worst_abs = 0;
 
 // The backend's options for a case: CudaOptions{} is the exact fp32 path launched eagerly.
@@ -1483,10 +1484,14 @@ double g_bf16_worst_rel = 0, g_bf16_worst_abs = 0;
 struct Variant {
   const char* tag;
   CudaOptions cuda;
+  bool decode_tail = false;  // the graph variants' extra decode-only steps (also run eagerly to compare)
 };
 const Variant kFp32Eager{"", CudaOptions{}};
 
-void run_backend_case(Rng& rng, const std::string& name0, TinyModel& tm, const Variant& var = kFp32Eager) {
+// Runs the scripted steps on both backends and checks each step's logits against the CPU; the GPU
+// logits of every step are appended to *gpu_logits when given.
+void run_backend_case(Rng& rng, const std::string& name0, TinyModel& tm, const Variant& var = kFp32Eager,
+                      std::vector<std::vector<float>>* gpu_logits = nullptr) {
   const Model& m = *tm.model;
   const std::string name = name0 + var.tag;
   const CudaOptions& co = var.cuda;
@@ -1555,7 +1560,7 @@ void run_backend_case(Rng& rng, const std::string& name0, TinyModel& tm, const V
   // With graphs: more decode-only steps, so that captured graphs replay over grown contexts (new
   // pages, wider block tables), other batch sizes of the same bucket and other adapter mixes.
   auto steps = script;
-  if (co.graphs)
+  if (co.graphs || var.decode_tail)
     for (const auto& extra : std::vector<std::vector<std::pair<int, int>>>{
              {{0, 1}, {1, 1}, {2, 1}, {3, 1}},          // bucket 4
              {{3, 1}, {2, 1}, {1, 1}},                  // bucket 4 again, other slots and order
@@ -1611,6 +1616,7 @@ void run_backend_case(Rng& rng, const std::string& name0, TinyModel& tm, const V
       record(false, name + fmt(" step %zu forward", st), e.what());
       return;
     }
+    if (gpu_logits) gpu_logits->push_back(got);
     const std::string what = name + fmt(" step %zu (T=%d, S=%d) logits", st, b.n_tokens, b.n_seqs);
     if (!co.compute_bf16) {
       expect_close(what, got.data(), want.data(), want.size(), tol);
@@ -1618,8 +1624,8 @@ void run_backend_case(Rng& rng, const std::string& name0, TinyModel& tm, const V
     }
     // BF16 activations: each kernel output rounded to 8 significant bits (2^-9 relative), through
     // a few layers and large random adapters; random tiny models cancel a lot in their logits, so
-    // the relative error of a step reaches a few percent (worst seen over the suite's models: 2.5%
-    // relative L2, 2.6% of the logits' scale for one element). Checked as the relative L2 error of
+    // the relative error of a step reaches a few percent (over 24 seeds of the Llama case, eager:
+    // median worst 0.6%, largest 4.6%, from one sequence of one seed). Checked as the relative L2 error of
     // each step's logits and the largest element error against the logits' scale; a wrong kernel
     // (a missed adapter row, a wrong conversion, a stale KV page) moves logits by tens of percent.
     double num = 0, den = 0, worst = 0, scale = 0;
@@ -1709,6 +1715,20 @@ void test_memory_budget(Rng& rng) {
 #endif
 }
 
+// The models of the BF16 and graph variants (the same shapes as the fp32 cases below).
+const char* const kModels[] = {"llama-gqa", "qwen2-tied-bias", "mistral-window", "qk-norm", "gemma2", "gemma3", "partial-rotary",
+                               "phi3-longrope"};
+TinyModel variant_model(Rng& rng, const std::string& m, int wt) {
+  if (m == "llama-gqa") return make_tiny_model(rng, "llama", wt, 64, 96, 2, 4, 2, 16, 97, false, false, 0, RopeType::None);
+  if (m == "qwen2-tied-bias") return make_tiny_model(rng, "qwen2", wt, 48, 80, 2, 2, 1, 24, 61, true, true, 0, RopeType::Linear);
+  if (m == "mistral-window") return make_tiny_model(rng, "mistral", wt, 32, 64, 3, 2, 2, 24, 50, false, false, 6, RopeType::None);
+  const std::string arch = m == "qk-norm" ? "qwen3" : m == "partial-rotary" ? "llama" : m == "phi3-longrope" ? "phi3" : m;
+  TinyModel tm = make_tiny_model(rng, arch, wt, 48, 80, 3, 4, 2, 16, 61, m != "partial-rotary" && m != "phi3-longrope", false, 0,
+                                 m == "gemma3" ? RopeType::Linear : RopeType::None);
+  add_family(rng, tm, m);
+  return tm;
+}
+
 void test_backend(Rng& rng) {
   Section sec("backend");
   test_memory_budget(rng);
@@ -1720,29 +1740,48 @@ void test_backend(Rng& rng) {
   const Variant kBf16{" [bf16]", bf16}, kBf16Graphs{" [bf16, graphs]", bf16_graphs}, kF32Graphs{" [graphs]", f32_graphs};
   // BF16 eager on every model; graphs (fp32 and BF16) on a Llama, Gemma 2 (soft-capping,
   // alternating windows) and Phi-3 (LongRoPE, fused targets), which cover the graph-specific paths.
-  for (const Variant& var : {kBf16, kBf16Graphs, kF32Graphs}) {
-    const int wt = var.cuda.compute_bf16 ? 1 : 0;
-    const bool all = !var.cuda.graphs;
+  // BF16 eager on every model.
+  for (int i = 0; i < 8; i++) {
+    const std::string what = "backend " + std::string(kModels[i]) + " BF16";
+    TinyModel tm = variant_model(rng, kModels[i], cu::kBF16);
+    run_backend_case(rng, what, tm, kBf16);
+  }
+  // Graphs against the same steps launched eagerly, on the same model, adapters and tokens (the
+  // same seed), and both against the CPU: a Llama, Gemma 2 (soft-capping, alternating windows) and
+  // Phi-3 (LongRoPE, fused targets) in BF16, the Llama in fp32. The two GPU runs differ only in
+  // attention split counts and the LoRA scratch stride, so fp32 logits agree to summation order
+  // and BF16 ones to a rounding flip or two.
+  const Variant kBf16Tail{" [bf16, eager + decode tail]", bf16, true}, kF32Tail{" [eager + decode tail]", CudaOptions{}, true};
+  for (const auto& [model, gv, ev] : std::vector<std::tuple<int, Variant, Variant>>{
+           {0, kBf16Graphs, kBf16Tail}, {4, kBf16Graphs, kBf16Tail}, {7, kBf16Graphs, kBf16Tail}, {0, kF32Graphs, kF32Tail}}) {
+    const uint64_t seed = rng.next();
+    const int wt = gv.cuda.compute_bf16 ? cu::kBF16 : cu::kF32;
+    const std::string what = fmt("backend %s %s", kModels[model], wname(wt));
+    std::vector<std::vector<float>> eager, graphs;
     {
-      TinyModel tm = make_tiny_model(rng, "llama", wt, 64, 96, 2, 4, 2, 16, 97, false, false, 0, RopeType::None);
-      run_backend_case(rng, fmt("backend llama-gqa %s", wname(wt)), tm, var);
+      Rng r(seed);
+      TinyModel tm = variant_model(r, kModels[model], wt);
+      run_backend_case(r, what, tm, ev, &eager);
     }
-    if (all) {
-      TinyModel tm = make_tiny_model(rng, "qwen2", wt, 48, 80, 2, 2, 1, 24, 61, true, true, 0, RopeType::Linear);
-      run_backend_case(rng, fmt("backend qwen2-tied-bias %s", wname(wt)), tm, var);
+    {
+      Rng r(seed);
+      TinyModel tm = variant_model(r, kModels[model], wt);
+      run_backend_case(r, what, tm, gv, &graphs);
     }
-    if (all) {
-      TinyModel tm = make_tiny_model(rng, "mistral", wt, 32, 64, 3, 2, 2, 24, 50, false, false, 6, RopeType::None);
-      run_backend_case(rng, fmt("backend mistral-window %s", wname(wt)), tm, var);
-    }
-    for (const char* fam : {"qk-norm", "gemma2", "gemma3", "partial-rotary", "phi3-longrope"}) {
-      const std::string f = fam;
-      if (!all && f != "gemma2" && f != "phi3-longrope") continue;
-      const std::string arch = f == "qk-norm" ? "qwen3" : f == "partial-rotary" ? "llama" : f == "phi3-longrope" ? "phi3" : f;
-      TinyModel tm = make_tiny_model(rng, arch, wt, 48, 80, 3, 4, 2, 16, 61, f != "partial-rotary" && f != "phi3-longrope", false, 0,
-                                     f == "gemma3" ? RopeType::Linear : RopeType::None);
-      add_family(rng, tm, f);
-      run_backend_case(rng, fmt("backend %s %s", fam, wname(wt)), tm, var);
+    bool same_shape = eager.size() == graphs.size();
+    for (size_t st = 0; same_shape && st < eager.size(); st++) same_shape = eager[st].size() == graphs[st].size();
+    record(same_shape && !eager.empty(), what + " graphs vs eager: same steps", "");
+    for (size_t st = 0; same_shape && st < eager.size(); st++) {
+      const std::string w = what + fmt(" graphs vs eager, step %zu", st);
+      if (wt == cu::kF32) {
+        expect_close(w, graphs[st].data(), eager[st].data(), eager[st].size(), {2e-5, 2e-5});
+        continue;
+      }
+      double num = 0, den = 0;
+      for (size_t i = 0; i < eager[st].size(); i++)
+        num += std::pow(double(graphs[st][i]) - eager[st][i], 2), den += std::pow(double(eager[st][i]), 2);
+      const double rel = std::sqrt(num / std::max(den, 1e-30));
+      record(rel <= 0.01, w, fmt("relative L2 difference %.4f (bound 0.01)", rel));
     }
   }
   printf("backend, BF16 activations: worst relative L2 error %.4f (bound %.3f), worst element error %.4f of the logits' scale (bound %.2f)\n",
