@@ -93,7 +93,7 @@ function engineConfig(v: Values): EngineConfig {
     blockSize: v['block-size'] as number,
     threads: v.threads as number | null,
     device: v.device as ServeConfig['device'],
-    // auto (default): bfloat16 where the model's weights are BF16 (CPU), float32 otherwise.
+    // auto (default): bfloat16 where the model's weights are BF16 (CPU and CUDA), float32 otherwise.
     loraDtype: v['lora-dtype'] as DtypeOption,
     computeDtype: v['compute-dtype'] as DtypeOption,
     kvCacheDtype: v['kv-cache-dtype'] as DtypeOption,

@@ -37,7 +37,7 @@ export interface EngineOptions {
   maxModelLen?: number;
   threads?: number;
   device?: 'cpu' | 'cuda';
-  /** CPU numeric options (default 'auto': bfloat16 for BF16 weights, else float32). */
+  /** Numeric options, CPU and CUDA (default 'auto': bfloat16 for BF16 weights, else float32). */
   loraDtype?: DtypeOption;
   computeDtype?: DtypeOption;
   kvCacheDtype?: DtypeOption;
@@ -119,7 +119,7 @@ export class Engine {
   readonly backend: string;
   /** Adapter rows in the pool (--lora-dtype). */
   readonly loraDtype: LoraDtype;
-  /** Activations of BF16-weight matmuls (--compute-dtype). */
+  /** Activations: of BF16-weight matmuls (CPU), between all kernels (CUDA) (--compute-dtype). */
   readonly computeDtype: ComputeDtype;
   /** KV cache elements (--kv-cache-dtype). */
   readonly kvCacheDtype: KvCacheDtype;

@@ -64,7 +64,7 @@ export interface NativeLoadOptions {
   eosIds: Int32Array;
   threads?: number;
   device?: 'cpu' | 'cuda'; // default: cuda if built with it and a GPU is present, else cpu
-  // CPU numeric options; 'auto' (default) follows the weights: BF16 weights -> bfloat16, else float32.
+  // Numeric options (CPU and CUDA); 'auto' (default) follows the weights: BF16 weights -> bfloat16, else float32.
   loraDtype?: DtypeOption; // adapter rows in the pool
   computeDtype?: DtypeOption; // activations of BF16-weight matmuls
   kvCacheDtype?: DtypeOption; // KV cache elements
