@@ -146,6 +146,19 @@ __device__ __forceinline__ void unpack8(const uint4& u, float* out) {
   }
 }
 
+// 8 consecutive elements of dtype DT (F32, BF16 or F16: weights, activations, LoRA rows) from a
+// 16-byte aligned address, as fp32: two float4 loads, or one uint4 of 16-bit values unpacked.
+template <int DT>
+__device__ __forceinline__ void load8(const void* p, size_t at, float* out) {
+  if (DT == kF32) {
+    const float4* q = reinterpret_cast<const float4*>(static_cast<const float*>(p) + at);
+    const float4 a = q[0], b = q[1];
+    out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+  } else {
+    unpack8<DT>(*reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p) + at), out);
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);

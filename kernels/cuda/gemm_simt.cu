@@ -36,18 +36,6 @@ constexpr int kSkBlockRows = kSkWarps * kSkRows;  // output rows per block (32)
 constexpr int kSkSmemBudget = 32768;             // bytes of staged x per block (at the compiled T width)
 constexpr int kSkMinSplitK = 512;                // columns per split at least (auto split)
 
-// 8 consecutive values of dtype WT (weights, or activations: F32 / BF16) from a 16-byte aligned
-// address (row n, column k with k % 8 == 0 and K % 8 == 0), as fp32.
-template <int WT>
-__device__ __forceinline__ void load_w8(const void* W, size_t at, float* w) {
-  if (WT == kF32) {
-    const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(W) + at);
-    const float4 a = p[0], b = p[1];
-    w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
-  } else {
-    unpack8<WT>(*reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(W) + at), w);
-  }
-}
 
 // Device-scope fence and an L1-bypassing load for the split-K hand-over (no-ops on the emulator,
 // which runs blocks one after another).
@@ -97,7 +85,7 @@ __global__ void __launch_bounds__(kSkWarps * 32) gemm_skinny_kernel(const void* 
       for (int g = threadIdx.x; g < T * groups; g += kSkWarps * 32) {
         const int t = g / groups, kk = (g - t * groups) * 8;
         float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        if (kk < kc) load_w8<XT>(x, size_t(t) * K + c0 + kk, v);
+        if (kk < kc) load8<XT>(x, size_t(t) * K + c0 + kk, v);
         float4* dst = reinterpret_cast<float4*>(xs + t * KC + kk);
         dst[0] = make_float4(v[0], v[1], v[2], v[3]);
         dst[1] = make_float4(v[4], v[5], v[6], v[7]);
@@ -117,7 +105,7 @@ __global__ void __launch_bounds__(kSkWarps * 32) gemm_skinny_kernel(const void* 
         const int n = n0 + r;
         const size_t at = size_t(n) * K + c0 + kk;
         if (n < N && VEC) {
-          load_w8<WT>(W, at, w[r]);
+          load8<WT>(W, at, w[r]);
         } else {
 #pragma unroll
           for (int e = 0; e < 8; e++) w[r][e] = n < N && kk + e < kc ? load_w(W, WT, at + e) : 0.f;

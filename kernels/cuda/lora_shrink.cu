@@ -9,18 +9,6 @@ namespace loraplex::cuda {
 
 namespace {
 
-// 8 consecutive elements of dtype DT from a 16-byte aligned address, as fp32.
-template <int DT>
-__device__ __forceinline__ void load8(const void* p, size_t at, float* out) {
-  if (DT == kF32) {
-    const float4* q = reinterpret_cast<const float4*>(static_cast<const float*>(p) + at);
-    const float4 a = q[0], b = q[1];
-    out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
-  } else {
-    unpack8<kBF16>(*reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p) + at), out);
-  }
-}
-
 // ---- BGMV: one block per (token, rank row); the block's warps split the row --------------------
 // Decode batches are small (one token, rank 16 is 16 blocks): splitting each dot product over
 // four warps keeps enough loads in flight that the kernel is not latency bound (measured on an
