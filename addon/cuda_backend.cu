@@ -208,11 +208,13 @@ struct GraphKey {
 struct Graph {
   cudaGraphExec_t exec = nullptr;
   uint64_t gen = 0;       // buffer generation the graph's pointers belong to
+  uint64_t gemm_gen = 0;  // the Gemm's buffer generation at capture
   uint64_t last_use = 0;  // for LRU eviction
   int n_splits = 1;
   DevBuf tables;          // [tokens, positions, slots, query_start, context_lens, block_tables, token_seq, sample_rows, token_long]
   Graph() = default;
-  Graph(Graph&& o) noexcept : exec(o.exec), gen(o.gen), last_use(o.last_use), n_splits(o.n_splits), tables(std::move(o.tables)) {
+  Graph(Graph&& o) noexcept
+      : exec(o.exec), gen(o.gen), gemm_gen(o.gemm_gen), last_use(o.last_use), n_splits(o.n_splits), tables(std::move(o.tables)) {
     o.exec = nullptr;
   }
   Graph(const Graph&) = delete;
@@ -856,6 +858,7 @@ Graph* CudaBackend::capture(const GraphKey& key) {
   cudaGraphDestroy(graph);
   check_cuda(e, "cudaGraphInstantiate");
   g.gen = buf_gen_;
+  g.gemm_gen = gemm_->generation();
   gstats_.captures++;
   // At most 256 graphs: the least recently used one goes.
   if (graphs_.size() >= 256) {
@@ -911,7 +914,7 @@ bool CudaBackend::forward_graph(const StepBatch& b, float* logits) {
 
   Graph* g = nullptr;
   auto it = graphs_.find(key);
-  if (it != graphs_.end() && it->second.gen != buf_gen_) {
+  if (it != graphs_.end() && (it->second.gen != buf_gen_ || it->second.gemm_gen != gemm_->generation())) {
     graphs_.erase(it);  // its buffers moved
     gstats_.invalidations++;
     it = graphs_.end();

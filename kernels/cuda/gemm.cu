@@ -186,6 +186,7 @@ void Gemm::grow_parts(size_t need) {
   }
   check_cuda(cudaMalloc(&parts_, need), "Gemm: cudaMalloc of the activation split buffer");
   parts_bytes_ = need;
+  generation_++;  // graphs captured with the old buffer must not replay
 }
 
 #if LORAPLEX_HAVE_CUBLAS

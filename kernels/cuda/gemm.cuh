@@ -32,6 +32,7 @@
 // Thread safety: one Gemm per backend, used from the engine thread only.
 #pragma once
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 
 #include "kernels/cuda/launchers.cuh"
@@ -64,6 +65,9 @@ class Gemm {
   // "cublaslt-bf16". yt defaults to fp32 output.
   const char* path(int T, int xt, int wt, int yt = kF32) const;
   bool has_cublas() const;
+  // Bumped whenever a device buffer that run() passes to its kernels moves (the activation-split
+  // buffer grows): a CUDA graph captured before holds the old address and must be captured again.
+  uint64_t generation() const { return generation_; }
   int act_split() const { return act_split_; }
 
   struct LtCache;  // cuBLASLt plans per shape (gemm.cu)
@@ -76,6 +80,7 @@ class Gemm {
   void* lt_ws_ = nullptr;      // cuBLASLt workspace (device)
   size_t lt_ws_bytes_ = 0;
   std::unique_ptr<LtCache> lt_;
+  uint64_t generation_ = 0;
   void* parts_ = nullptr;  // [act_split, T, K] 16-bit activation parts (device)
   size_t parts_bytes_ = 0;
 };

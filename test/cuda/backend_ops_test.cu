@@ -1568,6 +1568,8 @@ void run_backend_case(Rng& rng, const std::string& name0, TinyModel& tm, const V
              {{4, 1}},                                  // bucket 1, adapter 2
              {{0, 1}},                                  // bucket 1, base model only
              {{0, 1}, {1, 1}, {2, 1}, {3, 1}, {4, 1}},  // bucket 8 again
+             {{4, 40}},                                 // the largest step yet: activation buffers grow
+             {{0, 1}, {1, 1}, {2, 1}, {3, 1}},          // bucket 4 (same key): its buffers moved, captured again
          })
       steps.push_back(extra);
   for (size_t st = 0; st < steps.size(); st++) {
@@ -1648,10 +1650,10 @@ void run_backend_case(Rng& rng, const std::string& name0, TinyModel& tm, const V
   if (co.graphs) {
     // Decode-only steps replayed graphs (none fell back to eager launches or failed to capture).
     const CudaGraphStats g = cuda_graph_stats(*gpu_be);
-    record(g.replays >= 6 && g.capture_failures == 0 && g.captures >= 3 && g.captures < g.replays,
+    record(g.replays >= 7 && g.capture_failures == 0 && g.captures >= 4 && g.captures < g.replays && g.invalidations >= 1,
            name + " graph replays",
-           fmt("captures %llu, replays %llu, failures %llu", (unsigned long long)g.captures,
-               (unsigned long long)g.replays, (unsigned long long)g.capture_failures));
+           fmt("captures %llu, replays %llu, failures %llu, invalidations %llu", (unsigned long long)g.captures,
+               (unsigned long long)g.replays, (unsigned long long)g.capture_failures, (unsigned long long)g.invalidations));
   }
 }
 
